@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up, build, and run the main study on the tiny world
+#   make test   set up, build, and run every test (unit, integration, parity)
+#
+# PyTorch 2.11.0 (the libtorch that tch 0.24 binds) and the Python test oracles live in a venv
+# outside the clone, and the cargo target directory too, so fresh clones and CI reuse both.
+RIL_HOME ?= $(HOME)/.cache/ril-pipe
+VENV := $(RIL_HOME)/venv
+PY := $(VENV)/bin/python
+export RIL_HOME
+export VIRTUAL_ENV := $(VENV)
+export PATH := $(VENV)/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+export CARGO_TARGET_DIR ?= $(RIL_HOME)/target
+export RIL_FIXTURES ?= $(RIL_HOME)/fixtures
+export RIL_SHARED ?= $(abspath $(CURDIR)/../shared)
+BIN := $(CARGO_TARGET_DIR)/debug/ril-pipe
+
+.PHONY: setup build test demo fixtures bench clean-cache
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: scripts/requirements-test.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r scripts/requirements-test.txt
+	touch $@
+
+build: setup
+	cargo build --bins
+
+fixtures: setup
+	$(PY) tests/parity/make_fixtures.py --out $(RIL_FIXTURES)
+
+test: build fixtures
+	cargo test --no-fail-fast
+
+demo: build
+	$(BIN) run pipelines/all_orders.yaml
+
+bench: build fixtures
+	cargo bench
