@@ -1,0 +1,42 @@
+//! A pipeline after expansion, interpolation, defaults and validation: what the executor runs.
+//! Serialisable, so that one stage can be frozen to a file and run elsewhere (`exec-stage`).
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Compute resources a stage asks for (from the pipeline; used by the scheduler and Slurm).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Resources {
+    pub gpus: u32,
+    pub cpus: Option<u32>,
+    pub mem_gb: Option<f64>,
+    pub time_min: Option<u64>,
+    pub partition: Option<String>,
+}
+
+/// One stage, fully resolved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResolvedStage {
+    pub id: String,
+    pub kind: String,
+    /// Every parameter of the kind, defaults filled in, values typed.
+    pub params: Map<String, Value>,
+    /// Input name -> upstream stage ids, in the order written.
+    pub inputs: BTreeMap<String, Vec<String>>,
+    /// External files and folders the stage reads (the `Path` parameters, made absolute).
+    pub files: Vec<PathBuf>,
+    /// Free-form labels (matrix values, task, order...) for reports; not part of the cache key.
+    pub meta: BTreeMap<String, String>,
+    pub resources: Resources,
+}
+
+/// A whole pipeline, stages in a topological order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResolvedPipeline {
+    /// The pipeline's name (reports go to `reports/<name>/`).
+    pub name: String,
+    pub source: PathBuf,
+    pub stages: Vec<ResolvedStage>,
+}
