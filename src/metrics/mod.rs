@@ -1,1 +1,4 @@
-//! See the crate documentation.
+//! Evaluation metrics: file sizes from real encoders, FID, CLIP score.
+pub mod clip_score;
+pub mod fid;
+pub mod filesize;

@@ -1,1 +1,6 @@
-//! See the crate documentation.
+//! Differentiable rewards on decoded images; the same code serves both scales.
+pub mod aesthetic;
+pub mod compressibility;
+pub mod diff_jpeg;
+pub mod hps;
+pub mod mixture;

@@ -1,1 +1,1 @@
-//! See the crate documentation.
+//! The embedded tiny world: procedural captioned scenes, prompts, ratings and preferences.

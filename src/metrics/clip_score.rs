@@ -1,0 +1,1 @@
+//! CLIP score: 100 * cos(image, text), mean over images, clamped at 0.

@@ -1,0 +1,1 @@
+//! LAION-style aesthetic MLP head.

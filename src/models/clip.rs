@@ -1,0 +1,1 @@
+//! CLIP text and vision towers (transformers and open_clip layouts).

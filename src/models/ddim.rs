@@ -1,0 +1,1 @@
+//! DDIM scheduler with Stable Diffusion v1.5 settings.

@@ -1,0 +1,1 @@
+//! Inception v3 as pytorch-fid builds it (FID features).

@@ -1,0 +1,1 @@
+//! Building blocks shared by the diffusers models (ResNet blocks, attention, transformer blocks).

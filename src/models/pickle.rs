@@ -1,0 +1,1 @@
+//! A safe reader for PyTorch zip-pickle checkpoints: tensors only, no code.

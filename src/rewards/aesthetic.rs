@@ -1,0 +1,1 @@
+//! Aesthetic reward: CLIP image embedding -> LAION MLP head.

@@ -1,0 +1,1 @@
+//! Compressibility reward: -||x - C(x)||^2 with C the differentiable JPEG.

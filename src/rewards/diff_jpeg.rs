@@ -1,0 +1,1 @@
+//! Differentiable JPEG (Shin & Song 2017).

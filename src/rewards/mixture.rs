@@ -1,0 +1,1 @@
+//! Weighted mixtures of rewards (joint tuning, Eq. 10).
