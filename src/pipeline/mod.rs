@@ -1,6 +1,24 @@
 //! The pipeline layer: YAML spec, matrix expansion, validation, DAG. Knows nothing of tensors.
 //!
-//! Its output is a [`resolved::ResolvedPipeline`]; stage kinds describe their parameters to it
-//! through [`schema::KindSchema`].
+//! [`load`] reads a file, [`expand::resolve`] turns it into a [`resolved::ResolvedPipeline`];
+//! stage kinds describe their parameters to it through [`schema::KindSchema`].
+pub mod dag;
+pub mod error;
+pub mod expand;
+pub mod glob;
+pub mod interp;
+pub mod locate;
 pub mod resolved;
 pub mod schema;
+pub mod spec;
+
+pub use error::{Diagnostic, PipelineError};
+pub use expand::{resolve, Override, Schemas};
+pub use resolved::{ResolvedPipeline, ResolvedStage};
+pub use spec::{load, PipelineSpec};
+
+/// Reads, expands and validates a pipeline file in one step.
+pub fn load_resolved(file: &std::path::Path, schemas: &Schemas, overrides: &[Override]) -> Result<ResolvedPipeline, PipelineError> {
+    let spec = load(file)?;
+    resolve(&spec, schemas, overrides, &interp::ProcessEnv)
+}

@@ -45,7 +45,13 @@ pub struct InputSpec {
 #[derive(Debug, Clone, Serialize)]
 pub struct KindSchema {
     pub kind: &'static str,
+    /// Algorithm version: bump it when a change of the kind's code changes its outputs, so that
+    /// cached results of the old code are not reused.
+    pub version: u32,
     pub doc: &'static str,
+    /// Whether the outputs depend on the ids and labels of the input stages (a report lays out
+    /// tables by them), not only on their contents; then those go into the cache key too.
+    pub uses_input_labels: bool,
     pub params: Vec<ParamSpec>,
     pub inputs: Vec<InputSpec>,
 }

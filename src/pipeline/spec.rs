@@ -1,0 +1,363 @@
+//! The pipeline file as written: top-level structure and stage templates, before expansion.
+//!
+//! ```yaml
+//! name: demo                 # optional; default: the file name without extension
+//! description: ...           # optional
+//! vars: {...}                # variables for ${...}; --set vars.NAME=VALUE overrides them
+//! defaults: {KIND: {...}}    # parameter defaults per stage kind
+//! stages:
+//!   - id: ft/${method}/${order}/${step}
+//!     kind: finetune
+//!     matrix: {method: [baseline, rid], order: ${orders}}
+//!     exclude: [{method: baseline, order: AHC}]
+//!     chain: {over: ${order}, as: task, link: model, first: base}
+//!     inputs: {reward_models: rewards}
+//!     params: {task: ${task}}
+//!     resources: {gpus: 1, cpus: 4, mem_gb: 32, time_min: 240, partition: gpu}
+//!     meta: {label: ...}
+//! ```
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use super::error::{Diagnostic, PipelineError};
+use super::locate::YamlPath;
+
+/// A parsed pipeline file.
+#[derive(Debug, Clone)]
+pub struct PipelineSpec {
+    pub file: PathBuf,
+    /// The text, kept to locate errors found later.
+    pub source: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub vars: Map<String, Value>,
+    pub defaults: Map<String, Value>,
+    pub stages: Vec<StageTemplate>,
+}
+
+/// One entry of `stages:`; expands into one or more stages.
+#[derive(Debug, Clone)]
+pub struct StageTemplate {
+    /// Position in `stages:` (for error paths).
+    pub index: usize,
+    pub id: String,
+    pub kind: String,
+    pub params: Map<String, Value>,
+    pub inputs: Map<String, Value>,
+    pub matrix: Option<Value>,
+    pub exclude: Vec<Value>,
+    pub chain: Option<ChainSpec>,
+    pub resources: Map<String, Value>,
+    pub meta: Map<String, Value>,
+}
+
+impl StageTemplate {
+    pub fn path(&self) -> YamlPath {
+        YamlPath::root().key("stages").index(self.index)
+    }
+}
+
+/// A chain: one stage per element of `over`, each taking the previous one as its `link` input.
+#[derive(Debug, Clone)]
+pub struct ChainSpec {
+    /// A list, or a string whose characters are the elements (`AHC` -> A, H, C).
+    pub over: Value,
+    /// The variable bound to the element (default `item`); `step` (1-based) and `prev` are
+    /// bound too.
+    pub var: String,
+    /// The input that receives the previous stage of the chain.
+    pub link: String,
+    /// The stage the first element takes as its `link` input.
+    pub first: String,
+}
+
+const TOP_KEYS: &[&str] = &["name", "description", "vars", "defaults", "stages"];
+const STAGE_KEYS: &[&str] = &["id", "kind", "params", "inputs", "matrix", "exclude", "chain", "resources", "meta"];
+const CHAIN_KEYS: &[&str] = &["over", "as", "link", "first"];
+
+/// Largest size accepted for a pipeline file; anything larger is not a hand-written pipeline.
+const MAX_FILE_BYTES: u64 = 4 << 20;
+
+/// Reads and parses a pipeline file.
+pub fn load(file: &Path) -> Result<PipelineSpec, PipelineError> {
+    let read_err = |reason: String| PipelineError::Read {
+        file: file.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(file).map_err(|e| read_err(e.to_string()))?;
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(read_err(format!("{} bytes is larger than the {} bytes a pipeline may have", meta.len(), MAX_FILE_BYTES)));
+    }
+    let source = std::fs::read_to_string(file).map_err(|e| read_err(e.to_string()))?;
+    parse(file, source)
+}
+
+/// Parses pipeline text (`file` is used for names and messages only).
+pub fn parse(file: &Path, source: String) -> Result<PipelineSpec, PipelineError> {
+    let value = parse_yaml(file, &source)?;
+    let mut diags = Vec::new();
+    let spec = build(file, &source, value, &mut diags);
+    if !diags.is_empty() {
+        return Err(PipelineError::invalid(file.to_path_buf(), &source, diags));
+    }
+    Ok(spec)
+}
+
+/// YAML text to a JSON value (the typed form every later step works on).
+fn parse_yaml(file: &Path, source: &str) -> Result<Value, PipelineError> {
+    let syntax = |e: yaml_serde::Error| {
+        let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((1, 1));
+        PipelineError::Syntax {
+            file: file.to_path_buf(),
+            line,
+            column,
+            message: e.to_string(),
+        }
+    };
+    let mut value: yaml_serde::Value = yaml_serde::from_str(source).map_err(syntax)?;
+    value.apply_merge().map_err(syntax)?;
+    let mut diags = Vec::new();
+    let json = yaml_to_json(&value, &YamlPath::root(), &mut diags);
+    if !diags.is_empty() {
+        return Err(PipelineError::invalid(file.to_path_buf(), source, diags));
+    }
+    Ok(json)
+}
+
+/// Converts a YAML value, reporting what JSON cannot hold (non-string keys, tags, NaN).
+pub fn yaml_to_json(value: &yaml_serde::Value, path: &YamlPath, diags: &mut Vec<Diagnostic>) -> Value {
+    use yaml_serde::Value as Y;
+    match value {
+        Y::Null => Value::Null,
+        Y::Bool(b) => Value::Bool(*b),
+        Y::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::from(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::from(u)
+            } else {
+                let f = n.as_f64().unwrap_or(f64::NAN);
+                match serde_json::Number::from_f64(f) {
+                    Some(num) => Value::Number(num),
+                    None => {
+                        diags.push(Diagnostic::new(path.clone(), format!("{f} is not a finite number")));
+                        Value::Null
+                    }
+                }
+            }
+        }
+        Y::String(s) => Value::String(s.clone()),
+        Y::Sequence(items) => Value::Array(items.iter().enumerate().map(|(i, v)| yaml_to_json(v, &path.index(i), diags)).collect()),
+        Y::Mapping(map) => {
+            let mut out = Map::new();
+            for (k, v) in map {
+                let key = match k {
+                    Y::String(s) => s.clone(),
+                    Y::Number(n) => n.to_string(),
+                    Y::Bool(b) => b.to_string(),
+                    _ => {
+                        diags.push(Diagnostic::new(path.clone(), "mapping keys must be plain text"));
+                        continue;
+                    }
+                };
+                let v = yaml_to_json(v, &path.key(&key), diags);
+                out.insert(key, v);
+            }
+            Value::Object(out)
+        }
+        Y::Tagged(t) => {
+            diags.push(Diagnostic::new(path.clone(), format!("YAML tags ({}) are not supported here", t.tag)));
+            Value::Null
+        }
+    }
+}
+
+/// Keys of `map` not in `allowed` as diagnostics on the key itself.
+pub fn check_keys(map: &Map<String, Value>, allowed: &[&str], path: &YamlPath, what: &str, diags: &mut Vec<Diagnostic>) {
+    for key in map.keys() {
+        if !allowed.contains(&key.as_str()) {
+            let hint = closest(key, allowed.iter().copied()).map(|c| format!("; did you mean `{c}`?")).unwrap_or_default();
+            diags.push(Diagnostic::new(
+                path.key_name(key),
+                format!("unknown key `{key}` in {what} (allowed: {}){hint}", allowed.join(", ")),
+            ));
+        }
+    }
+}
+
+/// The candidate closest to `word` by edit distance, if it is close enough to be a typo.
+pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = (word.chars().count() / 3).max(1);
+    candidates
+        .into_iter()
+        .map(|c| (edit_distance(word, c), c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+fn as_map(value: &Value, path: &YamlPath, what: &str, diags: &mut Vec<Diagnostic>) -> Map<String, Value> {
+    match value {
+        Value::Object(m) => m.clone(),
+        Value::Null => Map::new(),
+        other => {
+            diags.push(Diagnostic::new(path.clone(), format!("{what} must be a mapping, found a {}", super::interp::type_name(other))));
+            Map::new()
+        }
+    }
+}
+
+fn as_string(value: Option<&Value>, path: &YamlPath, what: &str, diags: &mut Vec<Diagnostic>) -> Option<String> {
+    match value {
+        Some(Value::String(s)) if !s.trim().is_empty() => Some(s.clone()),
+        Some(Value::String(_)) => {
+            diags.push(Diagnostic::new(path.clone(), format!("{what} must not be empty")));
+            None
+        }
+        Some(other) => {
+            diags.push(Diagnostic::new(path.clone(), format!("{what} must be a string, found a {}", super::interp::type_name(other))));
+            None
+        }
+        None => None,
+    }
+}
+
+fn build(file: &Path, source: &str, doc: Value, diags: &mut Vec<Diagnostic>) -> PipelineSpec {
+    let root = YamlPath::root();
+    let top = match doc {
+        Value::Object(m) => m,
+        Value::Null => Map::new(),
+        other => {
+            diags.push(Diagnostic::new(root.clone(), format!("a pipeline must be a mapping with `stages:`, found a {}", super::interp::type_name(&other))));
+            Map::new()
+        }
+    };
+    check_keys(&top, TOP_KEYS, &root, "the pipeline", diags);
+    let default_name = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline".into());
+    let name = as_string(top.get("name"), &root.key("name"), "`name`", diags).unwrap_or(default_name);
+    if !is_safe_name(&name) {
+        diags.push(Diagnostic::new(root.key("name"), format!("`{name}` is not a valid pipeline name (letters, digits, `_`, `-`, `.`; it names the report folder)")));
+    }
+    let description = as_string(top.get("description"), &root.key("description"), "`description`", diags);
+    let vars = as_map(top.get("vars").unwrap_or(&Value::Null), &root.key("vars"), "`vars`", diags);
+    let defaults = as_map(top.get("defaults").unwrap_or(&Value::Null), &root.key("defaults"), "`defaults`", diags);
+    for (kind, params) in &defaults {
+        if !params.is_object() {
+            diags.push(Diagnostic::new(root.key("defaults").key(kind), "defaults of a kind must be a mapping of parameters"));
+        }
+    }
+    let mut stages = Vec::new();
+    match top.get("stages") {
+        Some(Value::Array(items)) => {
+            if items.is_empty() {
+                diags.push(Diagnostic::new(root.key("stages"), "`stages` is empty"));
+            }
+            for (index, item) in items.iter().enumerate() {
+                if let Some(t) = build_stage(index, item, diags) {
+                    stages.push(t);
+                }
+            }
+        }
+        Some(other) => diags.push(Diagnostic::new(root.key("stages"), format!("`stages` must be a list, found a {}", super::interp::type_name(other)))),
+        None => diags.push(Diagnostic::new(root, "missing `stages:` (the list of stages to run)")),
+    }
+    PipelineSpec {
+        file: file.to_path_buf(),
+        source: source.to_string(),
+        name,
+        description,
+        vars,
+        defaults,
+        stages,
+    }
+}
+
+/// Names that become file or folder names.
+pub fn is_safe_name(s: &str) -> bool {
+    !s.is_empty() && s != "." && s != ".." && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+fn build_stage(index: usize, item: &Value, diags: &mut Vec<Diagnostic>) -> Option<StageTemplate> {
+    let path = YamlPath::root().key("stages").index(index);
+    let Value::Object(map) = item else {
+        diags.push(Diagnostic::new(path, "a stage must be a mapping with `id` and `kind`"));
+        return None;
+    };
+    check_keys(map, STAGE_KEYS, &path, "a stage", diags);
+    let id = as_string(map.get("id"), &path.key("id"), "`id`", diags);
+    let kind = as_string(map.get("kind"), &path.key("kind"), "`kind`", diags);
+    if map.get("id").is_none() {
+        diags.push(Diagnostic::new(path.clone(), "stage without `id`"));
+    }
+    if map.get("kind").is_none() {
+        diags.push(Diagnostic::new(path.clone(), "stage without `kind`"));
+    }
+    let params = as_map(map.get("params").unwrap_or(&Value::Null), &path.key("params"), "`params`", diags);
+    let inputs = as_map(map.get("inputs").unwrap_or(&Value::Null), &path.key("inputs"), "`inputs`", diags);
+    let resources = as_map(map.get("resources").unwrap_or(&Value::Null), &path.key("resources"), "`resources`", diags);
+    let meta = as_map(map.get("meta").unwrap_or(&Value::Null), &path.key("meta"), "`meta`", diags);
+    let exclude = match map.get("exclude") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => items.clone(),
+        Some(other) => {
+            diags.push(Diagnostic::new(path.key("exclude"), format!("`exclude` must be a list of mappings, found a {}", super::interp::type_name(other))));
+            Vec::new()
+        }
+    };
+    let chain = map.get("chain").and_then(|c| build_chain(c, &path.key("chain"), diags));
+    Some(StageTemplate {
+        index,
+        id: id?,
+        kind: kind?,
+        params,
+        inputs,
+        matrix: map.get("matrix").cloned(),
+        exclude,
+        chain,
+        resources,
+        meta,
+    })
+}
+
+fn build_chain(value: &Value, path: &YamlPath, diags: &mut Vec<Diagnostic>) -> Option<ChainSpec> {
+    let Value::Object(map) = value else {
+        diags.push(Diagnostic::new(path.clone(), "`chain` must be a mapping with `over`, `link` and `first`"));
+        return None;
+    };
+    check_keys(map, CHAIN_KEYS, path, "`chain`", diags);
+    let Some(over) = map.get("over").cloned() else {
+        diags.push(Diagnostic::new(path.clone(), "`chain` needs `over` (a list, or a string of one-letter elements)"));
+        return None;
+    };
+    let var = as_string(map.get("as"), &path.key("as"), "`chain.as`", diags).unwrap_or_else(|| "item".to_string());
+    let link = as_string(map.get("link"), &path.key("link"), "`chain.link`", diags);
+    let first = as_string(map.get("first"), &path.key("first"), "`chain.first`", diags);
+    if link.is_none() {
+        diags.push(Diagnostic::new(path.clone(), "`chain` needs `link` (the input that takes the previous stage)"));
+    }
+    if first.is_none() {
+        diags.push(Diagnostic::new(path.clone(), "`chain` needs `first` (the stage the first element starts from)"));
+    }
+    Some(ChainSpec {
+        over,
+        var,
+        link: link?,
+        first: first?,
+    })
+}
