@@ -680,7 +680,7 @@ fn parse_resources(map: &Map<String, Value>, path: &YamlPath, diags: &mut Vec<Di
         }
     };
     if let Some(g) = int("gpus", diags) {
-        r.gpus = u32::try_from(g).unwrap_or(u32::MAX);
+        r.gpus = Some(u32::try_from(g).unwrap_or(u32::MAX));
     }
     r.cpus = int("cpus", diags).map(|c| u32::try_from(c).unwrap_or(u32::MAX));
     r.time_min = int("time_min", diags);

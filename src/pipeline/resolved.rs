@@ -9,7 +9,9 @@ use serde_json::{Map, Value};
 /// Compute resources a stage asks for (from the pipeline; used by the scheduler and Slurm).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Resources {
-    pub gpus: u32,
+    /// GPUs the stage needs; `None`: one when the run has GPUs, none otherwise; `Some(0)`: the
+    /// stage runs on the CPU even in a GPU run.
+    pub gpus: Option<u32>,
     pub cpus: Option<u32>,
     pub mem_gb: Option<f64>,
     pub time_min: Option<u64>,

@@ -1,0 +1,183 @@
+//! Planning: the key of every stage, whether the cache has it, and why not.
+use std::collections::{BTreeMap, HashMap};
+
+use crate::pipeline::{ResolvedPipeline, ResolvedStage};
+
+use super::cache::{Cache, CacheError, ObjectState};
+use super::filehash::FileHasher;
+use super::journal::Journal;
+use super::key::{hash_paths, Ingredients};
+use super::kind::{Estimate, Registry};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status {
+    /// The cache has the finished object.
+    Hit,
+    /// It must be computed.
+    Miss,
+    /// The cache has a damaged object; it will be removed and recomputed.
+    Corrupt(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct PlannedStage {
+    pub stage: ResolvedStage,
+    pub key: String,
+    pub ingredients: Ingredients,
+    pub status: Status,
+    /// The earlier stage of this pipeline with the same key: both are one object.
+    pub same_as: Option<String>,
+    /// Why a miss must run (empty for hits).
+    pub why: Vec<String>,
+    pub estimate: Estimate,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub pipeline: ResolvedPipeline,
+    /// In topological order.
+    pub stages: Vec<PlannedStage>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("stage `{stage}` reads {path}, which cannot be hashed: {source}")]
+    File {
+        stage: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("stage `{stage}`: unknown kind `{kind}`")]
+    UnknownKind { stage: String, kind: String },
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+impl Plan {
+    /// Stages that are objects of their own (not merged into an earlier identical stage).
+    pub fn unique(&self) -> impl Iterator<Item = &PlannedStage> {
+        self.stages.iter().filter(|s| s.same_as.is_none())
+    }
+
+    /// Unique stages that must run.
+    pub fn to_run(&self) -> usize {
+        self.unique().filter(|s| s.status != Status::Hit).count()
+    }
+
+    /// Per kind: (stages, unique stages).
+    pub fn counts_by_kind(&self) -> BTreeMap<String, (usize, usize)> {
+        let mut counts: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        for s in &self.stages {
+            let c = counts.entry(s.stage.kind.clone()).or_default();
+            c.0 += 1;
+            if s.same_as.is_none() {
+                c.1 += 1;
+            }
+        }
+        counts
+    }
+}
+
+/// Computes keys and cache status; reads the cache and the external files, writes nothing but
+/// the file-hash memo.
+pub fn plan(pipeline: &ResolvedPipeline, registry: &Registry, cache: &Cache, hasher: &FileHasher) -> Result<Plan, PlanError> {
+    let journal = Journal::load(&cache.journal_dir(), &pipeline.name);
+    let mut key_of: HashMap<String, String> = HashMap::new();
+    let mut stage_of_key: HashMap<String, String> = HashMap::new();
+    let mut status_of_key: HashMap<String, Status> = HashMap::new();
+    let by_id: HashMap<&str, &ResolvedStage> = pipeline.stages.iter().map(|s| (s.id.as_str(), s)).collect();
+    let mut planned = Vec::with_capacity(pipeline.stages.len());
+    for stage in &pipeline.stages {
+        let kind = registry.get(&stage.kind).ok_or_else(|| PlanError::UnknownKind {
+            stage: stage.id.clone(),
+            kind: stage.kind.clone(),
+        })?;
+        let schema = kind.schema();
+        let mut files = BTreeMap::new();
+        for path in &stage.files {
+            let hash = hasher.hash(path).map_err(|source| PlanError::File {
+                stage: stage.id.clone(),
+                path: path.display().to_string(),
+                source,
+            })?;
+            files.insert(path.to_string_lossy().into_owned(), hash);
+        }
+        let params = stage.params.iter().map(|(k, v)| (k.clone(), hash_paths(v, &files))).collect();
+        let inputs: BTreeMap<String, Vec<String>> = stage
+            .inputs
+            .iter()
+            .map(|(name, ids)| (name.clone(), ids.iter().filter_map(|id| key_of.get(id).cloned()).collect()))
+            .collect();
+        let input_labels = schema.uses_input_labels.then(|| {
+            stage
+                .inputs
+                .iter()
+                .map(|(name, ids)| {
+                    let labelled = ids
+                        .iter()
+                        .map(|id| (id.clone(), by_id.get(id.as_str()).map(|s| s.meta.clone()).unwrap_or_default()))
+                        .collect();
+                    (name.clone(), labelled)
+                })
+                .collect()
+        });
+        let ingredients = Ingredients {
+            kind: stage.kind.clone(),
+            version: schema.version,
+            params,
+            inputs,
+            input_labels,
+            files,
+        };
+        let key = ingredients.key();
+        key_of.insert(stage.id.clone(), key.clone());
+        let same_as = stage_of_key.get(&key).cloned();
+        let status = match status_of_key.get(&key) {
+            Some(s) => s.clone(),
+            None => {
+                let s = match cache.lookup(&key)? {
+                    ObjectState::Done(_) => Status::Hit,
+                    ObjectState::Missing => Status::Miss,
+                    ObjectState::Corrupt(reason) => Status::Corrupt(reason),
+                };
+                status_of_key.insert(key.clone(), s.clone());
+                stage_of_key.insert(key.clone(), stage.id.clone());
+                s
+            }
+        };
+        let why = match (&status, &same_as) {
+            (Status::Hit, _) => Vec::new(),
+            (_, Some(first)) => vec![format!("same as {first}")],
+            (Status::Corrupt(reason), None) => vec![format!("the cached object is damaged ({reason}); it will be recomputed")],
+            (Status::Miss, None) => match journal.stages.get(&stage.id) {
+                None => vec!["new stage: never run".to_string()],
+                Some(entry) if entry.key == key => vec!["not in the cache: its last run did not finish, or gc removed it".to_string()],
+                Some(entry) => {
+                    let upstream = |k: &str| stage_of_key.get(k).cloned();
+                    let why = ingredients.explain_change(&entry.ingredients, &upstream);
+                    if why.is_empty() {
+                        vec!["its key changed".to_string()]
+                    } else {
+                        why
+                    }
+                }
+            },
+        };
+        let estimate = kind.estimate(stage);
+        planned.push(PlannedStage {
+            stage: stage.clone(),
+            key,
+            ingredients,
+            status,
+            same_as,
+            why,
+            estimate,
+        });
+    }
+    hasher.save();
+    Ok(Plan {
+        pipeline: pipeline.clone(),
+        stages: planned,
+    })
+}
