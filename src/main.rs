@@ -1,3 +1,6 @@
+//! The `ril-pipe` command line: argument parsing and printing; the work is in the library.
+mod cli;
+
 fn main() {
-    println!("ril-pipe");
+    std::process::exit(cli::main());
 }

@@ -48,9 +48,12 @@ impl Ingredients {
         if self.version != before.version {
             why.push(format!("code version of `{}` changed: {} -> {}", self.kind, before.version, self.version));
         }
+        let is_file = |v: &Value| v.as_str().is_some_and(|s| s.starts_with("blake3:"));
         for (name, value) in &self.params {
             match before.params.get(name) {
                 Some(old) if old == value => {}
+                // A file whose content changed: reported below with its path.
+                Some(old) if is_file(old) && is_file(value) => {}
                 Some(old) => why.push(format!("param {name}: {} -> {}", brief(old), brief(value))),
                 None => why.push(format!("param {name}: new, = {}", brief(value))),
             }

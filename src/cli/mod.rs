@@ -1,0 +1,91 @@
+//! Subcommands. Exit codes: 0 success, 1 a stage failed or a check found problems, 2 bad
+//! input (pipeline, arguments), 130 interrupted.
+mod cache_cmds;
+mod pipeline_cmds;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "ril-pipe", version, about = "Declarative pipelines for Reward Incremental Learning research on text-to-image diffusion models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct CacheArg {
+    /// The cache folder (created on demand).
+    #[arg(long, env = "RIL_CACHE", default_value = "cache", global = true)]
+    pub cache: PathBuf,
+}
+
+#[derive(Args, Clone)]
+pub struct PipelineArgs {
+    /// The pipeline file (YAML).
+    pub file: PathBuf,
+    /// Override a value: `vars.NAME=V`, `defaults.KIND.PARAM=V` or `STAGE.PARAM=V` (STAGE may be
+    /// a glob such as `ft/*/AHC/1`). V is read as YAML.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline: every stage whose result is not cached, in dependency order.
+    Run(pipeline_cmds::RunArgs),
+    /// Show the expanded pipeline: stages in order, cache hits and misses and why.
+    Plan(pipeline_cmds::PlanArgs),
+    /// List the stage kinds and their parameters.
+    Kinds(pipeline_cmds::KindsArgs),
+    /// Run one frozen stage (written by the Slurm executor); not for direct use.
+    #[command(hide = true)]
+    ExecStage(pipeline_cmds::ExecStageArgs),
+    /// Summarise the cache, or the state of a pipeline's stages in it.
+    Status(cache_cmds::StatusArgs),
+    /// Check the hashes of cached objects; damaged ones are reported (and removed with --repair).
+    Verify(cache_cmds::VerifyArgs),
+    /// Remove cached objects that no pipeline references.
+    Gc(cache_cmds::GcArgs),
+}
+
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => pipeline_cmds::run(a),
+        Command::Plan(a) => pipeline_cmds::plan(a),
+        Command::Kinds(a) => pipeline_cmds::kinds(a),
+        Command::ExecStage(a) => pipeline_cmds::exec_stage(a),
+        Command::Status(a) => cache_cmds::status(a),
+        Command::Verify(a) => cache_cmds::verify(a),
+        Command::Gc(a) => cache_cmds::gc(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<ril_pipe::pipeline::PipelineError>().is_some() {
+                2
+            } else {
+                1
+            }
+        }
+    }
+}
+
+/// Human-readable byte counts.
+pub fn format_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit < UNITS.len() - 1 {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}

@@ -1,0 +1,357 @@
+//! `run`, `plan`, `kinds`, `exec-stage`.
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Args;
+use ril_pipe::exec::key::short_key;
+use ril_pipe::exec::plan::{plan as make_plan, Plan, Status};
+use ril_pipe::exec::progress::StageProgress;
+use ril_pipe::exec::run::{execute_object, format_seconds, FrozenStage, Outcome};
+use ril_pipe::exec::{Cache, Registry, RunOptions};
+use ril_pipe::pipeline::{load_resolved, Override, ResolvedPipeline};
+
+use super::{CacheArg, PipelineArgs};
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    #[command(flatten)]
+    cache: CacheArg,
+    /// Stages run at the same time (each GPU runs one stage at a time).
+    #[arg(long, short = 'j', default_value_t = 1)]
+    jobs: usize,
+    /// After a failure, go on with the stages that do not depend on it.
+    #[arg(long)]
+    keep_going: bool,
+    /// Where stages run: cpu, cuda, cuda:N, or auto (CUDA when available).
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// CPU threads, shared out among running stages (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// No progress bars (plain lines only).
+    #[arg(long)]
+    no_progress: bool,
+    /// Fail at once instead of waiting when `gc` holds the cache.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+#[derive(Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    #[command(flatten)]
+    cache: CacheArg,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct KindsArgs {
+    /// Show one kind in full.
+    kind: Option<String>,
+}
+
+#[derive(Args)]
+pub struct ExecStageArgs {
+    /// The frozen stage (JSON).
+    spec: PathBuf,
+    #[command(flatten)]
+    cache: CacheArg,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+pub fn registry() -> Registry {
+    ril_pipe::stages::registry()
+}
+
+fn overrides(args: &PipelineArgs) -> anyhow::Result<Vec<Override>> {
+    args.set.iter().map(|s| Override::parse(s).map_err(anyhow::Error::from)).collect()
+}
+
+pub fn resolve(args: &PipelineArgs, registry: &Registry) -> anyhow::Result<ResolvedPipeline> {
+    let overrides = overrides(args)?;
+    Ok(load_resolved(&args.file, &registry.schemas(), &overrides)?)
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Ctrl-C or SIGTERM: the first stops the run at the next safe point, the second exits at once.
+fn install_interrupt(cancel: Arc<AtomicBool>) {
+    let hits = AtomicUsize::new(0);
+    let _ = ctrlc::set_handler(move || {
+        if hits.fetch_add(1, Ordering::SeqCst) == 0 {
+            cancel.store(true, Ordering::SeqCst);
+            eprintln!("\ninterrupted: stopping; finished stages are kept (press Ctrl-C again to quit at once)");
+        } else {
+            std::process::exit(130);
+        }
+    });
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let registry = registry();
+    let pipeline = resolve(&args.pipeline, &registry)?;
+    let gpus = ril_pipe::stages::device::gpus_for(&args.device)?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    install_interrupt(cancel.clone());
+    let opts = RunOptions {
+        jobs: args.jobs,
+        keep_going: args.keep_going,
+        gpus,
+        threads: args.threads.unwrap_or_else(default_threads),
+        progress: !args.no_progress,
+        wait: !args.no_wait,
+        cancel,
+    };
+    let cache = Cache::new(&args.cache.cache);
+    eprintln!(
+        "ril-pipe run {} ({} stages; cache {})",
+        pipeline.source.display(),
+        pipeline.stages.len(),
+        cache.root().display()
+    );
+    let summary = ril_pipe::exec::run(&pipeline, &registry, &cache, &opts)?;
+    if summary.cleaned_tmp > 0 {
+        eprintln!("removed {} unfinished folder(s) left by an interrupted run", summary.cleaned_tmp);
+    }
+    let skipped = summary.count(|o| matches!(o, Outcome::Skipped { .. }));
+    eprintln!(
+        "summary: {} executed, {} cached, {} failed, {} skipped, of {} unique stages ({} in the pipeline), in {}",
+        summary.executed(),
+        summary.cached(),
+        summary.failed(),
+        skipped,
+        summary.outcomes.len(),
+        pipeline.stages.len(),
+        format_seconds(summary.seconds)
+    );
+    for o in &summary.outcomes {
+        match &o.outcome {
+            Outcome::Failed { error, log } => {
+                eprintln!("  failed  {}: {error}", o.id);
+                if let Some(log) = log {
+                    eprintln!("          log: {}", log.display());
+                }
+            }
+            Outcome::Skipped { reason } if skipped <= 20 => eprintln!("  skipped {}: {reason}", o.id),
+            _ => {}
+        }
+    }
+    Ok(if summary.cancelled {
+        130
+    } else if summary.ok() {
+        0
+    } else {
+        1
+    })
+}
+
+pub fn plan(args: PlanArgs) -> anyhow::Result<i32> {
+    let registry = registry();
+    let pipeline = resolve(&args.pipeline, &registry)?;
+    let cache = Cache::new(&args.cache.cache);
+    let hasher = if cache.root().exists() {
+        cache.file_hasher()
+    } else {
+        ril_pipe::exec::filehash::FileHasher::ephemeral()
+    };
+    let plan = make_plan(&pipeline, &registry, &cache, &hasher)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&plan_json(&plan))?);
+    } else {
+        print_plan(&plan);
+    }
+    Ok(0)
+}
+
+fn status_word(s: &Status, merged: bool) -> &'static str {
+    match (s, merged) {
+        (_, true) => "=",
+        (Status::Hit, _) => "hit",
+        (Status::Miss, _) => "miss",
+        (Status::Corrupt(_), _) => "damaged",
+    }
+}
+
+fn print_plan(plan: &Plan) {
+    let unique = plan.unique().count();
+    println!(
+        "pipeline {} ({}): {} stages, {} unique after merging identical stages, {} to run",
+        plan.pipeline.name,
+        plan.pipeline.source.display(),
+        plan.stages.len(),
+        unique,
+        plan.to_run()
+    );
+    let width = plan.stages.iter().map(|s| s.stage.id.len()).max().unwrap_or(5).clamp(5, 48);
+    let kind_width = plan.stages.iter().map(|s| s.stage.kind.len()).max().unwrap_or(4).max(4);
+    println!("  {:<7} {:<width$} {:<kind_width$} {:<12}  WHY", "STATUS", "STAGE", "KIND", "KEY");
+    for s in &plan.stages {
+        let why = s.why.join("; ");
+        let est = estimate_text(&s.estimate);
+        println!(
+            "  {:<7} {:<width$} {:<kind_width$} {:<12}  {}{}",
+            status_word(&s.status, s.same_as.is_some()),
+            s.stage.id,
+            s.stage.kind,
+            short_key(&s.key),
+            why,
+            if est.is_empty() { String::new() } else { format!("  [{est}]") }
+        );
+    }
+    let counts = plan.counts_by_kind();
+    let parts: Vec<String> = counts.iter().map(|(k, (n, u))| format!("{k} {u} unique of {n}")).collect();
+    println!("by kind: {}", parts.join(", "));
+    let mut by_method: std::collections::BTreeMap<(String, String), (usize, usize)> = std::collections::BTreeMap::new();
+    for s in &plan.stages {
+        if let Some(m) = s.stage.meta.get("method") {
+            let c = by_method.entry((s.stage.kind.clone(), m.clone())).or_default();
+            c.0 += 1;
+            if s.same_as.is_none() {
+                c.1 += 1;
+            }
+        }
+    }
+    if !by_method.is_empty() {
+        let parts: Vec<String> = by_method.iter().map(|((k, m), (n, u))| format!("{k}/{m} {u} unique of {n}")).collect();
+        println!("by method: {}", parts.join(", "));
+    }
+    let flops: f64 = plan.unique().filter_map(|s| s.estimate.flops).sum();
+    if flops > 0.0 {
+        let peak = plan.unique().filter_map(|s| s.estimate.peak_memory_bytes).max().unwrap_or(0);
+        println!(
+            "estimated compute: {:.3e} FLOP in all ({:.1} GPU-hours at 100 TFLOP/s sustained); largest stage peak memory {}",
+            flops,
+            flops / 1e14 / 3600.0,
+            super::format_bytes(peak)
+        );
+    }
+}
+
+fn estimate_text(e: &ril_pipe::exec::kind::Estimate) -> String {
+    let mut parts = Vec::new();
+    if let Some(note) = &e.note {
+        parts.push(note.clone());
+    }
+    if let Some(m) = e.peak_memory_bytes {
+        parts.push(format!("peak {}", super::format_bytes(m)));
+    }
+    parts.join(", ")
+}
+
+fn plan_json(plan: &Plan) -> serde_json::Value {
+    let stages: Vec<serde_json::Value> = plan
+        .stages
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "id": s.stage.id,
+                "kind": s.stage.kind,
+                "key": s.key,
+                "status": match &s.status { Status::Hit => "hit", Status::Miss => "miss", Status::Corrupt(_) => "damaged" },
+                "same_as": s.same_as,
+                "why": s.why,
+                "meta": s.stage.meta,
+                "params": s.stage.params,
+                "inputs": s.stage.inputs,
+                "peak_memory_bytes": s.estimate.peak_memory_bytes,
+                "flops": s.estimate.flops,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "name": plan.pipeline.name,
+        "source": plan.pipeline.source,
+        "stages": stages,
+        "unique": plan.unique().count(),
+        "to_run": plan.to_run(),
+    })
+}
+
+pub fn kinds(args: KindsArgs) -> anyhow::Result<i32> {
+    let registry = registry();
+    let schemas = registry.schemas();
+    for (name, schema) in &schemas {
+        if args.kind.as_deref().is_some_and(|k| k != name) {
+            continue;
+        }
+        println!("{name} (version {}): {}", schema.version, schema.doc);
+        if args.kind.is_none() {
+            continue;
+        }
+        for input in &schema.inputs {
+            println!(
+                "  input  {:<18} {}{} - {}",
+                input.name,
+                if input.required { "required" } else { "optional" },
+                if input.many { ", list" } else { "" },
+                input.doc
+            );
+        }
+        for p in &schema.params {
+            let default = match &p.default {
+                Some(v) => format!("default {v}"),
+                None => "required".to_string(),
+            };
+            println!("  param  {:<18} {:?}, {default} - {}", p.name, p.ty, p.doc);
+        }
+    }
+    if let Some(k) = &args.kind {
+        if !schemas.contains_key(k) {
+            anyhow::bail!("unknown stage kind `{k}` (see `ril-pipe kinds`)");
+        }
+    }
+    Ok(0)
+}
+
+pub fn exec_stage(args: ExecStageArgs) -> anyhow::Result<i32> {
+    let registry = registry();
+    let bytes = std::fs::read(&args.spec).with_context(|| format!("cannot read {}", args.spec.display()))?;
+    let frozen: FrozenStage = serde_json::from_slice(&bytes).with_context(|| format!("{} is not a frozen stage", args.spec.display()))?;
+    let kind = registry
+        .get(&frozen.stage.kind)
+        .with_context(|| format!("this ril-pipe has no stage kind `{}`", frozen.stage.kind))?;
+    let device = ril_pipe::stages::device::gpus_for(&args.device)?.into_iter().next().unwrap_or_else(|| "cpu".into());
+    let cancel = Arc::new(AtomicBool::new(false));
+    install_interrupt(cancel.clone());
+    let cache = Cache::new(&args.cache.cache);
+    let progress = StageProgress::hidden(&frozen.stage.id);
+    let threads = args.threads.unwrap_or_else(default_threads);
+    let (outcome, note) = execute_object(&cache, kind.as_ref(), &frozen, &device, threads, cancel, progress);
+    if let Some(n) = note {
+        eprintln!("{n}");
+    }
+    match outcome {
+        Outcome::Executed { seconds } => {
+            eprintln!("done {} in {}", frozen.stage.id, format_seconds(seconds));
+            Ok(0)
+        }
+        Outcome::Cached => {
+            eprintln!("{} was already in the cache", frozen.stage.id);
+            Ok(0)
+        }
+        Outcome::Failed { error, log } => {
+            eprintln!("failed {}: {error}", frozen.stage.id);
+            if let Some(l) = log {
+                eprintln!("log: {}", l.display());
+            }
+            Ok(1)
+        }
+        Outcome::Cancelled => Ok(130),
+        Outcome::Skipped { reason } => {
+            eprintln!("skipped: {reason}");
+            Ok(1)
+        }
+    }
+}
