@@ -1,9 +1,13 @@
 //! Stage kinds, one file per kind: the glue between the pipeline runner and the models.
 pub mod device;
+pub mod evaluation;
+pub mod forgetting;
 
 use crate::exec::Registry;
 
 /// Every stage kind of the shipped binary.
 pub fn registry() -> Registry {
-    Registry::new()
+    let mut r = Registry::new();
+    r.register(forgetting::Forgetting);
+    r
 }
