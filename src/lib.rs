@@ -6,9 +6,11 @@
 //! - [`models`]: UNet, VAE, CLIP, LoRA, DDIM, Inception, aesthetic head, weight loading.
 //! - [`rewards`] and [`metrics`]: differentiable rewards and evaluation metrics.
 //! - [`tiny`]: the embedded tiny world (procedural scenes, prompts, ratings).
+//! - [`method`]: sampling with truncated backprop, baseline and RID objectives, AdamW.
 //! - [`stages`]: one file per stage kind, gluing the pipeline to the models.
 //! - [`report`]: paper-style tables (polars) and charts (plotters).
 pub mod exec;
+pub mod method;
 pub mod metrics;
 pub mod models;
 pub mod pipeline;
