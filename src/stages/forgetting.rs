@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::exec::{StageContext, StageError, StageKind};
 use crate::pipeline::schema::{InputSpec, KindSchema};
 
-use super::evaluation::{EvaluationRecord, Metric, Task, METRICS_FILE};
+use super::records::{EvaluationRecord, Metric, Task, METRICS_FILE};
 
 pub const FORGETTING_FILE: &str = "forgetting.json";
 

@@ -1,6 +1,6 @@
 //! Stage kinds, one file per kind: the glue between the pipeline runner and the models.
 pub mod device;
-pub mod evaluation;
+pub mod records;
 pub mod forgetting;
 
 use crate::exec::Registry;

@@ -1,5 +1,6 @@
-//! The evaluation record (`metrics.json` of an `evaluate` stage) and what is known about each
-//! metric: its direction, and which task targets it.
+//! The records stages write for each other and for reports: the evaluation record
+//! (`metrics.json`), the training log (`train_log.jsonl`) and summary (`train_summary.json`),
+//! and what is known about each metric (its direction, which task targets it).
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -132,4 +133,44 @@ impl EvaluationRecord {
         let bytes = serde_json::to_vec_pretty(self).map_err(StageError::failed)?;
         std::fs::write(path, bytes).map_err(|e| StageError::io(format!("cannot write {}", path.display()), e))
     }
+}
+
+/// One optimizer step of a fine-tune, a line of `train_log.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainLogLine {
+    /// 1-based optimizer step.
+    pub step: u64,
+    /// 1-based epoch the step belongs to.
+    pub epoch: u64,
+    /// Mean reward of the batch (of the mixture, for joint tuning).
+    pub reward: f64,
+    /// RID's distillation term ||z0 - z0_teacher||^2 (mean); `None` for the baseline.
+    pub distill_loss: Option<f64>,
+    /// The minimised loss: -reward + lambda * distill.
+    pub loss: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    pub lr: f64,
+    /// Wall-clock seconds of this step.
+    pub seconds: f64,
+}
+
+pub const TRAIN_LOG_FILE: &str = "train_log.jsonl";
+pub const TRAIN_SUMMARY_FILE: &str = "train_summary.json";
+
+/// `train_summary.json` of a `finetune` or `joint` stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSummary {
+    /// `baseline`, `rid` or `joint`.
+    pub method: String,
+    /// The task(s) trained on (several for joint tuning).
+    pub tasks: Vec<Task>,
+    pub epochs: u64,
+    pub steps: u64,
+    pub batch_size: u64,
+    pub seconds: f64,
+    pub seconds_per_epoch: f64,
+    /// Mean reward over the first and the last epoch.
+    pub reward_first_epoch: f64,
+    pub reward_last_epoch: f64,
 }
