@@ -334,19 +334,18 @@ impl LoraGroup {
             .map_err(|e| file_err(e.to_string()))?;
         let count = scales.len();
 
-        let mut parsed: BTreeMap<String, (Vec<Option<Tensor>>, Vec<Option<Tensor>>, Option<Tensor>, Option<Tensor>)> =
-            BTreeMap::new();
+        let mut parsed: BTreeMap<String, FileLayer> = BTreeMap::new();
         for (key, tensor) in &tensors {
             if key == SCALES_NAME {
                 continue;
             }
             let (layer, slot) = parse_adapter_name(key).ok_or_else(|| file_err(format!("unexpected tensor `{key}`")))?;
-            let entry = parsed.entry(layer.to_string()).or_insert_with(|| ((0..count).map(|_| None).collect(), (0..count).map(|_| None).collect(), None, None));
+            let entry = parsed.entry(layer.to_string()).or_insert_with(|| FileLayer::new(count));
             let target = match slot {
-                Slot::A(i) if i < count => &mut entry.0[i],
-                Slot::B(i) if i < count => &mut entry.1[i],
-                Slot::TeacherA => &mut entry.2,
-                Slot::TeacherB => &mut entry.3,
+                Slot::A(i) if i < count => &mut entry.a[i],
+                Slot::B(i) if i < count => &mut entry.b[i],
+                Slot::TeacherA => &mut entry.teacher_a,
+                Slot::TeacherB => &mut entry.teacher_b,
                 Slot::A(i) | Slot::B(i) => {
                     return Err(file_err(format!("`{key}`: adapter {i} beyond the {count} scales")));
                 }
@@ -371,7 +370,7 @@ impl LoraGroup {
 
         let mut layers = BTreeMap::new();
         let mut any_teacher = None;
-        for (name, (a_list, b_list, teacher_a, teacher_b)) in parsed {
+        for (name, FileLayer { a: a_list, b: b_list, teacher_a, teacher_b }) in parsed {
             let mut adapters = Vec::with_capacity(count);
             let mut dims: Option<(i64, i64)> = None;
             for (i, (a, b)) in a_list.into_iter().zip(b_list).enumerate() {
@@ -584,6 +583,20 @@ impl LoraGroup {
             });
         }
         total
+    }
+}
+
+/// The tensors of one layer found in an adapter file, by slot.
+struct FileLayer {
+    a: Vec<Option<Tensor>>,
+    b: Vec<Option<Tensor>>,
+    teacher_a: Option<Tensor>,
+    teacher_b: Option<Tensor>,
+}
+
+impl FileLayer {
+    fn new(count: usize) -> Self {
+        Self { a: (0..count).map(|_| None).collect(), b: (0..count).map(|_| None).collect(), teacher_a: None, teacher_b: None }
     }
 }
 

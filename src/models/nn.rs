@@ -68,10 +68,11 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Tensor {
-        let mut h = self.conv1.forward(&self.norm1.forward(xs).silu());
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            h = h + proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
-        }
+        let h = self.conv1.forward(&self.norm1.forward(xs).silu());
+        let h = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => h + proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1),
+            _ => h,
+        };
         let h = self.conv2.forward(&self.norm2.forward(&h).silu());
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs),
