@@ -5,3 +5,4 @@
 //! command that makes it, never skips it.
 mod common;
 mod ddim;
+mod weights;
