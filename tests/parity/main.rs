@@ -6,3 +6,4 @@
 mod common;
 mod ddim;
 mod weights;
+mod clip;
