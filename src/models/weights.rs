@@ -3,8 +3,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use safetensors::Dtype;
 use tch::nn::VarStore;
-use tch::Tensor;
+use tch::{Kind, Tensor};
+
+use super::pickle::{self, PickleError};
 
 /// Tensors of a checkpoint, by name.
 pub type TensorMap = BTreeMap<String, Tensor>;
@@ -17,17 +20,118 @@ pub enum WeightsError {
     Missing { path: PathBuf, name: String, expected: Vec<i64> },
     #[error("{path}: tensor `{name}` has shape {found:?}, the model expects {expected:?}")]
     Shape { path: PathBuf, name: String, found: Vec<i64>, expected: Vec<i64> },
+    #[error("{path}: {source}")]
+    Pickle { path: PathBuf, source: PickleError },
+    #[error("{path}: no weight file in this folder (looked for {looked_for})")]
+    NoWeights { path: PathBuf, looked_for: String },
+    #[error("{path}: unknown weight format (expected .safetensors, .pt, .pth, .bin, .ckpt, *.index.json or a folder)")]
+    UnknownFormat { path: PathBuf },
+    #[error("{path}: sharded checkpoint: {reason}")]
+    Shards { path: PathBuf, reason: String },
     #[error("{path}: unexpected tensor `{name}` (not part of this model; first of {count})")]
     Unexpected { path: PathBuf, name: String, count: usize },
 }
 
-/// Reads every tensor of a `.safetensors` file (any float dtype; converted on assignment).
+/// Reads every tensor of a `.safetensors` file, keeping the stored dtype (converted on assignment).
 pub fn read_safetensors(path: &Path) -> Result<TensorMap, WeightsError> {
-    let named = Tensor::read_safetensors(path).map_err(|e| WeightsError::Read {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    Ok(named.into_iter().collect())
+    let read_err = |reason: String| WeightsError::Read { path: path.to_path_buf(), reason };
+    let file = std::fs::File::open(path).map_err(|e| read_err(e.to_string()))?;
+    // SAFETY: the mapping is read-only and dropped before returning; the tensors are copies.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| read_err(e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| read_err(e.to_string()))?;
+    let mut out = TensorMap::new();
+    for (name, view) in st.tensors() {
+        let kind = match view.dtype() {
+            Dtype::F32 => Kind::Float,
+            Dtype::F16 => Kind::Half,
+            Dtype::BF16 => Kind::BFloat16,
+            Dtype::F64 => Kind::Double,
+            Dtype::I64 => Kind::Int64,
+            Dtype::I32 => Kind::Int,
+            Dtype::I16 => Kind::Int16,
+            Dtype::I8 => Kind::Int8,
+            Dtype::U8 => Kind::Uint8,
+            Dtype::BOOL => Kind::Bool,
+            other => return Err(read_err(format!("tensor `{name}` has unsupported dtype {other:?}"))),
+        };
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let tensor = Tensor::f_from_data_size(view.data(), &shape, kind)
+            .map_err(|e| read_err(format!("tensor `{name}`: {e}")))?;
+        out.insert(name, tensor);
+    }
+    Ok(out)
+}
+
+/// Weight files looked up in a diffusers / transformers / open_clip component folder, in order
+/// of preference (safetensors first; an `.index.json` names the shards of a split checkpoint).
+const FOLDER_FILES: &[&str] = &[
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "open_clip_model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "model.safetensors.index.json",
+    "diffusion_pytorch_model.bin",
+    "pytorch_model.bin",
+    "open_clip_pytorch_model.bin",
+    "diffusion_pytorch_model.bin.index.json",
+    "pytorch_model.bin.index.json",
+];
+
+/// Reads the tensors of a checkpoint: a `.safetensors` file, a PyTorch zip-pickle
+/// (`.pt`, `.pth`, `.bin`, `.ckpt`; a state dict, possibly under `state_dict`), a shard index
+/// (`*.index.json`), or a component folder holding one of these under its usual name.
+/// Tensors keep their stored dtype.
+pub fn load_weights(path: &Path) -> Result<TensorMap, WeightsError> {
+    if path.is_dir() {
+        let Some(file) = FOLDER_FILES.iter().map(|f| path.join(f)).find(|p| p.is_file()) else {
+            return Err(WeightsError::NoWeights { path: path.to_path_buf(), looked_for: FOLDER_FILES.join(", ") });
+        };
+        return load_weights(&file);
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if name.ends_with(".index.json") {
+        return read_sharded(path);
+    }
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("safetensors") => read_safetensors(path),
+        Some("pt" | "pth" | "bin" | "ckpt") => {
+            pickle::read_state_dict(path).map_err(|source| WeightsError::Pickle { path: path.to_path_buf(), source })
+        }
+        _ => Err(WeightsError::UnknownFormat { path: path.to_path_buf() }),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+/// A sharded checkpoint: `weight_map` names, for every tensor, the shard file beside the index.
+fn read_sharded(index: &Path) -> Result<TensorMap, WeightsError> {
+    let shard_err = |reason: String| WeightsError::Shards { path: index.to_path_buf(), reason };
+    let text = std::fs::read_to_string(index).map_err(|e| shard_err(e.to_string()))?;
+    let parsed: ShardIndex = serde_json::from_str(&text).map_err(|e| shard_err(e.to_string()))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut shards: Vec<&String> = parsed.weight_map.values().collect();
+    shards.sort();
+    shards.dedup();
+    let mut out = TensorMap::new();
+    for shard in shards {
+        let plain = Path::new(shard).file_name().is_some_and(|f| f == shard.as_str());
+        if !plain || !(shard.ends_with(".safetensors") || shard.ends_with(".bin")) {
+            return Err(shard_err(format!("shard `{shard}` is not a weight file beside the index")));
+        }
+        for (name, tensor) in load_weights(&dir.join(shard))? {
+            if parsed.weight_map.get(&name) != Some(shard) {
+                return Err(shard_err(format!("tensor `{name}` found in `{shard}`, the index places it elsewhere")));
+            }
+            out.insert(name, tensor);
+        }
+    }
+    if let Some(name) = parsed.weight_map.keys().find(|n| !out.contains_key(*n)) {
+        return Err(shard_err(format!("tensor `{name}` is missing from shard `{}`", parsed.weight_map[name])));
+    }
+    Ok(out)
 }
 
 /// How strictly [`assign`] treats tensors of the file that the model does not have.

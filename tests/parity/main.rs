@@ -4,4 +4,7 @@
 //! into `$RIL_FIXTURES/<area>/` (`make fixtures`); a missing fixture fails the test with the
 //! command that makes it, never skips it.
 mod common;
+mod clip;
+mod ddim;
 mod optim;
+mod weights;
