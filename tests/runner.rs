@@ -434,3 +434,99 @@ fn gc_waits_for_runs_and_removes_only_unreferenced_objects() {
     let busy_run = cache.run_lock(false, &mut |_| {});
     assert!(busy_run.is_err(), "a run does not start while gc holds the cache");
 }
+
+/// Not a test of its own: what `ril-pipe exec-stage` does, with the test kinds (the fake Slurm
+/// below runs it as its jobs).
+#[test]
+#[ignore]
+fn exec_stage_entry() {
+    let (Some(spec), Some(cache)) = (std::env::var_os("RIL_TEST_EXEC_SPEC"), std::env::var_os("RIL_TEST_EXEC_CACHE")) else {
+        return;
+    };
+    let frozen: ril_pipe::exec::run::FrozenStage = serde_json::from_slice(&std::fs::read(spec).unwrap()).unwrap();
+    let registry = registry();
+    let kind = registry.get(&frozen.stage.kind).unwrap();
+    let (outcome, _) = ril_pipe::exec::run::execute_object(
+        &Cache::new(PathBuf::from(cache)),
+        kind.as_ref(),
+        &frozen,
+        "cpu",
+        1,
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        ril_pipe::exec::progress::StageProgress::hidden(&frozen.stage.id),
+    );
+    assert!(matches!(outcome, Outcome::Executed { .. } | Outcome::Cached), "{outcome:?}");
+}
+
+/// A stand-in for sbatch/squeue/scancel: jobs run at once in the background; squeue lists the
+/// ones whose process is alive.
+fn fake_slurm(dir: &Path) -> ril_pipe::exec::slurm::SlurmCommands {
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        p.to_string_lossy().into_owned()
+    };
+    let state = dir.join("jobs");
+    std::fs::create_dir_all(&state).unwrap();
+    let sbatch = write(
+        "sbatch",
+        &format!(
+            "#!/bin/sh\nout=/dev/null\nfor a in \"$@\"; do case \"$a\" in --output=*) out=\"${{a#--output=}}\";; esac; script=\"$a\"; done\necho \"$*\" >> {s}/args\nid=$(( $(ls {s} | wc -l) + 100 ))\nsh \"$script\" > \"$out\" 2>&1 &\necho $! > {s}/$id.pid\necho \"$id;cluster\"\n",
+            s = state.display()
+        ),
+    );
+    let squeue = write(
+        "squeue",
+        &format!(
+            "#!/bin/sh\nfor a in \"$@\"; do case \"$a\" in --jobs=*) ids=\"${{a#--jobs=}}\";; esac; done\nfor id in $(echo \"$ids\" | tr ',' ' '); do pid=$(cat {s}/$id.pid 2>/dev/null) && kill -0 $pid 2>/dev/null && echo \"$id RUNNING\"; done\nexit 0\n",
+            s = state.display()
+        ),
+    );
+    let scancel = write("scancel", &format!("#!/bin/sh\nfor id in \"$@\"; do kill $(cat {s}/$id.pid) 2>/dev/null; done\n", s = state.display()));
+    ril_pipe::exec::slurm::SlurmCommands { sbatch, squeue, scancel }
+}
+
+#[test]
+fn slurm_executor_submits_each_stage_and_matches_the_local_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_pipeline(dir.path(), "orders.yaml", &ORDERS.replace("kind: write\n    params: {text: \"base;\"}", "kind: write\n    params: {text: \"base;\"}\n    resources: {cpus: 2, mem_gb: 1.5, time_min: 10, partition: debug}"));
+    let p = resolve(&file, &[]).unwrap();
+    // The job's "ril-pipe" is this test binary in its exec-stage role.
+    let wrapper = dir.path().join("ril-pipe");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n# exec-stage SPEC --cache DIR ...\nRIL_TEST_EXEC_SPEC=\"$2\" RIL_TEST_EXEC_CACHE=\"$4\" exec {} --exact exec_stage_entry --ignored --test-threads=1\n",
+            std::env::current_exe().unwrap().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut config = ril_pipe::exec::slurm::SlurmConfig::new(wrapper);
+    config.commands = fake_slurm(dir.path());
+    config.poll_interval = Duration::from_millis(100);
+    let slurm_cache = tempfile::tempdir().unwrap();
+    let opts = RunOptions {
+        jobs: 4,
+        executor: ril_pipe::exec::Executor::Slurm(config),
+        ..RunOptions::default()
+    };
+    let summary = run(&p, &registry(), &Cache::new(slurm_cache.path()), &opts).unwrap();
+    assert!(summary.ok(), "{:?}", summary.outcomes);
+    assert_eq!(summary.executed(), 12);
+    let args = std::fs::read_to_string(dir.path().join("jobs/args")).unwrap();
+    assert_eq!(args.lines().count(), 12, "one job per unique stage");
+    assert!(args.contains("--partition=debug") && args.contains("--cpus-per-task=2") && args.contains("--mem=1536M") && args.contains("--time=10"), "{args}");
+    // Same objects, same bytes as a local run.
+    let local_cache = tempfile::tempdir().unwrap();
+    run_quiet(&p, &Cache::new(local_cache.path()));
+    let slurm = Cache::new(slurm_cache.path());
+    let local = Cache::new(local_cache.path());
+    assert_eq!(slurm.list_objects().unwrap(), local.list_objects().unwrap());
+    for key in local.list_objects().unwrap() {
+        let a = std::fs::read(local.object_dir(&key).unwrap().join("out.txt")).unwrap();
+        let b = std::fs::read(slurm.object_dir(&key).unwrap().join("out.txt")).unwrap();
+        assert_eq!(a, b);
+    }
+}

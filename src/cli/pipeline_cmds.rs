@@ -9,7 +9,8 @@ use ril_pipe::exec::key::short_key;
 use ril_pipe::exec::plan::{plan as make_plan, Plan, Status};
 use ril_pipe::exec::progress::StageProgress;
 use ril_pipe::exec::run::{execute_object, format_seconds, FrozenStage, Outcome};
-use ril_pipe::exec::{Cache, Registry, RunOptions};
+use ril_pipe::exec::slurm::SlurmConfig;
+use ril_pipe::exec::{Cache, Executor, Registry, RunOptions};
 use ril_pipe::pipeline::{load_resolved, Override, ResolvedPipeline};
 
 use super::{CacheArg, PipelineArgs};
@@ -38,6 +39,25 @@ pub struct RunArgs {
     /// Fail at once instead of waiting when `gc` holds the cache.
     #[arg(long)]
     no_wait: bool,
+    /// Where stages run: in this process, or as Slurm jobs (`sbatch`) against a cache that
+    /// every node can reach.
+    #[arg(long, value_enum, default_value_t = ExecutorArg::Local)]
+    executor: ExecutorArg,
+    /// Slurm: partition for stages whose resources name none.
+    #[arg(long)]
+    partition: Option<String>,
+    /// Slurm: least seconds between two job-state queries.
+    #[arg(long, default_value_t = 2.0)]
+    poll_seconds: f64,
+    /// Slurm: an extra sbatch argument for every job (repeatable), e.g. `--sbatch-arg=--account=x`.
+    #[arg(long = "sbatch-arg", allow_hyphen_values = true)]
+    sbatch_args: Vec<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExecutorArg {
+    Local,
+    Slurm,
 }
 
 #[derive(Args)]
@@ -102,7 +122,19 @@ fn install_interrupt(cancel: Arc<AtomicBool>) {
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let registry = registry();
     let pipeline = resolve(&args.pipeline, &registry)?;
-    let gpus = ril_pipe::stages::device::gpus_for(&args.device)?;
+    let executor = match args.executor {
+        ExecutorArg::Local => Executor::Local,
+        ExecutorArg::Slurm => {
+            let mut config = SlurmConfig::new(std::env::current_exe().context("cannot find the ril-pipe binary")?);
+            config.partition = args.partition.clone();
+            config.poll_interval = std::time::Duration::from_secs_f64(args.poll_seconds.max(0.1));
+            config.device = args.device.clone();
+            config.extra_args = args.sbatch_args.clone();
+            Executor::Slurm(config)
+        }
+    };
+    // With Slurm the nodes' GPUs are Slurm's to hand out; this machine's do not matter.
+    let gpus = if args.executor == ExecutorArg::Slurm { Vec::new() } else { ril_pipe::stages::device::gpus_for(&args.device)? };
     let cancel = Arc::new(AtomicBool::new(false));
     install_interrupt(cancel.clone());
     let opts = RunOptions {
@@ -113,6 +145,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         progress: !args.no_progress,
         wait: !args.no_wait,
         cancel,
+        executor,
     };
     let cache = Cache::new(&args.cache.cache);
     eprintln!(

@@ -8,6 +8,7 @@ pub mod kind;
 pub mod plan;
 pub mod progress;
 pub mod run;
+pub mod slurm;
 
 use std::io::Write as _;
 use std::path::Path;
@@ -16,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub use cache::{Cache, CacheError};
 pub use kind::{InputObject, Params, Registry, StageContext, StageError, StageKind};
 pub use plan::{Plan, PlannedStage, Status};
-pub use run::{run, RunOptions, RunSummary};
+pub use run::{run, Executor, RunOptions, RunSummary};
 
 /// Writes `bytes` to `path` so that readers see the old file or the new one, never a part:
 /// a temporary file beside it, flushed to disk, then renamed over it.

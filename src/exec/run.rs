@@ -33,6 +33,17 @@ pub struct RunOptions {
     pub wait: bool,
     /// Set by Ctrl-C / SIGTERM: no new stage starts, running ones stop at their next check.
     pub cancel: Arc<AtomicBool>,
+    pub executor: Executor,
+}
+
+/// Where stages run.
+#[derive(Debug, Clone, Default)]
+pub enum Executor {
+    /// In this process, on threads.
+    #[default]
+    Local,
+    /// As Slurm jobs, each running `ril-pipe exec-stage` against the shared cache.
+    Slurm(super::slurm::SlurmConfig),
 }
 
 impl Default for RunOptions {
@@ -45,6 +56,7 @@ impl Default for RunOptions {
             progress: false,
             wait: true,
             cancel: Arc::new(AtomicBool::new(false)),
+            executor: Executor::Local,
         }
     }
 }
@@ -108,6 +120,79 @@ pub enum RunError {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Cache(#[from] CacheError),
+    #[error("{0}")]
+    Executor(String),
+}
+
+/// A unit that finished (or could not start).
+pub struct Finished {
+    pub unit: usize,
+    pub outcome: Outcome,
+    pub note: Option<String>,
+}
+
+/// Starts units and reports when they finish: threads here, or jobs of a batch system.
+pub trait Launcher {
+    fn start(&mut self, unit: usize, frozen: &FrozenStage, device: String, threads: usize, progress: StageProgress) -> Result<(), String>;
+    /// Units finished since the last call, waiting at most `timeout` for the first.
+    fn wait(&mut self, timeout: std::time::Duration) -> Vec<Finished>;
+    /// Asks every running unit to stop.
+    fn cancel(&mut self);
+    /// Whether devices are assigned by the launcher (a batch system) rather than the run.
+    fn assigns_devices(&self) -> bool;
+}
+
+/// Runs units on threads of this process.
+struct LocalLauncher {
+    kinds: HashMap<String, Arc<dyn super::kind::StageKind>>,
+    cache_root: PathBuf,
+    cancel: Arc<AtomicBool>,
+    tx: mpsc::Sender<Finished>,
+    rx: mpsc::Receiver<Finished>,
+}
+
+impl LocalLauncher {
+    fn new(registry: &Registry, cache: &Cache, cancel: Arc<AtomicBool>) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let kinds = registry.schemas().keys().filter_map(|k| registry.get(k).map(|kind| (k.clone(), kind.clone()))).collect();
+        LocalLauncher {
+            kinds,
+            cache_root: cache.root().to_path_buf(),
+            cancel,
+            tx,
+            rx,
+        }
+    }
+}
+
+impl Launcher for LocalLauncher {
+    fn start(&mut self, unit: usize, frozen: &FrozenStage, device: String, threads: usize, progress: StageProgress) -> Result<(), String> {
+        let kind = self.kinds.get(&frozen.stage.kind).cloned().ok_or_else(|| format!("unknown kind `{}`", frozen.stage.kind))?;
+        let frozen = frozen.clone();
+        let tx = self.tx.clone();
+        let cancel = self.cancel.clone();
+        let cache = Cache::new(&self.cache_root);
+        std::thread::spawn(move || {
+            let (outcome, note) = execute_object(&cache, kind.as_ref(), &frozen, &device, threads, cancel, progress.clone());
+            progress.finish();
+            let _ = tx.send(Finished { unit, outcome, note });
+        });
+        Ok(())
+    }
+
+    fn wait(&mut self, timeout: std::time::Duration) -> Vec<Finished> {
+        let mut done: Vec<Finished> = self.rx.recv_timeout(timeout).into_iter().collect();
+        done.extend(self.rx.try_iter());
+        done
+    }
+
+    fn cancel(&mut self) {
+        // Stages poll the shared flag; nothing more to do here.
+    }
+
+    fn assigns_devices(&self) -> bool {
+        false
+    }
 }
 
 /// One object to produce, and the stages merged into it.
@@ -216,6 +301,7 @@ pub fn run(plan_in: &crate::pipeline::ResolvedPipeline, registry: &Registry, cac
             hits.push(i);
         }
     }
+    let mut launcher_failures: Vec<Finished> = Vec::new();
     let mut hit_ids = Vec::new();
     for &i in &hits {
         let mut ids = vec![units[i].planned.stage.id.clone()];
@@ -227,17 +313,25 @@ pub fn run(plan_in: &crate::pipeline::ResolvedPipeline, registry: &Registry, cac
     }
 
     let frozen = FrozenStage::all(&plan);
-    let (tx, rx) = mpsc::channel::<(usize, Outcome, Option<String>)>();
+    let mut launcher: Box<dyn Launcher> = match &opts.executor {
+        Executor::Local => Box::new(LocalLauncher::new(registry, cache, opts.cancel.clone())),
+        Executor::Slurm(config) => Box::new(super::slurm::SlurmLauncher::new(config.clone(), cache)?),
+    };
     let mut free_gpus: Vec<String> = opts.gpus.iter().rev().cloned().collect();
     let mut gpu_of: HashMap<usize, String> = HashMap::new();
     let mut running = 0usize;
     let mut stop = false;
+    let mut cancel_sent = false;
     let jobs = opts.jobs.max(1);
     let threads = (opts.threads / jobs).max(1);
     loop {
         if opts.cancel.load(Ordering::SeqCst) {
             stop = true;
             summary.cancelled = true;
+            if !cancel_sent {
+                launcher.cancel();
+                cancel_sent = true;
+            }
         }
         // Start what is ready, in plan order.
         if !stop {
@@ -248,10 +342,11 @@ pub fn run(plan_in: &crate::pipeline::ResolvedPipeline, registry: &Registry, cac
                 if states[i] != State::Waiting || !units[i].deps.iter().all(|&d| states[d] == State::Done) {
                     continue;
                 }
-                let wants_gpu = match units[i].planned.stage.resources.gpus {
-                    Some(n) => n > 0 && !opts.gpus.is_empty(),
-                    None => !opts.gpus.is_empty(),
-                };
+                let wants_gpu = !launcher.assigns_devices()
+                    && match units[i].planned.stage.resources.gpus {
+                        Some(n) => n > 0 && !opts.gpus.is_empty(),
+                        None => !opts.gpus.is_empty(),
+                    };
                 let device = if wants_gpu {
                     match free_gpus.pop() {
                         Some(g) => g,
@@ -263,77 +358,69 @@ pub fn run(plan_in: &crate::pipeline::ResolvedPipeline, registry: &Registry, cac
                 if wants_gpu {
                     gpu_of.insert(i, device.clone());
                 }
+                let unit_frozen = &frozen[&units[i].planned.key];
+                hub.println(&format!("  start   {} ({})", unit_frozen.stage.id, unit_frozen.stage.kind));
+                let progress = hub.stage(&unit_frozen.stage.id);
                 states[i] = State::Running;
                 running += 1;
-                let unit_frozen = frozen[&units[i].planned.key].clone();
-                let kind = registry.get(&unit_frozen.stage.kind).cloned();
-                let tx = tx.clone();
-                let progress = hub.stage(&unit_frozen.stage.id);
-                let cancel = opts.cancel.clone();
-                let cache = Cache::new(cache.root());
-                hub.println(&format!("  start   {} ({})", unit_frozen.stage.id, unit_frozen.stage.kind));
-                std::thread::spawn(move || {
-                    let (outcome, note) = match kind {
-                        Some(kind) => execute_object(&cache, kind.as_ref(), &unit_frozen, &device, threads, cancel, progress.clone()),
-                        None => (
-                            Outcome::Failed {
-                                error: format!("unknown kind `{}`", unit_frozen.stage.kind),
-                                log: None,
-                            },
-                            None,
-                        ),
-                    };
-                    progress.finish();
-                    let _ = tx.send((i, outcome, note));
-                });
+                if let Err(error) = launcher.start(i, unit_frozen, device, threads, progress) {
+                    launcher_failures.push(Finished {
+                        unit: i,
+                        outcome: Outcome::Failed { error, log: None },
+                        note: None,
+                    });
+                }
             }
         }
         if running == 0 {
             break;
         }
-        let Ok((i, outcome, note)) = rx.recv_timeout(POLL) else {
-            continue;
-        };
-        running -= 1;
-        if let Some(g) = gpu_of.remove(&i) {
-            free_gpus.push(g);
+        let mut finished = std::mem::take(&mut launcher_failures);
+        if finished.is_empty() {
+            finished = launcher.wait(POLL);
         }
-        if let Some(note) = note {
-            hub.println(&note);
-        }
-        let id = &units[i].planned.stage.id;
-        match &outcome {
-            Outcome::Executed { seconds } => {
-                hub.println(&format!("  done    {id} in {}", format_seconds(*seconds)));
-                states[i] = State::Done;
-                let mut ids = vec![id.clone()];
-                ids.extend(units[i].merged.iter().cloned());
-                record(ids, &units[i].planned);
+        for Finished { unit: i, outcome, note } in finished {
+            running -= 1;
+            if let Some(g) = gpu_of.remove(&i) {
+                free_gpus.push(g);
             }
-            Outcome::Cached => {
-                hub.println(&format!("  cached  {id} (finished by another process)"));
-                states[i] = State::Done;
-                let mut ids = vec![id.clone()];
-                ids.extend(units[i].merged.iter().cloned());
-                record(ids, &units[i].planned);
+            if let Some(note) = note {
+                hub.println(&note);
             }
-            Outcome::Failed { error, log } => {
-                let log_note = log.as_ref().map(|l| format!("\n          log: {}", l.display())).unwrap_or_default();
-                hub.println(&format!("  FAILED  {id}: {error}{log_note}"));
-                states[i] = State::Failed;
-                if !opts.keep_going {
+            let id = &units[i].planned.stage.id;
+            match &outcome {
+                Outcome::Executed { seconds } => {
+                    hub.println(&format!("  done    {id} in {}", format_seconds(*seconds)));
+                    states[i] = State::Done;
+                    let mut ids = vec![id.clone()];
+                    ids.extend(units[i].merged.iter().cloned());
+                    record(ids, &units[i].planned);
+                }
+                Outcome::Cached => {
+                    hub.println(&format!("  cached  {id} (finished by another process)"));
+                    states[i] = State::Done;
+                    let mut ids = vec![id.clone()];
+                    ids.extend(units[i].merged.iter().cloned());
+                    record(ids, &units[i].planned);
+                }
+                Outcome::Failed { error, log } => {
+                    let log_note = log.as_ref().map(|l| format!("\n          log: {}", l.display())).unwrap_or_default();
+                    hub.println(&format!("  FAILED  {id}: {error}{log_note}"));
+                    states[i] = State::Failed;
+                    if !opts.keep_going {
+                        stop = true;
+                    }
+                }
+                Outcome::Cancelled => {
+                    hub.println(&format!("  stopped {id} (interrupted; finished stages are kept)"));
+                    states[i] = State::Failed;
                     stop = true;
                 }
+                Outcome::Skipped { .. } => states[i] = State::Failed,
             }
-            Outcome::Cancelled => {
-                hub.println(&format!("  stopped {id} (interrupted; finished stages are kept)"));
-                states[i] = State::Failed;
-                stop = true;
-            }
-            Outcome::Skipped { .. } => states[i] = State::Failed,
+            outcome_of[i] = Some(outcome);
+            hub.advance();
         }
-        outcome_of[i] = Some(outcome);
-        hub.advance();
     }
     hub.finish();
 
