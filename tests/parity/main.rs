@@ -7,3 +7,4 @@ mod common;
 mod ddim;
 mod weights;
 mod clip;
+mod aesthetic;
