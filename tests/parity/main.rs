@@ -8,3 +8,4 @@ mod ddim;
 mod weights;
 mod clip;
 mod aesthetic;
+mod tokenizer;
