@@ -5,6 +5,8 @@
 //! command that makes it, never skips it.
 mod common;
 mod clip;
+mod aesthetic;
 mod ddim;
 mod optim;
+mod tokenizer;
 mod weights;
