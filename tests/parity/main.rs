@@ -4,9 +4,12 @@
 //! into `$RIL_FIXTURES/<area>/` (`make fixtures`); a missing fixture fails the test with the
 //! command that makes it, never skips it.
 mod common;
-mod clip;
 mod aesthetic;
+mod clip;
 mod ddim;
+mod lora;
 mod optim;
 mod tokenizer;
+mod unet;
+mod vae;
 mod weights;
