@@ -1,7 +1,9 @@
 //! Stage kinds, one file per kind: the glue between the pipeline runner and the models.
 pub mod device;
-pub mod records;
+pub mod diffusion;
 pub mod forgetting;
+pub mod records;
+pub mod world;
 
 use crate::exec::Registry;
 
@@ -9,5 +11,7 @@ use crate::exec::Registry;
 pub fn registry() -> Registry {
     let mut r = Registry::new();
     r.register(forgetting::Forgetting);
+    r.register(world::TinyWorld);
+    r.register(world::Sd15World);
     r
 }

@@ -1,0 +1,311 @@
+//! Worlds: where a study's models come from. A world names the diffusion model (a diffusers
+//! folder), the reward and metric models, and the prompt files. `tiny_world` reads the embedded
+//! tiny world's manifest; `sd15_world` takes the paper-scale files one by one, so that a
+//! pipeline without them fails validation with every missing file listed.
+//!
+//! Both write `model.json` (a [`ModelRecord`] with no adapters): the base model every fine-tune
+//! chain starts from.
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::exec::{Params, StageContext, StageError, StageKind};
+use crate::pipeline::schema::{KindSchema, ParamSpec, ParamType};
+
+use super::records::Task;
+
+/// Which CLIP checkpoint layout a reward or metric model uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClipLayout {
+    /// A transformers folder (`config.json` + weights).
+    Transformers,
+    /// An open_clip checkpoint with its model-config JSON.
+    OpenClip,
+}
+
+/// A CLIP model as a world names it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClipSpec {
+    pub layout: ClipLayout,
+    /// transformers: the folder; open_clip: the checkpoint file.
+    pub weights: PathBuf,
+    /// open_clip: the model-config JSON (e.g. ViT-H-14.json).
+    #[serde(default)]
+    pub config: Option<PathBuf>,
+    /// The tokenizer: a transformers `tokenizer/` folder or the CLIP BPE `.txt.gz`.
+    pub tokenizer: PathBuf,
+}
+
+/// How FID features are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FidFeatures {
+    /// pytorch-fid's Inception v3 pool features (paper scale).
+    Inception,
+    /// The CLIP score model's image embedding (tiny world).
+    Clip,
+}
+
+/// `model.json`'s description of a world: absolute paths to everything the stages load.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorldSpec {
+    /// `tiny` or `sd15`.
+    pub name: String,
+    /// A diffusers folder: unet/, vae/, text_encoder/, tokenizer/, scheduler/.
+    pub diffusion: PathBuf,
+    /// Image side in pixels (SD1.5: 512).
+    pub resolution: i64,
+    /// CLIP whose image embedding the aesthetic head reads.
+    pub aesthetic_clip: ClipSpec,
+    /// The LAION-style MLP head (widths from its tensors).
+    pub aesthetic_head: PathBuf,
+    /// The human-preference model (HPSv2 at paper scale).
+    pub hps: ClipSpec,
+    /// CLIP of the CLIP score (and of FID in the tiny world).
+    pub clip_score: ClipSpec,
+    pub fid_features: FidFeatures,
+    /// Inception weights (pt_inception-2015-12-05) for `fid_features: inception`.
+    #[serde(default)]
+    pub inception: Option<PathBuf>,
+    /// FID reference: a `.safetensors` with `mu` and `sigma`, or a folder of images.
+    pub fid_reference: PathBuf,
+    pub train_prompts: PathBuf,
+    pub test_prompts: PathBuf,
+    /// JPEG quality of the compressibility reward.
+    pub jpeg_quality: f64,
+}
+
+/// `model.json`: a diffusion model as stages pass it along.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    pub world: WorldSpec,
+    /// Tasks fine-tuned so far, in order.
+    pub tasks: Vec<Task>,
+    /// `base`, `finetune`, `soup` or `joint`.
+    pub origin: String,
+    /// The adapter group (a file of the same object), absent for the base model.
+    pub adapters: Option<String>,
+    /// LoRA target layer suffixes.
+    pub lora_targets: Vec<String>,
+}
+
+pub const MODEL_FILE: &str = "model.json";
+pub const ADAPTERS_FILE: &str = "adapters.safetensors";
+
+impl ModelRecord {
+    pub fn write(&self, dir: &Path) -> Result<(), StageError> {
+        let bytes = serde_json::to_vec_pretty(self).map_err(StageError::failed)?;
+        std::fs::write(dir.join(MODEL_FILE), bytes).map_err(|e| StageError::io("cannot write model.json", e))
+    }
+
+    /// The model of an input stage, with the path of its adapters.
+    pub fn of_input(input: &crate::exec::InputObject) -> Result<(ModelRecord, Option<PathBuf>), StageError> {
+        let path = input.file(MODEL_FILE)?;
+        let bytes = std::fs::read(&path).map_err(|e| StageError::io(format!("cannot read {}", path.display()), e))?;
+        let record: ModelRecord = serde_json::from_slice(&bytes).map_err(|e| StageError::Failed(format!("input `{}`: {} is not a model record: {e}", input.stage_id, path.display())))?;
+        let adapters = match &record.adapters {
+            Some(name) => Some(input.file(name)?),
+            None => None,
+        };
+        Ok((record, adapters))
+    }
+}
+
+/// The manifest of the embedded tiny world (`tiny/weights/world.json`): paths relative to it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TinyManifest {
+    diffusion: PathBuf,
+    resolution: i64,
+    aesthetic_clip: PathBuf,
+    aesthetic_head: PathBuf,
+    hps: PathBuf,
+    clip_score: PathBuf,
+    tokenizer: PathBuf,
+    fid_reference: PathBuf,
+    train_prompts: PathBuf,
+    test_prompts: PathBuf,
+    jpeg_quality: f64,
+}
+
+fn path_param(name: &'static str, doc: &'static str) -> ParamSpec {
+    ParamSpec {
+        name,
+        ty: ParamType::Path,
+        default: None,
+        doc,
+    }
+}
+
+fn lora_targets_param() -> ParamSpec {
+    ParamSpec {
+        name: "lora_targets",
+        ty: ParamType::List(Box::new(ParamType::String)),
+        default: Some(json!(["to_q", "to_k", "to_v", "to_out.0"])),
+        doc: "suffixes of the layers the LoRA adapters wrap (AlignProp: the attention projections)",
+    }
+}
+
+fn lora_targets(ctx: &StageContext) -> Vec<String> {
+    ctx.params()
+        .get("lora_targets")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
+}
+
+fn check_exists(path: &Path, what: &str) -> Result<PathBuf, StageError> {
+    path.canonicalize().map_err(|e| StageError::Failed(format!("{what}: {} ({e})", path.display())))
+}
+
+/// `tiny_world`: the embedded tiny world, from its manifest.
+pub struct TinyWorld;
+
+impl StageKind for TinyWorld {
+    fn schema(&self) -> KindSchema {
+        KindSchema {
+            kind: "tiny_world",
+            version: 1,
+            doc: "the embedded tiny world (its models, rewards and prompts) as the base model of a study",
+            uses_input_labels: false,
+            params: vec![path_param("root", "the tiny world's folder with world.json (the repo's tiny/weights, or a pretrain pipeline's export)"), lora_targets_param()],
+            inputs: Vec::new(),
+        }
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let root = PathBuf::from(ctx.params().str_of("root")?);
+        let manifest_path = root.join("world.json");
+        let bytes = std::fs::read(&manifest_path).map_err(|e| StageError::io(format!("cannot read {}", manifest_path.display()), e))?;
+        let m: TinyManifest = serde_json::from_slice(&bytes).map_err(|e| StageError::Failed(format!("{}: {e}", manifest_path.display())))?;
+        let at = |p: &Path, what: &str| check_exists(&root.join(p), what);
+        let tokenizer = at(&m.tokenizer, "tokenizer")?;
+        let clip = |p: &Path, what: &str| -> Result<ClipSpec, StageError> {
+            Ok(ClipSpec {
+                layout: ClipLayout::Transformers,
+                weights: at(p, what)?,
+                config: None,
+                tokenizer: tokenizer.clone(),
+            })
+        };
+        let world = WorldSpec {
+            name: "tiny".into(),
+            diffusion: at(&m.diffusion, "diffusion model")?,
+            resolution: m.resolution,
+            aesthetic_clip: clip(&m.aesthetic_clip, "aesthetic CLIP")?,
+            aesthetic_head: at(&m.aesthetic_head, "aesthetic head")?,
+            hps: clip(&m.hps, "preference model")?,
+            clip_score: clip(&m.clip_score, "CLIP-score model")?,
+            fid_features: FidFeatures::Clip,
+            inception: None,
+            fid_reference: at(&m.fid_reference, "FID reference")?,
+            train_prompts: at(&m.train_prompts, "training prompts")?,
+            test_prompts: at(&m.test_prompts, "test prompts")?,
+            jpeg_quality: m.jpeg_quality,
+        };
+        ctx.log(format!("tiny world from {}", root.display()));
+        base_record(world, lora_targets(ctx)).write(ctx.out_dir())
+    }
+}
+
+fn base_record(world: WorldSpec, lora_targets: Vec<String>) -> ModelRecord {
+    ModelRecord {
+        world,
+        tasks: Vec::new(),
+        origin: "base".into(),
+        adapters: None,
+        lora_targets,
+    }
+}
+
+/// `sd15_world`: the paper scale, every file given by the pipeline.
+pub struct Sd15World;
+
+impl StageKind for Sd15World {
+    fn schema(&self) -> KindSchema {
+        KindSchema {
+            kind: "sd15_world",
+            version: 1,
+            doc: "the paper scale: Stable Diffusion v1.5 with CLIP ViT-L/14, the LAION aesthetic head, HPSv2 and Inception, from local files",
+            uses_input_labels: false,
+            params: vec![
+                path_param("sd15", "Stable Diffusion v1.5 in the diffusers layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/); public original: https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5"),
+                path_param("clip_l14", "CLIP ViT-L/14, a transformers folder (config.json, model.safetensors, tokenizer files); public original: https://huggingface.co/openai/clip-vit-large-patch14"),
+                path_param("aesthetic_head", "the LAION aesthetic predictor v2 head sac+logos+ava1-l14-linearMSE.pth; public original: https://github.com/christophschuhmann/improved-aesthetic-predictor"),
+                path_param("hpsv2", "the HPSv2 checkpoint HPS_v2_compressed.pt (open_clip ViT-H-14); public original: https://huggingface.co/xswu/HPSv2"),
+                path_param("hpsv2_config", "open_clip's ViT-H-14.json model config; public original: src/open_clip/model_configs/ViT-H-14.json in https://github.com/mlfoundations/open_clip"),
+                path_param("bpe", "the CLIP BPE vocabulary bpe_simple_vocab_16e6.txt.gz; public original: https://github.com/openai/CLIP (also in the open_clip_torch wheel)"),
+                path_param("inception", "pytorch-fid's Inception weights pt_inception-2015-12-05-6726825d.pth; public original: https://github.com/mseitzer/pytorch-fid/releases"),
+                path_param("fid_reference", "FID reference: a folder of images (e.g. MS-COCO val2014) or a .safetensors with mu and sigma; public original: https://cocodataset.org"),
+                path_param("train_prompts", "training prompts, one a line (the 750 HPD photo prompts); public original: assets/hps_v2_all.txt in https://github.com/mihirp1998/AlignProp"),
+                path_param("test_prompts", "test prompts, one a line (the 50 held-out HPD photo prompts); public original: assets/hps_v2_all_eval.txt in https://github.com/mihirp1998/AlignProp"),
+                ParamSpec {
+                    name: "resolution",
+                    ty: ParamType::Int,
+                    default: Some(json!(512)),
+                    doc: "image side in pixels",
+                },
+                ParamSpec {
+                    name: "jpeg_quality",
+                    ty: ParamType::Float,
+                    default: Some(json!(80.0)),
+                    doc: "JPEG quality of the differentiable JPEG in the compressibility reward",
+                },
+                lora_targets_param(),
+            ],
+            inputs: Vec::new(),
+        }
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let p = ctx.params().clone();
+        let path = |name: &str| -> Result<PathBuf, StageError> { Ok(PathBuf::from(p.str_of(name)?)) };
+        let clip_l14 = path("clip_l14")?;
+        let clip_l14_spec = ClipSpec {
+            layout: ClipLayout::Transformers,
+            weights: clip_l14.clone(),
+            config: None,
+            tokenizer: clip_l14.clone(),
+        };
+        let world = WorldSpec {
+            name: "sd15".into(),
+            diffusion: path("sd15")?,
+            resolution: p.i64_of("resolution")?,
+            aesthetic_clip: clip_l14_spec.clone(),
+            aesthetic_head: path("aesthetic_head")?,
+            hps: ClipSpec {
+                layout: ClipLayout::OpenClip,
+                weights: path("hpsv2")?,
+                config: Some(path("hpsv2_config")?),
+                tokenizer: path("bpe")?,
+            },
+            clip_score: clip_l14_spec,
+            fid_features: FidFeatures::Inception,
+            inception: Some(path("inception")?),
+            fid_reference: path("fid_reference")?,
+            train_prompts: path("train_prompts")?,
+            test_prompts: path("test_prompts")?,
+            jpeg_quality: p.f64_of("jpeg_quality")?,
+        };
+        for (what, dir) in [("sd15", &world.diffusion)] {
+            for sub in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+                if !dir.join(sub).is_dir() {
+                    return Err(StageError::Failed(format!("{what}: {} has no {sub}/ folder: is it the diffusers layout?", dir.display())));
+                }
+            }
+        }
+        base_record(world, lora_targets(ctx)).write(ctx.out_dir())
+    }
+}
+
+/// Prompts of a file: one a line, blank lines dropped (AlignProp's file has two).
+pub fn read_prompts(path: &Path) -> Result<Vec<String>, StageError> {
+    let text = std::fs::read_to_string(path).map_err(|e| StageError::io(format!("cannot read prompts {}", path.display()), e))?;
+    let prompts: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect();
+    if prompts.is_empty() {
+        return Err(StageError::Failed(format!("{} holds no prompts", path.display())));
+    }
+    Ok(prompts)
+}
