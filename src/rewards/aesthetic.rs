@@ -1,1 +1,67 @@
-//! Aesthetic reward: CLIP image embedding -> LAION MLP head.
+//! Aesthetic reward: CLIP image embedding (L2-normalised) -> LAION MLP head. The reward to
+//! maximise is the head's score (AlignProp's loss 0.01 |score - 10| has the same gradient).
+use std::path::Path;
+
+use tch::nn::VarStore;
+use tch::{Device, Tensor};
+
+use crate::models::aesthetic::{AestheticConfig, AestheticHead};
+use crate::models::weights::{self, Extra};
+
+use super::clip_loader::{ClipFiles, ClipLoadError, FrozenClip};
+
+pub struct AestheticReward {
+    clip: FrozenClip,
+    head: AestheticHead,
+    _vs: VarStore,
+}
+
+fn fail(path: &Path, reason: impl ToString) -> ClipLoadError {
+    ClipLoadError::Load {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+/// The head's layer widths, read off its tensors `layers.{i}.weight` (LAION: 768-1024-128-64-16-1).
+fn head_config(tensors: &weights::TensorMap, path: &Path) -> Result<AestheticConfig, ClipLoadError> {
+    let mut layers: Vec<(usize, Vec<i64>)> = tensors
+        .iter()
+        .filter_map(|(name, t)| {
+            let index = name.strip_prefix("layers.")?.strip_suffix(".weight")?.parse().ok()?;
+            Some((index, t.size()))
+        })
+        .collect();
+    layers.sort();
+    let first = layers.first().ok_or_else(|| fail(path, "no `layers.N.weight` tensors: not an aesthetic head"))?;
+    let mut dims = vec![first.1.get(1).copied().unwrap_or(0)];
+    dims.extend(layers.iter().map(|(_, s)| s[0]));
+    let config = AestheticConfig { dims };
+    let indices: Vec<usize> = layers.iter().map(|(i, _)| *i).collect();
+    if config.linear_indices() != indices {
+        return Err(fail(path, format!("layer indices {indices:?} do not follow the LAION head's layout {:?}", config.linear_indices())));
+    }
+    Ok(config)
+}
+
+impl AestheticReward {
+    pub fn load(clip: &ClipFiles, head: &Path, device: Device) -> Result<Self, ClipLoadError> {
+        let clip = FrozenClip::load(clip, device)?;
+        let tensors = weights::load_weights(head).map_err(|e| fail(head, e))?;
+        let config = head_config(&tensors, head)?;
+        let vs = VarStore::new(device);
+        let model = AestheticHead::new(&vs.root(), &config).map_err(|e| fail(head, e))?;
+        weights::assign(&vs, &tensors, Extra::Reject, head).map_err(|e| fail(head, e))?;
+        for (_, mut v) in vs.variables() {
+            let _ = v.requires_grad_(false);
+        }
+        Ok(AestheticReward { clip, head: model, _vs: vs })
+    }
+
+    /// Scores `[B]` of images `[B, 3, H, W]` in [0, 1], differentiable in the images.
+    pub fn score(&self, images: &Tensor) -> Result<Tensor, ClipLoadError> {
+        let emb = self.clip.image_embeddings(images)?;
+        let out = self.head.forward(&emb).map_err(|e| fail(Path::new("aesthetic head"), e))?;
+        Ok(out.squeeze_dim(-1))
+    }
+}

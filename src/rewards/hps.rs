@@ -1,1 +1,24 @@
-//! Human-preference reward (HPSv2 structure): cosine of CLIP image and text features.
+//! Human-preference reward with HPSv2's structure: the cosine of the L2-normalised CLIP image
+//! and text features (no logit scale). Typical values at paper scale: 0.2-0.3.
+use tch::{Device, Kind, Tensor};
+
+use super::clip_loader::{ClipFiles, ClipLoadError, FrozenClip};
+
+pub struct HpsReward {
+    clip: FrozenClip,
+}
+
+impl HpsReward {
+    pub fn load(files: &ClipFiles, device: Device) -> Result<Self, ClipLoadError> {
+        Ok(HpsReward {
+            clip: FrozenClip::load(files, device)?,
+        })
+    }
+
+    /// Scores `[B]`: image `i` against prompt `i`, differentiable in the images.
+    pub fn score(&self, images: &Tensor, prompts: &[String]) -> Result<Tensor, ClipLoadError> {
+        let img = self.clip.image_embeddings(images)?;
+        let txt = self.clip.text_embeddings(prompts)?;
+        Ok((img * txt).sum_dim_intlist(-1, false, Kind::Float))
+    }
+}

@@ -13,30 +13,9 @@ use serde_json::json;
 use crate::exec::{Params, StageContext, StageError, StageKind};
 use crate::pipeline::schema::{KindSchema, ParamSpec, ParamType};
 
+use crate::rewards::clip_loader::{ClipFiles, ClipLayout};
+
 use super::records::Task;
-
-/// Which CLIP checkpoint layout a reward or metric model uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ClipLayout {
-    /// A transformers folder (`config.json` + weights).
-    Transformers,
-    /// An open_clip checkpoint with its model-config JSON.
-    OpenClip,
-}
-
-/// A CLIP model as a world names it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ClipSpec {
-    pub layout: ClipLayout,
-    /// transformers: the folder; open_clip: the checkpoint file.
-    pub weights: PathBuf,
-    /// open_clip: the model-config JSON (e.g. ViT-H-14.json).
-    #[serde(default)]
-    pub config: Option<PathBuf>,
-    /// The tokenizer: a transformers `tokenizer/` folder or the CLIP BPE `.txt.gz`.
-    pub tokenizer: PathBuf,
-}
 
 /// How FID features are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,13 +37,13 @@ pub struct WorldSpec {
     /// Image side in pixels (SD1.5: 512).
     pub resolution: i64,
     /// CLIP whose image embedding the aesthetic head reads.
-    pub aesthetic_clip: ClipSpec,
+    pub aesthetic_clip: ClipFiles,
     /// The LAION-style MLP head (widths from its tensors).
     pub aesthetic_head: PathBuf,
     /// The human-preference model (HPSv2 at paper scale).
-    pub hps: ClipSpec,
+    pub hps: ClipFiles,
     /// CLIP of the CLIP score (and of FID in the tiny world).
-    pub clip_score: ClipSpec,
+    pub clip_score: ClipFiles,
     pub fid_features: FidFeatures,
     /// Inception weights (pt_inception-2015-12-05) for `fid_features: inception`.
     #[serde(default)]
@@ -182,8 +161,8 @@ impl StageKind for TinyWorld {
         let m: TinyManifest = serde_json::from_slice(&bytes).map_err(|e| StageError::Failed(format!("{}: {e}", manifest_path.display())))?;
         let at = |p: &Path, what: &str| check_exists(&root.join(p), what);
         let tokenizer = at(&m.tokenizer, "tokenizer")?;
-        let clip = |p: &Path, what: &str| -> Result<ClipSpec, StageError> {
-            Ok(ClipSpec {
+        let clip = |p: &Path, what: &str| -> Result<ClipFiles, StageError> {
+            Ok(ClipFiles {
                 layout: ClipLayout::Transformers,
                 weights: at(p, what)?,
                 config: None,
@@ -263,7 +242,7 @@ impl StageKind for Sd15World {
         let p = ctx.params().clone();
         let path = |name: &str| -> Result<PathBuf, StageError> { Ok(PathBuf::from(p.str_of(name)?)) };
         let clip_l14 = path("clip_l14")?;
-        let clip_l14_spec = ClipSpec {
+        let clip_l14_spec = ClipFiles {
             layout: ClipLayout::Transformers,
             weights: clip_l14.clone(),
             config: None,
@@ -275,7 +254,7 @@ impl StageKind for Sd15World {
             resolution: p.i64_of("resolution")?,
             aesthetic_clip: clip_l14_spec.clone(),
             aesthetic_head: path("aesthetic_head")?,
-            hps: ClipSpec {
+            hps: ClipFiles {
                 layout: ClipLayout::OpenClip,
                 weights: path("hpsv2")?,
                 config: Some(path("hpsv2_config")?),
