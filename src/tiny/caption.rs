@@ -154,7 +154,7 @@ impl Background {
         }
     }
 
-    /// Rendered colour (sRGB in [0,1]) before the scene's contrast is applied.
+    /// Rendered colour (sRGB in [0, 1]) before the scene's contrast is applied.
     pub fn rgb(self) -> [f32; 3] {
         match self {
             Background::White => [0.94, 0.94, 0.92],

@@ -14,7 +14,7 @@
 //!
 //! `rating = 1 + 9 * clamp(raw, 0, 1)` with
 //! `raw = 0.20 H + 0.20 C + 0.15 K + 0.25 T + 0.10 S + 0.10 Q - 0.25 clutter - 0.25 grain`,
-//! every factor in [0,1]:
+//! every factor in [0, 1]:
 //! - **H, colour harmony**: mean over each object with the background and, for two objects,
 //!   the objects with each other, of a hue-distance score d -> piecewise linear through
 //!   (0°, 0.25), (30°, 0.85), (60°, 0.4), (90°, 0.1), (120°, 0.4), (150°, 0.9), (180°, 1.0)
@@ -28,8 +28,8 @@
 //!   `min(1, gap / 0.08)` with gap the clearance of the bounding boxes along the axis that
 //!   separates them. margin: `clamp((m - 0.03) / 0.07, 0, 1)`, m the smallest distance of an
 //!   object's bounding box to the frame (the smaller over objects).
-//! - **K, contrast**: `min(1, contrast * mean |luma(object) - luma(background)| / 0.5)`, luma
-//!   Rec. 601 of the rendered colours before grain.
+//! - **K, contrast**: `min(1, contrast * mean |luma(object) - luma(background)| / 0.5)`, Rec. 601
+//!   luma of the objects' colours at the scene's saturation and of the background colour.
 //! - **T, texture**: `max(0, 1 - ((texture - 0.8) / 0.8)^2)`, a liking for a background weave.
 //! - **S, shading**: the shading strength.
 //! - **Q, saturation**: `max(0, 1 - |saturation - 0.7| / 0.3)`: moderate colour, not maximal.
@@ -94,4 +94,35 @@ pub enum TinyError {
     Png(#[from] png::EncodingError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    /// Pins the generator's output: the shipped tiny models are trained on it, so any change
+    /// here must be deliberate (update the hash and regenerate the weights).
+    #[test]
+    fn generator_output_is_pinned() {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let mut hasher = blake3::Hasher::new();
+        for _ in 0..64 {
+            let spec = random_caption_spec(&mut rng);
+            let scene = sample_scene_for(&spec, &mut rng);
+            hasher.update(spec.to_string().as_bytes());
+            hasher.update(&render(&scene).data);
+            hasher.update(&aesthetic_rating(&scene).to_le_bytes());
+        }
+        let split = prompt_split(0);
+        for prompt in split.train.iter().chain(&split.test) {
+            hasher.update(prompt.as_bytes());
+        }
+        assert_eq!(
+            hasher.finalize().to_hex().as_str(),
+            "28de0ff51d5e75b0b39faa948376e38b30a4ca77e7f5766bb5cfa330511b4b24"
+        );
+    }
 }

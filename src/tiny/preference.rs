@@ -8,13 +8,14 @@ use super::caption::{
     Background, CaptionSpec, Colour, Layout, ObjectSpec, Position, Relation, Shape, Size,
 };
 use super::scene::{
-    position_of, relation_of, sample_scene_for, Scene, SceneObject, MAX_NOISE, MIN_SATURATION,
+    position_of, random_object, relation_of, sample_scene_for, Scene, SceneObject, MAX_NOISE,
+    MIN_SATURATION,
 };
 
 /// Smallest taste difference a generated style-only pair has, so its label is clear-cut.
 pub const TASTE_MARGIN: f32 = 0.05;
 
-/// The simulated human's style taste in [0,1], a liking for bold, clean pictures:
+/// The simulated human's style taste in [0, 1], a liking for bold, clean pictures:
 /// `0.30 saturation + 0.30 size + 0.15 centring + 0.10 (1 - grain) + 0.15 (1 - texture)`,
 /// where saturation is (saturation - 0.55) / 0.45, size the objects' total area over 0.25
 /// (capped at 1), centring 1 - (distance of the area-weighted centroid from the image centre)
@@ -133,14 +134,6 @@ fn other<T: Copy + PartialEq>(all: &[T], not: T, rng: &mut ChaCha8Rng) -> T {
 
 fn pick<T: Copy>(all: &[T], rng: &mut ChaCha8Rng) -> T {
     all[rng.random_range(0..all.len())]
-}
-
-fn random_object(rng: &mut ChaCha8Rng) -> ObjectSpec {
-    ObjectSpec {
-        shape: pick(&Shape::ALL, rng),
-        colour: pick(&Colour::ALL, rng),
-        size: Some(pick(&Size::ALL, rng)),
-    }
 }
 
 /// Changes one object attribute of a caption (`kind` 0: colour, 1: shape, 2: size).

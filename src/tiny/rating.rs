@@ -11,7 +11,7 @@ use super::scene::{
 };
 use super::TinyError;
 
-/// The aesthetic rating's factors, each in [0,1]; see the module docs of [`super`].
+/// The aesthetic rating's factors, each in [0, 1]; see the module docs of [`super`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AestheticFactors {
     pub harmony: f32,
@@ -32,7 +32,7 @@ const NOISE_WEIGHT: f32 = 0.25;
 /// Harmony of two hues by their circular distance in degrees: piecewise linear through
 /// (0, 0.25), (30, 0.85), (60, 0.4), (90, 0.1), (120, 0.4), (150, 0.9), (180, 1.0):
 /// analogous and complementary pairs are pleasing, hues a quarter-turn apart clash.
-pub fn hue_harmony(a: f32, b: f32) -> f32 {
+fn hue_harmony(a: f32, b: f32) -> f32 {
     const KNOTS: [(f32, f32); 7] = [
         (0.0, 0.25),
         (30.0, 0.85),

@@ -1,6 +1,6 @@
 //! The renderer: a scene to a 32x32 anti-aliased RGB image, batches to f32 CHW, PNG grids.
 //!
-//! Per pixel (i, j), centre (i + 0.5, j + 0.5) in pixel units, all in sRGB floats in [0,1]:
+//! Per pixel (i, j), centre (i + 0.5, j + 0.5) in pixel units, all in sRGB floats in [0, 1]:
 //! 1. background colour plus `texture * 0.10 * w(i, j)`, with the diagonal weave
 //!    w = (1, 0, -1, 0) for (i - j) mod 4 = (0, 1, 2, 3) (period 4 px);
 //! 2. specks, then objects in order, composited "over" with their coverage of the pixel (so
@@ -11,7 +11,7 @@
 //!    gradient, clamped to [-1, 1];
 //! 3. contrast about mid-grey, v = 0.5 + contrast (v - 0.5);
 //! 4. grain: plus `noise * u`, u uniform in [-1, 1) from a hash of (noise_seed, pixel, channel);
-//! 5. v clamped to [0,1] and rounded to 8 bits.
+//! 5. v clamped to [0, 1] and rounded to 8 bits.
 //!
 //! Only IEEE-exact arithmetic (no trigonometry), so renders are bit-identical across platforms.
 use std::fs::File;
@@ -45,7 +45,7 @@ impl RgbImage {
     }
 }
 
-/// A batch of images as f32 in [0,1], laid out NCHW.
+/// A batch of images as f32 in [0, 1], laid out NCHW.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChwBatch {
     /// [batch, channels, height, width]
@@ -223,7 +223,7 @@ pub fn render(scene: &Scene) -> RgbImage {
     }
 }
 
-/// Stacks images of one size into an NCHW f32 batch in [0,1].
+/// Stacks images of one size into an NCHW f32 batch in [0, 1].
 pub fn to_chw_batch(images: &[RgbImage]) -> Result<ChwBatch, TinyError> {
     let first = images
         .first()
@@ -256,7 +256,7 @@ pub fn to_chw_batch(images: &[RgbImage]) -> Result<ChwBatch, TinyError> {
 }
 
 /// Encodes an image as PNG bytes (zlib "balanced", close to Pillow's default level 6).
-pub fn encode_png(image: &RgbImage) -> Result<Vec<u8>, TinyError> {
+fn encode_png(image: &RgbImage) -> Result<Vec<u8>, TinyError> {
     let mut bytes = Vec::new();
     let (w, h) = dims(image)?;
     let mut encoder = png::Encoder::new(&mut bytes, w, h);
@@ -286,7 +286,7 @@ fn dims(image: &RgbImage) -> Result<(u32, u32), TinyError> {
 
 /// Tiles images (all of one size) into a grid, `columns` wide, each pixel magnified `zoom`
 /// times, with 2-pixel grey gutters, for looking at.
-pub fn grid(images: &[RgbImage], columns: usize, zoom: usize) -> Result<RgbImage, TinyError> {
+fn grid(images: &[RgbImage], columns: usize, zoom: usize) -> Result<RgbImage, TinyError> {
     let first = images
         .first()
         .ok_or_else(|| TinyError::Image("empty grid".to_string()))?;
@@ -320,7 +320,8 @@ pub fn grid(images: &[RgbImage], columns: usize, zoom: usize) -> Result<RgbImage
     })
 }
 
-/// Writes [`grid`] of the images to a PNG file.
+/// Writes the images to a PNG file as a grid, `columns` wide, each pixel magnified `zoom`
+/// times, with 2-pixel grey gutters, for looking at.
 pub fn write_png_grid(
     path: &Path,
     images: &[RgbImage],

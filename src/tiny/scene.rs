@@ -21,7 +21,6 @@
 //! offset; for a pair, the vector from the second centre to the first decides the relation by
 //! its larger component (vertical wins only when strictly larger). Every sampled scene
 //! describes back to the caption it was sampled for.
-use rand::seq::IndexedRandom;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -92,20 +91,20 @@ impl SceneObject {
 pub struct Speck {
     pub centre: [f32; 2],
     pub radius: f32,
-    /// sRGB in [0,1].
+    /// sRGB in [0, 1].
     pub rgb: [f32; 3],
 }
 
-/// Style parameters a caption does not name. All render effects are documented in `render`.
+/// Style parameters a caption does not name; their effects are documented in [`super::render`].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Style {
     /// Multiplier of the object colours' HSV saturation.
     pub saturation: f32,
     /// Global contrast about mid-grey: v' = 0.5 + contrast (v - 0.5).
     pub contrast: f32,
-    /// Strength in [0,1] of a light-from-top-left gradient across each object.
+    /// Strength in [0, 1] of a light-from-top-left gradient across each object.
     pub shading: f32,
-    /// Strength in [0,1] of a diagonal weave on the background.
+    /// Strength in [0, 1] of a diagonal weave on the background.
     pub texture: f32,
     /// Amplitude of the uniform per-pixel, per-channel grain (fraction of full scale).
     pub noise: f32,
@@ -125,7 +124,7 @@ fn range(rng: &mut ChaCha8Rng, (lo, hi): (f32, f32)) -> f32 {
 }
 
 fn radius_for(size: Option<Size>, rng: &mut ChaCha8Rng) -> f32 {
-    let size = size.unwrap_or_else(|| *Size::ALL.choose(rng).unwrap_or(&Size::Small));
+    let size = size.unwrap_or_else(|| Size::ALL[rng.random_range(0..Size::ALL.len())]);
     match size {
         Size::Small => range(rng, SMALL_RADIUS),
         Size::Large => range(rng, LARGE_RADIUS),
@@ -196,8 +195,8 @@ fn hsv_to_rgb(h: f32, s: f32, v: f32) -> [f32; 3] {
     [r + m, g + m, b + m]
 }
 
-/// An object colour as rendered under a given style saturation (sRGB in [0,1]).
-pub fn object_rgb(colour: Colour, saturation: f32) -> [f32; 3] {
+/// An object colour as rendered under a given style saturation (sRGB in [0, 1]).
+pub(super) fn object_rgb(colour: Colour, saturation: f32) -> [f32; 3] {
     let (h, s, v) = colour.hsv();
     hsv_to_rgb(h, (s * saturation).clamp(0.0, 1.0), v)
 }
@@ -250,6 +249,8 @@ fn placed(spec: ObjectSpec, centre: [f32; 2], radius: f32) -> SceneObject {
 
 /// Draws a random scene that matches `spec`: free sizes, jittered positions, random style.
 /// The draw order of the RNG is fixed, so a seed gives the same scene on every platform.
+/// A caption that is not [`CaptionSpec::is_drawable`] is drawn all the same (an object in
+/// the background's colour stays faintly visible); callers that want clean data check first.
 pub fn sample_scene_for(spec: &CaptionSpec, rng: &mut ChaCha8Rng) -> Scene {
     let objects = match spec.layout {
         Layout::Single { object, position } => {
@@ -276,7 +277,8 @@ pub fn sample_scene_for(spec: &CaptionSpec, rng: &mut ChaCha8Rng) -> Scene {
     }
 }
 
-fn random_object(rng: &mut ChaCha8Rng) -> ObjectSpec {
+/// A uniformly random object; its size is unnamed, small or large with probability 1/3 each.
+pub(super) fn random_object(rng: &mut ChaCha8Rng) -> ObjectSpec {
     ObjectSpec {
         shape: Shape::ALL[rng.random_range(0..Shape::ALL.len())],
         colour: Colour::ALL[rng.random_range(0..Colour::ALL.len())],
@@ -315,7 +317,7 @@ pub fn random_caption_spec(rng: &mut ChaCha8Rng) -> CaptionSpec {
 }
 
 /// The position a viewer would name for a lone object.
-pub fn position_of(object: &SceneObject) -> Position {
+pub(super) fn position_of(object: &SceneObject) -> Position {
     let (dx, dy) = offset(object);
     if dx.abs().max(dy.abs()) < CENTRE_ZONE {
         Position::Centre
@@ -333,7 +335,7 @@ pub fn position_of(object: &SceneObject) -> Position {
 }
 
 /// The relation a viewer would name for `first` relative to `second`.
-pub fn relation_of(first: &SceneObject, second: &SceneObject) -> Relation {
+pub(super) fn relation_of(first: &SceneObject, second: &SceneObject) -> Relation {
     let dx = first.centre[0] - second.centre[0];
     let dy = first.centre[1] - second.centre[1];
     if dy.abs() > dx.abs() {
