@@ -95,7 +95,7 @@ pub struct Speck {
     pub rgb: [f32; 3],
 }
 
-/// Style parameters a caption does not name; their effects are documented in [`super::render`].
+/// Style parameters a caption does not name; their effects are documented in [the renderer](mod@super::render).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Style {
     /// Multiplier of the object colours' HSV saturation.
