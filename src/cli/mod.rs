@@ -42,6 +42,8 @@ enum Command {
     /// Run one frozen stage (written by the Slurm executor); not for direct use.
     #[command(hide = true)]
     ExecStage(pipeline_cmds::ExecStageArgs),
+    /// Copy a finished stage's outputs out of the cache into a folder (replaced atomically).
+    Export(pipeline_cmds::ExportArgs),
     /// Summarise the cache, or the state of a pipeline's stages in it.
     Status(cache_cmds::StatusArgs),
     /// Check the hashes of cached objects; damaged ones are reported (and removed with --repair).
@@ -57,6 +59,7 @@ pub fn main() -> i32 {
         Command::Plan(a) => pipeline_cmds::plan(a),
         Command::Kinds(a) => pipeline_cmds::kinds(a),
         Command::ExecStage(a) => pipeline_cmds::exec_stage(a),
+        Command::Export(a) => pipeline_cmds::export(a),
         Command::Status(a) => cache_cmds::status(a),
         Command::Verify(a) => cache_cmds::verify(a),
         Command::Gc(a) => cache_cmds::gc(a),

@@ -72,6 +72,20 @@ pub struct PlanArgs {
 }
 
 #[derive(Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    /// The stage whose outputs to copy.
+    #[arg(long)]
+    stage: String,
+    /// The folder to write (replaced as a whole).
+    #[arg(long)]
+    to: PathBuf,
+    #[command(flatten)]
+    cache: CacheArg,
+}
+
+#[derive(Args)]
 pub struct KindsArgs {
     /// Show one kind in full.
     kind: Option<String>,
@@ -387,4 +401,23 @@ pub fn exec_stage(args: ExecStageArgs) -> anyhow::Result<i32> {
             Ok(1)
         }
     }
+}
+
+pub fn export(args: ExportArgs) -> anyhow::Result<i32> {
+    let registry = registry();
+    let pipeline = resolve(&args.pipeline, &registry)?;
+    let cache = Cache::new(&args.cache.cache);
+    let plan = make_plan(&pipeline, &registry, &cache, &ril_pipe::exec::filehash::FileHasher::ephemeral())?;
+    let stage = plan
+        .stages
+        .iter()
+        .find(|s| s.stage.id == args.stage)
+        .with_context(|| format!("the pipeline has no stage `{}`", args.stage))?;
+    if stage.status != Status::Hit {
+        anyhow::bail!("stage `{}` is not in the cache ({}); run the pipeline first", args.stage, stage.why.join("; "));
+    }
+    let object = cache.object_dir(&stage.key)?;
+    let n = ril_pipe::exec::publish(&object, &args.to).with_context(|| format!("cannot write {}", args.to.display()))?;
+    eprintln!("exported {} ({n} files) to {}", args.stage, args.to.display());
+    Ok(0)
 }
