@@ -9,3 +9,4 @@ mod weights;
 mod clip;
 mod aesthetic;
 mod tokenizer;
+mod inception;
