@@ -261,7 +261,7 @@ impl<'a> Machine<'a> {
     }
 
     fn set_items(&mut self, dict: Id, items: &[Id]) -> Result<(), PickleError> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return self.err("odd number of items for a dict");
         }
         let pairs: Vec<(Id, Id)> = items.chunks(2).map(|kv| (kv[0], kv[1])).collect();

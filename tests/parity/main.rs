@@ -10,6 +10,7 @@ mod ddim;
 mod lora;
 mod optim;
 mod tokenizer;
+mod inception;
 mod unet;
 mod vae;
 mod weights;
