@@ -2,3 +2,4 @@
 pub mod clip_score;
 pub mod fid;
 pub mod filesize;
+pub mod zlib_deflate;

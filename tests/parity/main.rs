@@ -4,3 +4,5 @@
 //! into `$RIL_FIXTURES/<area>/` (`make fixtures`); a missing fixture fails the test with the
 //! command that makes it, never skips it.
 mod common;
+mod metrics;
+mod rewards;
