@@ -1,19 +1,20 @@
 //! PNG and JPEG file sizes of uint8 images, from real encoders that match Pillow.
 //!
-//! The paper's "PNG kB" and "JPEG kB" columns are Pillow file sizes, so the encoders here follow
-//! Pillow 13 byte for byte where it matters for the size:
+//! The paper's "PNG kB" and "JPEG kB" columns are Pillow file sizes, so the encoders follow
+//! Pillow 13's settings (PNG files come out byte-identical, JPEG sizes within about 0.5%):
 //! - PNG (`Image.save(format="PNG")`): Pillow's own per-row filter choice (`ZipEncode.c`: None,
 //!   Up, Sub, Paeth in that order, the smallest sum of |signed byte| wins, ties keep the earlier;
 //!   Average only with `optimize`), deflated with zlib level 6, strategy `Z_FILTERED`, window 15,
 //!   memLevel 9, one scanline per `deflate` call, as Pillow configures it. Pillow's wheels use
-//!   the system's classic zlib, which [`super::zlib_deflate`] reproduces byte for byte. IDAT
-//!   chunks are cut every 64 KiB like Pillow's encoder buffer.
+//!   the system's classic zlib (manylinux wheels do not bundle it), which
+//!   [`super::zlib_deflate`] reproduces byte for byte; a system whose libz is zlib-ng would give
+//!   Pillow different sizes. IDAT chunks are cut every 64 KiB like Pillow's encoder buffer.
 //! - JPEG (`save(format="JPEG", quality=q)`): baseline, Annex K tables scaled by libjpeg's
-//!   quality formula, standard Huffman tables, 4:2:0 chroma from a 2x2 box average, JFIF header.
+//!   quality formula, standard Huffman tables, 4:2:0 chroma from a 2x2 box average, JFIF header,
+//!   from the `jpeg-encoder` crate (its integer DCT and colour conversion round a little
+//!   differently from libjpeg-turbo's, hence the small size differences).
 //!
 //! Sizes are reported in kB of 1000 bytes, as DDPO / AlignProp compute them.
-use std::io::Write;
-
 use tch::{Kind, Tensor};
 
 use super::zlib_deflate::{zlib_level6, Strategy};
@@ -199,7 +200,6 @@ pub fn jpeg_bytes(image: &RgbImage, quality: u8) -> Result<Vec<u8>, ImageCodecEr
     encoder.set_optimized_huffman_tables(false);
     encoder.set_progressive(false);
     encoder.encode(&image.data, width, height, jpeg_encoder::ColorType::Rgb)?;
-    file.flush().map_err(|e| ImageCodecError::Jpeg(jpeg_encoder::EncodingError::IoError(e)))?;
     Ok(file)
 }
 
