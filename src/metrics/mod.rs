@@ -1,4 +1,4 @@
-//! Evaluation metrics: file sizes from real encoders, FID, CLIP score.
+//! Evaluation metrics: file sizes from real encoders (a zlib port makes PNGs Pillow-exact), FID, CLIP score.
 pub mod clip_score;
 pub mod fid;
 pub mod filesize;
