@@ -19,7 +19,10 @@ pub enum ClipScoreError {
 }
 
 /// Per-pair `100 * cos(image_i, text_i)`, shape [N] (f64 for f64 features, f32 otherwise).
-pub fn clip_pair_scores(image_features: &Tensor, text_features: &Tensor) -> Result<Tensor, ClipScoreError> {
+pub fn clip_pair_scores(
+    image_features: &Tensor,
+    text_features: &Tensor,
+) -> Result<Tensor, ClipScoreError> {
     let (image, text) = (image_features.size(), text_features.size());
     if image.len() != 2 || image != text {
         return Err(ClipScoreError::Shape { image, text });
@@ -29,18 +32,28 @@ pub fn clip_pair_scores(image_features: &Tensor, text_features: &Tensor) -> Resu
     }
     let normalise = |t: &Tensor| -> Result<Tensor, tch::TchError> {
         // Half-precision features are scored in f32; f64 stays f64.
-        let t = t.f_to_kind(if t.kind() == Kind::Double { Kind::Double } else { Kind::Float })?;
+        let t = t.f_to_kind(if t.kind() == Kind::Double {
+            Kind::Double
+        } else {
+            Kind::Float
+        })?;
         let norm = t.f_norm_scalaropt_dim(2.0, [-1i64].as_slice(), true)?;
         t.f_div(&norm)
     };
     let (image, text) = (normalise(image_features)?, normalise(text_features)?);
-    Ok(image.f_mul(&text)?.f_sum_dim_intlist([-1i64].as_slice(), false, None::<Kind>)?.f_mul_scalar(100.0)?)
+    Ok(image
+        .f_mul(&text)?
+        .f_sum_dim_intlist([-1i64].as_slice(), false, None::<Kind>)?
+        .f_mul_scalar(100.0)?)
 }
 
 /// The CLIP score of a set: `max(mean_i 100 * cos(image_i, text_i), 0)`.
 pub fn clip_score(image_features: &Tensor, text_features: &Tensor) -> Result<f64, ClipScoreError> {
     let scores = tch::no_grad(|| clip_pair_scores(image_features, text_features))?;
-    let mean = scores.f_to_kind(Kind::Double)?.f_mean(Kind::Double)?.f_double_value(&[])?;
+    let mean = scores
+        .f_to_kind(Kind::Double)?
+        .f_mean(Kind::Double)?
+        .f_double_value(&[])?;
     Ok(mean.max(0.0))
 }
 
@@ -80,8 +93,14 @@ mod tests {
     fn rejects_mismatched_or_empty_features() {
         let a = t(&[1.0, 0.0, 1.0, 0.0], 2);
         let b = t(&[1.0, 0.0], 1);
-        assert!(matches!(clip_score(&a, &b), Err(ClipScoreError::Shape { .. })));
+        assert!(matches!(
+            clip_score(&a, &b),
+            Err(ClipScoreError::Shape { .. })
+        ));
         let empty = Tensor::zeros([0, 4], (Kind::Float, tch::Device::Cpu));
-        assert!(matches!(clip_score(&empty, &empty), Err(ClipScoreError::Empty)));
+        assert!(matches!(
+            clip_score(&empty, &empty),
+            Err(ClipScoreError::Empty)
+        ));
     }
 }

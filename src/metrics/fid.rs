@@ -16,7 +16,10 @@ pub enum FidError {
     #[error("an unbiased covariance needs at least 2 samples, got {0}")]
     TooFewSamples(i64),
     #[error("statistics need a mean [D] and a covariance [D, D], got {mean:?} and {covariance:?}")]
-    StatsShape { mean: Vec<i64>, covariance: Vec<i64> },
+    StatsShape {
+        mean: Vec<i64>,
+        covariance: Vec<i64>,
+    },
     #[error("feature dimensions differ: {0} vs {1}")]
     DimensionMismatch(i64, i64),
     #[error("statistics contain NaN or infinite values")]
@@ -50,7 +53,10 @@ impl FeatureStats {
             let x = features.f_detach()?.f_to_kind(Kind::Double)?;
             let mean = x.f_mean_dim(0, false, Kind::Double)?;
             let centred = x.f_sub(&mean)?;
-            let covariance = centred.f_tr()?.f_matmul(&centred)?.f_div_scalar((n - 1) as f64)?;
+            let covariance = centred
+                .f_tr()?
+                .f_matmul(&centred)?
+                .f_div_scalar((n - 1) as f64)?;
             Ok((mean, covariance))
         })?;
         Self::new(mean, covariance)
@@ -60,7 +66,10 @@ impl FeatureStats {
     pub fn new(mean: Tensor, covariance: Tensor) -> Result<Self, FidError> {
         let (m, c) = (mean.size(), covariance.size());
         if m.len() != 1 || c.len() != 2 || c[0] != m[0] || c[1] != m[0] {
-            return Err(FidError::StatsShape { mean: m, covariance: c });
+            return Err(FidError::StatsShape {
+                mean: m,
+                covariance: c,
+            });
         }
         let mean = mean.f_detach()?.f_to_kind(Kind::Double)?;
         let covariance = covariance.f_detach()?.f_to_kind(Kind::Double)?;
@@ -96,7 +105,10 @@ pub fn frechet_distance(a: &FeatureStats, b: &FeatureStats) -> Result<f64, FidEr
     }
     tch::no_grad(|| {
         let device = a.mean.device();
-        let (mu2, s2) = (b.mean.f_to_device(device)?, b.covariance.f_to_device(device)?);
+        let (mu2, s2) = (
+            b.mean.f_to_device(device)?,
+            b.covariance.f_to_device(device)?,
+        );
         let s1 = &a.covariance;
         let diff = a.mean.f_sub(&mu2)?;
         let mean_term = diff.f_dot(&diff)?.f_double_value(&[])?;
@@ -107,7 +119,11 @@ pub fn frechet_distance(a: &FeatureStats, b: &FeatureStats) -> Result<f64, FidEr
             .f_mul(&eigvals.f_clamp_min(0.0)?.f_sqrt()?.f_unsqueeze(0)?)?
             .f_matmul(&eigvecs.f_tr()?)?;
         let inner = sqrt_s1.f_matmul(&s2)?.f_matmul(&sqrt_s1)?;
-        let tr_sqrt = symmetric_eigvals(&inner)?.f_clamp_min(0.0)?.f_sqrt()?.f_sum(Kind::Double)?.f_double_value(&[])?;
+        let tr_sqrt = symmetric_eigvals(&inner)?
+            .f_clamp_min(0.0)?
+            .f_sqrt()?
+            .f_sum(Kind::Double)?
+            .f_double_value(&[])?;
 
         let trace_term = s1.f_trace()?.f_double_value(&[])? + s2.f_trace()?.f_double_value(&[])?;
         let fid = mean_term + trace_term - 2.0 * tr_sqrt;
@@ -162,14 +178,26 @@ mod tests {
     #[test]
     fn rejects_bad_input() {
         let one = Tensor::zeros([1, 4], (Kind::Float, tch::Device::Cpu));
-        assert!(matches!(FeatureStats::from_features(&one), Err(FidError::TooFewSamples(1))));
+        assert!(matches!(
+            FeatureStats::from_features(&one),
+            Err(FidError::TooFewSamples(1))
+        ));
         let vec = Tensor::zeros([4], (Kind::Float, tch::Device::Cpu));
-        assert!(matches!(FeatureStats::from_features(&vec), Err(FidError::FeatureShape(_))));
+        assert!(matches!(
+            FeatureStats::from_features(&vec),
+            Err(FidError::FeatureShape(_))
+        ));
         let a = stats(&[0.0, 1.0, 2.0, 3.0], 2, 2);
         let b = stats(&[0.0, 1.0, 2.0], 3, 1);
-        assert!(matches!(frechet_distance(&a, &b), Err(FidError::DimensionMismatch(2, 1))));
+        assert!(matches!(
+            frechet_distance(&a, &b),
+            Err(FidError::DimensionMismatch(2, 1))
+        ));
         let nan = Tensor::from_slice(&[f64::NAN, 1.0]);
         let cov = Tensor::eye(2, (Kind::Double, tch::Device::Cpu));
-        assert!(matches!(FeatureStats::new(nan, cov), Err(FidError::NotFinite)));
+        assert!(matches!(
+            FeatureStats::new(nan, cov),
+            Err(FidError::NotFinite)
+        ));
     }
 }

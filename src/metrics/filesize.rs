@@ -30,7 +30,12 @@ pub enum ImageCodecError {
     #[error("expected an image batch of shape [B, 3, H, W], got {0:?}")]
     BatchShape(Vec<i64>),
     #[error("an RGB image of {width}x{height} needs {expected} bytes, got {got}")]
-    BufferSize { width: u32, height: u32, expected: usize, got: usize },
+    BufferSize {
+        width: u32,
+        height: u32,
+        expected: usize,
+        got: usize,
+    },
     #[error("image dimensions must be positive, got {width}x{height}")]
     EmptyImage { width: u32, height: u32 },
     #[error("JPEG supports at most 65535x65535 pixels, got {width}x{height}")]
@@ -60,9 +65,18 @@ impl RgbImage {
         }
         let expected = width as usize * height as usize * 3;
         if data.len() != expected {
-            return Err(ImageCodecError::BufferSize { width, height, expected, got: data.len() });
+            return Err(ImageCodecError::BufferSize {
+                width,
+                height,
+                expected,
+                got: data.len(),
+            });
         }
-        Ok(Self { width, height, data })
+        Ok(Self {
+            width,
+            height,
+            data,
+        })
     }
 
     pub fn width(&self) -> u32 {
@@ -87,7 +101,11 @@ pub fn to_uint8_images(images: &Tensor) -> Result<Vec<RgbImage>, ImageCodecError
         return Err(ImageCodecError::BatchShape(size));
     };
     let hwc = tch::no_grad(|| {
-        (images.detach().to_device(tch::Device::Cpu).to_kind(Kind::Float) * 255.0)
+        (images
+            .detach()
+            .to_device(tch::Device::Cpu)
+            .to_kind(Kind::Float)
+            * 255.0)
             .round()
             .clamp(0.0, 255.0)
             .to_kind(Kind::Uint8)
@@ -105,7 +123,9 @@ pub fn to_uint8_images(images: &Tensor) -> Result<Vec<RgbImage>, ImageCodecError
 
 /// The signed-byte cost Pillow (after libpng) minimises when choosing a row filter.
 fn filter_cost(row: &[u8]) -> u64 {
-    row.iter().map(|&v| if v < 128 { v as u64 } else { 256 - v as u64 }).sum()
+    row.iter()
+        .map(|&v| if v < 128 { v as u64 } else { 256 - v as u64 })
+        .sum()
 }
 
 fn paeth_predictor(a: u8, b: u8, c: u8) -> u8 {
@@ -130,7 +150,11 @@ fn pillow_filtered_scanlines(image: &RgbImage) -> Vec<u8> {
     let mut out = Vec::with_capacity((stride + 1) * image.height as usize);
     let (mut up, mut sub, mut paeth) = (vec![0u8; stride], vec![0u8; stride], vec![0u8; stride]);
     for (y, row) in image.data.chunks_exact(stride).enumerate() {
-        let prev = if y == 0 { &zeros[..] } else { &image.data[(y - 1) * stride..y * stride] };
+        let prev = if y == 0 {
+            &zeros[..]
+        } else {
+            &image.data[(y - 1) * stride..y * stride]
+        };
         let mut best: (u8, &[u8]) = (0, row);
         let mut best_cost = filter_cost(row);
         if best_cost > 0 {
@@ -154,7 +178,11 @@ fn pillow_filtered_scanlines(image: &RgbImage) -> Vec<u8> {
         }
         if best_cost > 0 {
             for i in 0..stride {
-                let (left, up_left) = if i >= BPP { (row[i - BPP], prev[i - BPP]) } else { (0, 0) };
+                let (left, up_left) = if i >= BPP {
+                    (row[i - BPP], prev[i - BPP])
+                } else {
+                    (0, 0)
+                };
                 paeth[i] = row[i].wrapping_sub(paeth_predictor(left, prev[i], up_left));
             }
             if filter_cost(&paeth) < best_cost {
@@ -170,7 +198,11 @@ fn pillow_filtered_scanlines(image: &RgbImage) -> Vec<u8> {
 /// The PNG file Pillow's `save(format="PNG")` writes for this image (8-bit RGB, no extra chunks).
 pub fn png_bytes(image: &RgbImage) -> Result<Vec<u8>, ImageCodecError> {
     let row_bytes = image.width as usize * 3 + 1;
-    let compressed = zlib_level6(&pillow_filtered_scanlines(image), row_bytes, Strategy::Filtered);
+    let compressed = zlib_level6(
+        &pillow_filtered_scanlines(image),
+        row_bytes,
+        Strategy::Filtered,
+    );
     let mut file = Vec::with_capacity(compressed.len() + 64);
     let mut encoder = png::Encoder::new(&mut file, image.width, image.height);
     encoder.set_color(png::ColorType::Rgb);
@@ -189,7 +221,10 @@ pub fn jpeg_bytes(image: &RgbImage, quality: u8) -> Result<Vec<u8>, ImageCodecEr
         return Err(ImageCodecError::JpegQuality(quality));
     }
     let (Ok(width), Ok(height)) = (u16::try_from(image.width), u16::try_from(image.height)) else {
-        return Err(ImageCodecError::JpegTooLarge { width: image.width, height: image.height });
+        return Err(ImageCodecError::JpegTooLarge {
+            width: image.width,
+            height: image.height,
+        });
     };
     let mut file = Vec::new();
     let mut encoder = jpeg_encoder::Encoder::new(&mut file, quality);
@@ -213,13 +248,19 @@ pub fn jpeg_size(image: &RgbImage, quality: u8) -> Result<usize, ImageCodecError
     Ok(jpeg_bytes(image, quality)?.len())
 }
 
-fn mean_kb(sizes: impl ExactSizeIterator<Item = Result<usize, ImageCodecError>>) -> Result<f64, ImageCodecError> {
+fn mean_kb(
+    sizes: impl ExactSizeIterator<Item = Result<usize, ImageCodecError>>,
+) -> Result<f64, ImageCodecError> {
     let n = sizes.len();
     let mut total = 0usize;
     for size in sizes {
         total += size?;
     }
-    Ok(if n == 0 { 0.0 } else { total as f64 / n as f64 / 1000.0 })
+    Ok(if n == 0 {
+        0.0
+    } else {
+        total as f64 / n as f64 / 1000.0
+    })
 }
 
 /// The "PNG kB" metric: mean PNG size in kB (1000 bytes); 0 for no images.
@@ -238,7 +279,9 @@ mod tests {
 
     fn gradient(width: u32, height: u32) -> RgbImage {
         let data = (0..height)
-            .flat_map(|y| (0..width).flat_map(move |x| [(x * 7) as u8, (y * 5) as u8, ((x + y) * 3) as u8]))
+            .flat_map(|y| {
+                (0..width).flat_map(move |x| [(x * 7) as u8, (y * 5) as u8, ((x + y) * 3) as u8])
+            })
             .collect();
         RgbImage::new(width, height, data).unwrap()
     }
@@ -251,7 +294,11 @@ mod tests {
             for i in 0..stride {
                 let a = if i >= 3 { out[y * stride + i - 3] } else { 0 };
                 let b = if y > 0 { out[(y - 1) * stride + i] } else { 0 };
-                let c = if y > 0 && i >= 3 { out[(y - 1) * stride + i - 3] } else { 0 };
+                let c = if y > 0 && i >= 3 {
+                    out[(y - 1) * stride + i - 3]
+                } else {
+                    0
+                };
                 let pred = match line[0] {
                     0 => 0,
                     1 => a,
@@ -292,14 +339,26 @@ mod tests {
         let bytes = jpeg_bytes(&image, DEFAULT_JPEG_QUALITY).unwrap();
         assert_eq!(&bytes[..2], &[0xFF, 0xD8]);
         assert_eq!(&bytes[bytes.len() - 2..], &[0xFF, 0xD9]);
-        assert!(matches!(jpeg_bytes(&image, 0), Err(ImageCodecError::JpegQuality(0))));
-        assert!(matches!(jpeg_bytes(&image, 101), Err(ImageCodecError::JpegQuality(101))));
+        assert!(matches!(
+            jpeg_bytes(&image, 0),
+            Err(ImageCodecError::JpegQuality(0))
+        ));
+        assert!(matches!(
+            jpeg_bytes(&image, 101),
+            Err(ImageCodecError::JpegQuality(101))
+        ));
     }
 
     #[test]
     fn rgb_image_checks_its_buffer() {
-        assert!(matches!(RgbImage::new(2, 2, vec![0; 11]), Err(ImageCodecError::BufferSize { .. })));
-        assert!(matches!(RgbImage::new(0, 2, vec![]), Err(ImageCodecError::EmptyImage { .. })));
+        assert!(matches!(
+            RgbImage::new(2, 2, vec![0; 11]),
+            Err(ImageCodecError::BufferSize { .. })
+        ));
+        assert!(matches!(
+            RgbImage::new(0, 2, vec![]),
+            Err(ImageCodecError::EmptyImage { .. })
+        ));
     }
 
     #[test]
@@ -310,7 +369,10 @@ mod tests {
         assert_eq!(images.len(), 1);
         // HWC: pixel 0 = channels (x[0], x[2], x[4]), pixel 1 = (x[1], x[3], x[5]).
         assert_eq!(images[0].data(), &[0, 32, 255, 64, 128, 255]);
-        assert!(matches!(to_uint8_images(&Tensor::zeros([2, 4, 4], (Kind::Float, tch::Device::Cpu))), Err(ImageCodecError::BatchShape(_))));
+        assert!(matches!(
+            to_uint8_images(&Tensor::zeros([2, 4, 4], (Kind::Float, tch::Device::Cpu))),
+            Err(ImageCodecError::BatchShape(_))
+        ));
     }
 
     #[test]
@@ -334,7 +396,10 @@ mod tests {
         let png_total = png_size(&images[0]).unwrap() + png_size(&images[1]).unwrap();
         assert_eq!(mean_png_kb(&images).unwrap(), png_total as f64 / 2000.0);
         let jpeg_total = jpeg_size(&images[0], 80).unwrap() + jpeg_size(&images[1], 80).unwrap();
-        assert_eq!(mean_jpeg_kb(&images, 80).unwrap(), jpeg_total as f64 / 2000.0);
+        assert_eq!(
+            mean_jpeg_kb(&images, 80).unwrap(),
+            jpeg_total as f64 / 2000.0
+        );
         assert_eq!(mean_png_kb(&[]).unwrap(), 0.0);
     }
 }

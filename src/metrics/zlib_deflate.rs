@@ -49,10 +49,17 @@ const REP_3_6: usize = 16;
 const REPZ_3_10: usize = 17;
 const REPZ_11_138: usize = 18;
 
-const EXTRA_LBITS: [u32; LENGTH_CODES] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0];
-const EXTRA_DBITS: [u32; D_CODES] = [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13];
+const EXTRA_LBITS: [u32; LENGTH_CODES] = [
+    0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0,
+];
+const EXTRA_DBITS: [u32; D_CODES] = [
+    0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13,
+    13,
+];
 const EXTRA_BLBITS: [u32; BL_CODES] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 3, 7];
-const BL_ORDER: [usize; BL_CODES] = [16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15];
+const BL_ORDER: [usize; BL_CODES] = [
+    16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15,
+];
 
 /// zlib's `strategy` argument, as far as lazy matching distinguishes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -333,7 +340,11 @@ impl<'a> Deflater<'a> {
     fn slide_hash(&mut self) {
         for entry in self.head.iter_mut().chain(self.prev.iter_mut()) {
             let m = *entry as usize;
-            *entry = if m >= W_SIZE { (m - W_SIZE) as u16 } else { NIL as u16 };
+            *entry = if m >= W_SIZE {
+                (m - W_SIZE) as u16
+            } else {
+                NIL as u16
+            };
         }
     }
 
@@ -399,7 +410,11 @@ impl<'a> Deflater<'a> {
         let scan = self.strstart;
         let mut best_len = self.prev_length;
         let mut nice_match = NICE_MATCH;
-        let limit = if self.strstart > MAX_DIST { self.strstart - MAX_DIST } else { NIL };
+        let limit = if self.strstart > MAX_DIST {
+            self.strstart - MAX_DIST
+        } else {
+            NIL
+        };
         let w = &self.window;
         let mut scan_end1 = w[scan + best_len - 1];
         let mut scan_end = w[scan + best_len];
@@ -411,7 +426,11 @@ impl<'a> Deflater<'a> {
         }
         loop {
             let m = cur_match;
-            if w[m + best_len] == scan_end && w[m + best_len - 1] == scan_end1 && w[m] == w[scan] && w[m + 1] == w[scan + 1] {
+            if w[m + best_len] == scan_end
+                && w[m + best_len - 1] == scan_end1
+                && w[m] == w[scan]
+                && w[m + 1] == w[scan + 1]
+            {
                 // zlib compares from offset 2 in unrolled steps of 8 bytes, checking the end
                 // only between steps; up to MAX_MATCH bytes match in total.
                 let mut len = 2;
@@ -479,17 +498,25 @@ impl<'a> Deflater<'a> {
             self.prev_length = self.match_length;
             self.prev_match = self.match_start;
             self.match_length = MIN_MATCH - 1;
-            if hash_head != NIL && self.prev_length < MAX_LAZY_MATCH && self.strstart - hash_head <= MAX_DIST {
+            if hash_head != NIL
+                && self.prev_length < MAX_LAZY_MATCH
+                && self.strstart - hash_head <= MAX_DIST
+            {
                 self.match_length = self.longest_match(hash_head);
                 if self.match_length <= 5
-                    && (self.filtered || (self.match_length == MIN_MATCH && self.strstart - self.match_start > TOO_FAR))
+                    && (self.filtered
+                        || (self.match_length == MIN_MATCH
+                            && self.strstart - self.match_start > TOO_FAR))
                 {
                     self.match_length = MIN_MATCH - 1;
                 }
             }
             if self.prev_length >= MIN_MATCH && self.match_length <= self.prev_length {
                 let max_insert = self.strstart + self.lookahead - MIN_MATCH;
-                let bflush = self.tally_dist(self.strstart - 1 - self.prev_match, self.prev_length - MIN_MATCH);
+                let bflush = self.tally_dist(
+                    self.strstart - 1 - self.prev_match,
+                    self.prev_length - MIN_MATCH,
+                );
                 self.lookahead -= self.prev_length - 1;
                 self.prev_length -= 2;
                 loop {
@@ -722,7 +749,9 @@ impl<'a> Deflater<'a> {
     /// `build_bl_tree`: the bit-length tree for both trees; returns the index in `BL_ORDER`
     /// of the last bit-length code to send.
     fn build_bl_tree(&mut self) -> usize {
-        let lens = |tree: &[Node], max_code: usize| tree[..=max_code].iter().map(|n| n.len).collect::<Vec<_>>();
+        let lens = |tree: &[Node], max_code: usize| {
+            tree[..=max_code].iter().map(|n| n.len).collect::<Vec<_>>()
+        };
         let symbols = [
             length_symbols(&lens(&self.dyn_ltree, self.l_max_code)),
             length_symbols(&lens(&self.dyn_dtree, self.d_max_code)),
@@ -746,11 +775,15 @@ impl<'a> Deflater<'a> {
         for &code in &BL_ORDER[..blcodes] {
             self.bits.send(self.bl_tree[code].len, 3);
         }
-        for (tree, codes) in [(&self.dyn_ltree[..lcodes], lcodes), (&self.dyn_dtree[..dcodes], dcodes)] {
+        for (tree, codes) in [
+            (&self.dyn_ltree[..lcodes], lcodes),
+            (&self.dyn_dtree[..dcodes], dcodes),
+        ] {
             let lens: Vec<u32> = tree.iter().map(|n| n.len).collect();
             debug_assert_eq!(lens.len(), codes);
             for (code, extra, extra_bits) in length_symbols(&lens) {
-                self.bits.send(self.bl_tree[code].code, self.bl_tree[code].len);
+                self.bits
+                    .send(self.bl_tree[code].code, self.bl_tree[code].len);
                 if extra_bits > 0 {
                     self.bits.send(extra, extra_bits);
                 }
@@ -767,19 +800,25 @@ impl<'a> Deflater<'a> {
         let t = &self.tables;
         for &(dist, lc) in &self.syms {
             if dist == 0 {
-                self.bits.send(ltree[lc as usize].code, ltree[lc as usize].len);
+                self.bits
+                    .send(ltree[lc as usize].code, ltree[lc as usize].len);
                 continue;
             }
             let code = t.length_code[lc as usize] as usize;
-            self.bits.send(ltree[code + LITERALS + 1].code, ltree[code + LITERALS + 1].len);
+            self.bits.send(
+                ltree[code + LITERALS + 1].code,
+                ltree[code + LITERALS + 1].len,
+            );
             if EXTRA_LBITS[code] != 0 {
-                self.bits.send(lc as u32 - t.base_length[code], EXTRA_LBITS[code]);
+                self.bits
+                    .send(lc as u32 - t.base_length[code], EXTRA_LBITS[code]);
             }
             let dist = dist as usize - 1;
             let code = t.d_code(dist);
             self.bits.send(dtree[code].code, dtree[code].len);
             if EXTRA_DBITS[code] != 0 {
-                self.bits.send(dist as u32 - t.base_dist[code], EXTRA_DBITS[code]);
+                self.bits
+                    .send(dist as u32 - t.base_dist[code], EXTRA_DBITS[code]);
             }
         }
         self.bits.send(ltree[END_BLOCK].code, ltree[END_BLOCK].len);
@@ -799,9 +838,15 @@ impl<'a> Deflater<'a> {
             Some(start) if stored_len + 4 <= opt_lenb => {
                 self.bits.send(last as u32, 3); // STORED_BLOCK = 0
                 self.bits.windup();
-                self.bits.out.extend_from_slice(&(stored_len as u16).to_le_bytes());
-                self.bits.out.extend_from_slice(&(!(stored_len as u16)).to_le_bytes());
-                self.bits.out.extend_from_slice(&self.window[start..start + stored_len]);
+                self.bits
+                    .out
+                    .extend_from_slice(&(stored_len as u16).to_le_bytes());
+                self.bits
+                    .out
+                    .extend_from_slice(&(!(stored_len as u16)).to_le_bytes());
+                self.bits
+                    .out
+                    .extend_from_slice(&self.window[start..start + stored_len]);
             }
             _ if static_lenb == opt_lenb => {
                 self.bits.send((1 << 1) + last as u32, 3); // STATIC_TREES
@@ -904,7 +949,9 @@ mod tests {
 
     fn inflate(z: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        flate2::read::ZlibDecoder::new(z).read_to_end(&mut out).unwrap();
+        flate2::read::ZlibDecoder::new(z)
+            .read_to_end(&mut out)
+            .unwrap();
         out
     }
 
@@ -939,7 +986,12 @@ mod tests {
                 for feed in [97, 1 << 20] {
                     let z = zlib_level6(data, feed, strategy);
                     assert_eq!(&z[..2], &[0x78, 0x9c]);
-                    assert_eq!(&inflate(&z), data, "len {} feed {feed} {strategy:?}", data.len());
+                    assert_eq!(
+                        &inflate(&z),
+                        data,
+                        "len {} feed {feed} {strategy:?}",
+                        data.len()
+                    );
                 }
             }
         }

@@ -35,7 +35,9 @@ impl Reward for Compressibility {
         let compressed = self.jpeg.forward(images)?;
         let kind = compressed.kind();
         let error = images.f_to_kind(kind)?.f_sub(&compressed)?.f_square()?;
-        Ok(error.f_mean_dim([1i64, 2, 3].as_slice(), false, kind)?.f_neg()?)
+        Ok(error
+            .f_mean_dim([1i64, 2, 3].as_slice(), false, kind)?
+            .f_neg()?)
     }
 }
 
@@ -49,12 +51,20 @@ mod tests {
         let flat = Tensor::full([1, 3, 32, 32], 0.4, (Kind::Float, Device::Cpu));
         let noise = Tensor::rand([1, 3, 32, 32], (Kind::Float, Device::Cpu));
         let reward = Compressibility::default();
-        let scores = reward.score(&Tensor::cat(&[&flat, &noise], 0), &[]).unwrap();
+        let scores = reward
+            .score(&Tensor::cat(&[&flat, &noise], 0), &[])
+            .unwrap();
         assert_eq!(scores.size(), [2]);
         let (flat_score, noise_score) = (scores.double_value(&[0]), scores.double_value(&[1]));
         assert!(flat_score <= 0.0 && noise_score < 0.0);
-        assert!(flat_score > noise_score, "flat {flat_score} noise {noise_score}");
-        assert!(flat_score > -1e-4, "a flat image survives JPEG almost unchanged: {flat_score}");
+        assert!(
+            flat_score > noise_score,
+            "flat {flat_score} noise {noise_score}"
+        );
+        assert!(
+            flat_score > -1e-4,
+            "a flat image survives JPEG almost unchanged: {flat_score}"
+        );
     }
 
     #[test]
@@ -62,8 +72,14 @@ mod tests {
         let x = Tensor::rand([2, 3, 16, 16], (Kind::Float, Device::Cpu));
         let reward = Compressibility::default();
         let c = reward.jpeg().forward(&x).unwrap();
-        let expected = -(&x - c).square().view([2, -1]).mean_dim(1, false, Kind::Float);
-        assert!(reward.score(&x, &[]).unwrap().allclose(&expected, 1e-6, 1e-9, false));
+        let expected = -(&x - c)
+            .square()
+            .view([2, -1])
+            .mean_dim(1, false, Kind::Float);
+        assert!(reward
+            .score(&x, &[])
+            .unwrap()
+            .allclose(&expected, 1e-6, 1e-9, false));
     }
 
     #[test]

@@ -16,7 +16,11 @@ pub enum RewardError {
     #[error("expected images of shape [B, 3, H, W], got {0:?}")]
     ImageShape(Vec<i64>),
     #[error("image height and width must be multiples of {multiple}, got {height}x{width}")]
-    ImageSize { multiple: i64, height: i64, width: i64 },
+    ImageSize {
+        multiple: i64,
+        height: i64,
+        width: i64,
+    },
     #[error("{images} images but {prompts} prompts: one prompt per image is needed")]
     PromptCount { images: i64, prompts: usize },
     #[error("JPEG quality must be in 1..=100, got {0}")]
@@ -60,7 +64,10 @@ pub fn check_prompts(batch: i64, prompts: &[String]) -> Result<(), RewardError> 
     if prompts.len() as i64 == batch {
         Ok(())
     } else {
-        Err(RewardError::PromptCount { images: batch, prompts: prompts.len() })
+        Err(RewardError::PromptCount {
+            images: batch,
+            prompts: prompts.len(),
+        })
     }
 }
 
@@ -79,6 +86,12 @@ mod tests {
         }
         let prompts = vec!["a".to_string(), "b".to_string()];
         assert!(check_prompts(2, &prompts).is_ok());
-        assert!(matches!(check_prompts(3, &prompts), Err(RewardError::PromptCount { images: 3, prompts: 2 })));
+        assert!(matches!(
+            check_prompts(3, &prompts),
+            Err(RewardError::PromptCount {
+                images: 3,
+                prompts: 2
+            })
+        ));
     }
 }

@@ -10,7 +10,10 @@ use crate::common::{fixture_dir, max_abs_diff};
 
 fn load(name: &str) -> HashMap<String, Tensor> {
     let path = fixture_dir("metrics").join(name);
-    Tensor::read_safetensors(&path).unwrap().into_iter().collect()
+    Tensor::read_safetensors(&path)
+        .unwrap()
+        .into_iter()
+        .collect()
 }
 
 fn load_json(name: &str) -> serde_json::Value {
@@ -38,7 +41,10 @@ fn check_sizes(codec: &str, encode: impl Fn(&RgbImage) -> usize) -> f64 {
         let reference = entry[codec].as_u64().unwrap() as f64;
         let ours = encode(&fixture_image(&images, name)) as f64;
         let deviation = ours / reference - 1.0;
-        println!("{codec} {name}: ours {ours} Pillow {reference} ratio {:.5}", ours / reference);
+        println!(
+            "{codec} {name}: ours {ours} Pillow {reference} ratio {:.5}",
+            ours / reference
+        );
         if deviation.abs() > 0.01 {
             failures.push(format!("{name}: ours {ours} bytes, Pillow {reference}"));
         }
@@ -47,7 +53,10 @@ fn check_sizes(codec: &str, encode: impl Fn(&RgbImage) -> usize) -> f64 {
         }
     }
     println!("{codec}: worst ratio {:.5} ({})", 1.0 + worst.0, worst.1);
-    assert!(failures.is_empty(), "{codec} sizes off by more than 1%: {failures:#?}");
+    assert!(
+        failures.is_empty(),
+        "{codec} sizes off by more than 1%: {failures:#?}"
+    );
     worst.0
 }
 
@@ -63,7 +72,10 @@ fn png_files_identical_to_pillow() {
     let pillow = load("filesize_png.safetensors");
     for (name, reference) in &pillow {
         let ours = png_bytes(&fixture_image(&images, name)).unwrap();
-        assert!(ours == bytes(reference), "{name}: PNG bytes differ from Pillow's");
+        assert!(
+            ours == bytes(reference),
+            "{name}: PNG bytes differ from Pillow's"
+        );
     }
     println!("png: {} files identical to Pillow's", pillow.len());
 }
@@ -77,10 +89,18 @@ fn zlib_port_matches_zlib() {
     for name in index["names"].as_array().unwrap() {
         let name = name.as_str().unwrap();
         let input = bytes(&t[&format!("input_{name}")]);
-        for (label, strategy) in [("default", Strategy::Default), ("filtered", Strategy::Filtered)] {
+        for (label, strategy) in [
+            ("default", Strategy::Default),
+            ("filtered", Strategy::Filtered),
+        ] {
             let reference = bytes(&t[&format!("{label}_{name}")]);
             let ours = zlib_level6(&input, input.len().max(1), strategy);
-            assert!(ours == reference, "{name} {label}: {} bytes, zlib {}", ours.len(), reference.len());
+            assert!(
+                ours == reference,
+                "{name} {label}: {} bytes, zlib {}",
+                ours.len(),
+                reference.len()
+            );
         }
     }
 }
@@ -90,7 +110,9 @@ fn jpeg_sizes_match_pillow() {
     let index = load_json("filesize.json");
     for quality in index["jpeg_qualities"].as_array().unwrap() {
         let quality = quality.as_u64().unwrap() as u8;
-        check_sizes(&format!("jpeg_q{quality}"), |image| jpeg_size(image, quality).unwrap());
+        check_sizes(&format!("jpeg_q{quality}"), |image| {
+            jpeg_size(image, quality).unwrap()
+        });
     }
 }
 
@@ -101,7 +123,11 @@ fn uint8_conversion_matches_diffusers() {
     let expected = &t["expected"];
     assert_eq!(images.len() as i64, expected.size()[0]);
     for (i, image) in images.iter().enumerate() {
-        assert_eq!(image.data(), bytes(&expected.get(i as i64)).as_slice(), "image {i}");
+        assert_eq!(
+            image.data(),
+            bytes(&expected.get(i as i64)).as_slice(),
+            "image {i}"
+        );
     }
 }
 
@@ -110,17 +136,27 @@ fn uint8_conversion_matches_diffusers() {
 fn check_fid(dims: std::ops::RangeInclusive<u64>, check_self: bool) -> f64 {
     let index = load_json("fid.json");
     let mut worst = 0.0f64;
-    for entry in index.as_array().unwrap().iter().filter(|e| dims.contains(&e["dim"].as_u64().unwrap())) {
+    for entry in index
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| dims.contains(&e["dim"].as_u64().unwrap()))
+    {
         let name = entry["name"].as_str().unwrap();
         let reference = entry["fid"].as_f64().unwrap();
         let t = load(&format!("fid_{name}.safetensors"));
         let stats1 = FeatureStats::from_features(&t["feats1"]).unwrap();
         let stats2 = FeatureStats::from_features(&t["feats2"]).unwrap();
-        let mu_diff = max_abs_diff(stats1.mean(), &t["mu1"]).max(max_abs_diff(stats2.mean(), &t["mu2"]));
+        let mu_diff =
+            max_abs_diff(stats1.mean(), &t["mu1"]).max(max_abs_diff(stats2.mean(), &t["mu2"]));
         assert!(mu_diff < 1e-12, "{name}: mean differs by {mu_diff}");
         if let (Some(s1), Some(s2)) = (t.get("sigma1"), t.get("sigma2")) {
-            let sigma_diff = max_abs_diff(stats1.covariance(), s1).max(max_abs_diff(stats2.covariance(), s2));
-            assert!(sigma_diff < 1e-12, "{name}: covariance differs by {sigma_diff}");
+            let sigma_diff =
+                max_abs_diff(stats1.covariance(), s1).max(max_abs_diff(stats2.covariance(), s2));
+            assert!(
+                sigma_diff < 1e-12,
+                "{name}: covariance differs by {sigma_diff}"
+            );
         }
         let ours = frechet_distance(&stats1, &stats2).unwrap();
         let rel = (ours - reference).abs() / reference.abs();
@@ -133,7 +169,10 @@ fn check_fid(dims: std::ops::RangeInclusive<u64>, check_self: bool) -> f64 {
             let scale = stats1.covariance().trace().double_value(&[]);
             println!("fid {name}: self {self_fid:.3e} (trace {scale:.3e})");
             // Null directions of a singular covariance (N <= D) leave sqrt(rounding) ~ 1e-8 terms.
-            assert!(self_fid.abs() < 1e-6 * scale, "{name}: FID of a set against itself is {self_fid}");
+            assert!(
+                self_fid.abs() < 1e-6 * scale,
+                "{name}: FID of a set against itself is {self_fid}"
+            );
         }
     }
     println!("fid: worst relative difference {worst:.3e}");

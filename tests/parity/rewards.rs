@@ -11,7 +11,10 @@ use crate::common::{fixture_dir, max_abs_diff};
 
 fn load(name: &str) -> HashMap<String, Tensor> {
     let path = fixture_dir("rewards").join(name);
-    Tensor::read_safetensors(&path).unwrap().into_iter().collect()
+    Tensor::read_safetensors(&path)
+        .unwrap()
+        .into_iter()
+        .collect()
 }
 
 fn index() -> serde_json::Value {
@@ -20,11 +23,21 @@ fn index() -> serde_json::Value {
 }
 
 fn qualities() -> Vec<u8> {
-    index()["qualities"].as_array().unwrap().iter().map(|q| q.as_u64().unwrap() as u8).collect()
+    index()["qualities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q.as_u64().unwrap() as u8)
+        .collect()
 }
 
 fn cases() -> Vec<String> {
-    index()["cases"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()).collect()
+    index()["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect()
 }
 
 #[test]
@@ -38,15 +51,23 @@ fn diff_jpeg_matches_reference_f64() {
             let c = jpeg.forward(&x).unwrap();
             assert_eq!(c.kind(), Kind::Double);
             let out_diff = max_abs_diff(&c, &t[&format!("c_q{q}")]);
-            (&c * &t[&format!("weight_q{q}")]).sum(Kind::Double).backward();
+            (&c * &t[&format!("weight_q{q}")])
+                .sum(Kind::Double)
+                .backward();
             let grad_diff = max_abs_diff(&x.grad(), &t[&format!("grad_q{q}")]);
             println!("{case} q{q}: output {out_diff:.2e}, gradient {grad_diff:.2e}");
             assert!(out_diff < 1e-4, "{case} q{q}: output differs by {out_diff}");
-            assert!(grad_diff < 1e-4, "{case} q{q}: gradient differs by {grad_diff}");
+            assert!(
+                grad_diff < 1e-4,
+                "{case} q{q}: gradient differs by {grad_diff}"
+            );
             worst = (worst.0.max(out_diff), worst.1.max(grad_diff));
         }
     }
-    println!("diff jpeg f64: worst output {:.2e}, worst gradient {:.2e}", worst.0, worst.1);
+    println!(
+        "diff jpeg f64: worst output {:.2e}, worst gradient {:.2e}",
+        worst.0, worst.1
+    );
 }
 
 /// In f32 as training runs it; the reference is f64.
@@ -79,8 +100,14 @@ fn compressibility_matches_reference() {
             let score_diff = max_abs_diff(&score, &t[&format!("reward_q{q}")]);
             score.sum(Kind::Double).backward();
             let grad_diff = max_abs_diff(&x.grad(), &t[&format!("reward_grad_q{q}")]);
-            assert!(score_diff < 1e-10, "{case} q{q}: reward differs by {score_diff}");
-            assert!(grad_diff < 1e-10, "{case} q{q}: reward gradient differs by {grad_diff}");
+            assert!(
+                score_diff < 1e-10,
+                "{case} q{q}: reward differs by {score_diff}"
+            );
+            assert!(
+                grad_diff < 1e-10,
+                "{case} q{q}: reward gradient differs by {grad_diff}"
+            );
         }
     }
 }
@@ -93,7 +120,10 @@ fn diff_jpeg_is_close_to_pillow() {
     let info = &index()["pillow"];
     let quality = info["quality"].as_u64().unwrap() as u8;
     let c = DiffJpeg::new(quality).unwrap().forward(&t["x"]).unwrap();
-    let mae = (&c - &t["decoded"]).abs().mean(Kind::Double).double_value(&[]);
+    let mae = (&c - &t["decoded"])
+        .abs()
+        .mean(Kind::Double)
+        .double_value(&[]);
     let identity = info["mae_identity"].as_f64().unwrap();
     println!(
         "Pillow q{quality}: mean abs error {mae:.5} ({:.2}/255); input vs decode {identity:.5} ({:.2}/255); reference {:.5}",
@@ -102,5 +132,8 @@ fn diff_jpeg_is_close_to_pillow() {
         info["mae_reference"].as_f64().unwrap()
     );
     assert!(mae < 4.0 / 255.0, "mean abs error {mae}");
-    assert!(mae < 0.6 * identity, "no closer to the codec than the input: {mae} vs {identity}");
+    assert!(
+        mae < 0.6 * identity,
+        "no closer to the codec than the input: {mae} vs {identity}"
+    );
 }
