@@ -180,7 +180,7 @@ impl StageKind for Evaluate {
 
 /// The FID feature extractor of a world.
 enum FidExtractor {
-    Inception(InceptionV3, VarStore),
+    Inception(InceptionV3),
     /// The CLIP-score model's image embedding (already computed for the CLIP score).
     Clip,
 }
@@ -193,7 +193,7 @@ impl FidExtractor {
                 let path = world.inception.as_ref().ok_or_else(|| StageError::Failed("the world names no Inception weights for FID".into()))?;
                 let vs = VarStore::new(device);
                 let model = InceptionV3::load(&vs, path).map_err(StageError::failed)?;
-                Ok(FidExtractor::Inception(model, vs))
+                Ok(FidExtractor::Inception(model))
             }
         }
     }
@@ -201,7 +201,7 @@ impl FidExtractor {
     fn features(&self, images: &Tensor, clip_embeddings: &Tensor) -> Result<Tensor, StageError> {
         match self {
             FidExtractor::Clip => Ok(clip_embeddings.shallow_clone()),
-            FidExtractor::Inception(model, _) => model.features(images).map_err(StageError::failed),
+            FidExtractor::Inception(model) => model.features(images).map_err(StageError::failed),
         }
     }
 }

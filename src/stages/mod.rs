@@ -1,8 +1,14 @@
 //! Stage kinds, one file per kind: the glue between the pipeline runner and the models.
 pub mod device;
 pub mod diffusion;
+pub mod evaluate;
+pub mod finetune;
 pub mod forgetting;
+pub mod joint;
 pub mod records;
+pub mod reward_set;
+pub mod soup;
+pub mod train;
 pub mod world;
 
 use crate::exec::Registry;
@@ -10,8 +16,12 @@ use crate::exec::Registry;
 /// Every stage kind of the shipped binary.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register(forgetting::Forgetting);
     r.register(world::TinyWorld);
     r.register(world::Sd15World);
+    r.register(finetune::Finetune);
+    r.register(joint::Joint);
+    r.register(soup::Soup);
+    r.register(evaluate::Evaluate);
+    r.register(forgetting::Forgetting);
     r
 }
