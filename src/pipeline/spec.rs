@@ -43,13 +43,15 @@ pub struct StageTemplate {
     pub index: usize,
     pub id: String,
     pub kind: String,
-    pub params: Map<String, Value>,
-    pub inputs: Map<String, Value>,
+    /// A mapping, or a `${...}` string that evaluates to one (as for `inputs`, `resources`,
+    /// `meta`).
+    pub params: Value,
+    pub inputs: Value,
     pub matrix: Option<Value>,
     pub exclude: Vec<Value>,
     pub chain: Option<ChainSpec>,
-    pub resources: Map<String, Value>,
-    pub meta: Map<String, Value>,
+    pub resources: Value,
+    pub meta: Value,
 }
 
 impl StageTemplate {
@@ -227,6 +229,19 @@ fn as_map(value: &Value, path: &YamlPath, what: &str, diags: &mut Vec<Diagnostic
     }
 }
 
+/// A mapping, or a string (a `${...}` that must evaluate to a mapping at expansion).
+fn map_or_expression(value: Option<&Value>, path: &YamlPath, what: &str, diags: &mut Vec<Diagnostic>) -> Value {
+    match value {
+        None | Some(Value::Null) => Value::Object(Map::new()),
+        Some(v @ Value::Object(_)) => v.clone(),
+        Some(v @ Value::String(s)) if s.contains("${") => v.clone(),
+        Some(other) => {
+            diags.push(Diagnostic::new(path.clone(), format!("{what} must be a mapping (or a ${{...}} that gives one), found a {}", super::interp::type_name(other))));
+            Value::Object(Map::new())
+        }
+    }
+}
+
 fn as_string(value: Option<&Value>, path: &YamlPath, what: &str, diags: &mut Vec<Diagnostic>) -> Option<String> {
     match value {
         Some(Value::String(s)) if !s.trim().is_empty() => Some(s.clone()),
@@ -312,10 +327,10 @@ fn build_stage(index: usize, item: &Value, diags: &mut Vec<Diagnostic>) -> Optio
     if map.get("kind").is_none() {
         diags.push(Diagnostic::new(path.clone(), "stage without `kind`"));
     }
-    let params = as_map(map.get("params").unwrap_or(&Value::Null), &path.key("params"), "`params`", diags);
-    let inputs = as_map(map.get("inputs").unwrap_or(&Value::Null), &path.key("inputs"), "`inputs`", diags);
-    let resources = as_map(map.get("resources").unwrap_or(&Value::Null), &path.key("resources"), "`resources`", diags);
-    let meta = as_map(map.get("meta").unwrap_or(&Value::Null), &path.key("meta"), "`meta`", diags);
+    let params = map_or_expression(map.get("params"), &path.key("params"), "`params`", diags);
+    let inputs = map_or_expression(map.get("inputs"), &path.key("inputs"), "`inputs`", diags);
+    let resources = map_or_expression(map.get("resources"), &path.key("resources"), "`resources`", diags);
+    let meta = map_or_expression(map.get("meta"), &path.key("meta"), "`meta`", diags);
     let exclude = match map.get("exclude") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(items)) => items.clone(),

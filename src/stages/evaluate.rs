@@ -57,6 +57,10 @@ impl StageKind for Evaluate {
         }
     }
 
+    fn estimate(&self, stage: &crate::pipeline::ResolvedStage, pipeline: &crate::pipeline::ResolvedPipeline) -> crate::exec::kind::Estimate {
+        super::estimate::sampling_estimate(stage, pipeline, 50)
+    }
+
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let p = ctx.params().clone();
         let device = super::device::tch_device(&ctx.device);

@@ -42,6 +42,10 @@ impl StageKind for Finetune {
         }
     }
 
+    fn estimate(&self, stage: &crate::pipeline::ResolvedStage, pipeline: &crate::pipeline::ResolvedPipeline) -> crate::exec::kind::Estimate {
+        super::estimate::training_estimate(stage, pipeline, 750)
+    }
+
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let p = ctx.params().clone();
         let (model, adapters) = ModelRecord::of_input(ctx.input("model")?)?;

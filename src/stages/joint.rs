@@ -33,6 +33,10 @@ impl StageKind for Joint {
         }
     }
 
+    fn estimate(&self, stage: &crate::pipeline::ResolvedStage, pipeline: &crate::pipeline::ResolvedPipeline) -> crate::exec::kind::Estimate {
+        super::estimate::training_estimate(stage, pipeline, 750)
+    }
+
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let weights_param = ctx.params().get("weights").and_then(|v| v.as_object()).cloned().unwrap_or_default();
         let mut weights = Vec::new();

@@ -1,6 +1,7 @@
 //! Stage kinds, one file per kind: the glue between the pipeline runner and the models.
 pub mod device;
 pub mod diffusion;
+pub mod estimate;
 pub mod evaluate;
 pub mod finetune;
 pub mod forgetting;
