@@ -2,6 +2,7 @@
 pub mod device;
 pub mod records;
 pub mod forgetting;
+pub mod report;
 
 use crate::exec::Registry;
 
@@ -9,5 +10,6 @@ use crate::exec::Registry;
 pub fn registry() -> Registry {
     let mut r = Registry::new();
     r.register(forgetting::Forgetting);
+    r.register(report::Report);
     r
 }
