@@ -120,6 +120,31 @@ fn direction_text(metric: Metric) -> &'static str {
     }
 }
 
+/// A row of legend entries (a coloured swatch and the method's name) across the top of `area`;
+/// returns the area below it. One legend per figure keeps the panels free for data.
+fn legend_strip<'a, DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, methods: &[String], bar: bool) -> Result<DrawingArea<DB, Shift>, String> {
+    let (strip, rest) = area.split_vertically(34);
+    let style = TextStyle::from((FONT, 16).into_font()).color(&BLACK);
+    let widths: Vec<i32> = methods
+        .iter()
+        .map(|m| strip.estimate_text_size(&method_title(m), &style).map(|(w, _)| w as i32 + 50))
+        .collect::<Result<_, _>>()
+        .map_err(fail)?;
+    let mut x = (strip.dim_in_pixel().0 as i32 - widths.iter().sum::<i32>()) / 2;
+    for (m, w) in methods.iter().zip(widths) {
+        let color = method_color(m);
+        if bar {
+            strip.draw(&Rectangle::new([(x, 10), (x + 22, 24)], color.filled())).map_err(fail)?;
+        } else {
+            strip.draw(&PathElement::new(vec![(x, 17), (x + 24, 17)], color.stroke_width(3))).map_err(fail)?;
+            strip.draw(&Circle::new((x + 12, 17), 4, color.filled())).map_err(fail)?;
+        }
+        strip.draw(&Text::new(method_title(m), (x + 30, 11), style.clone())).map_err(fail)?;
+        x += w;
+    }
+    Ok(rest)
+}
+
 /// One metric over the task sequence: a panel per order, a line per method.
 pub struct TrajectoryFigure {
     pub metric: Metric,
@@ -145,6 +170,7 @@ impl Figure for TrajectoryFigure {
         root.fill(&WHITE).map_err(fail)?;
         let title = format!("{} after each task ({})", self.metric.title(), direction_text(self.metric));
         let area = root.titled(&title, (FONT, 24)).map_err(fail)?;
+        let area = legend_strip(&area, &self.methods, false)?;
         let (rows, cols) = self.grid();
         let all = self.panels.iter().flat_map(|p| p.2.values().flatten().map(|pt| pt.1));
         let y = y_range(all);
@@ -168,28 +194,18 @@ impl Figure for TrajectoryFigure {
                 .y_desc(self.metric.title())
                 .label_style((FONT, 13))
                 .axis_desc_style((FONT, 14))
-                .light_line_style(RGBColor(235, 235, 235))
+                .max_light_lines(1)
+                .light_line_style(RGBColor(245, 245, 245))
+                .bold_line_style(RGBColor(225, 225, 225))
                 .draw()
                 .map_err(fail)?;
             for method in &self.methods {
                 let Some(points) = lines.get(method) else { continue };
                 let color = method_color(method);
                 let pts: Vec<(SegmentValue<i32>, f64)> = points.iter().map(|(s, v)| (SegmentValue::CenterOf(*s as i32), *v)).collect();
-                chart
-                    .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-                    .map_err(fail)?
-                    .label(method_title(method))
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                chart.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2))).map_err(fail)?;
                 chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled()))).map_err(fail)?;
             }
-            chart
-                .configure_series_labels()
-                .label_font((FONT, 13))
-                .background_style(WHITE.mix(0.85))
-                .border_style(RGBColor(160, 160, 160))
-                .position(SeriesLabelPosition::UpperRight)
-                .draw()
-                .map_err(fail)?;
         }
         Ok(())
     }
@@ -212,6 +228,7 @@ impl Figure for ForgettingFigure {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), String> {
         root.fill(&WHITE).map_err(fail)?;
         let area = root.titled("Forgetting F per metric (Eq. 3; lower is better)", (FONT, 24)).map_err(fail)?;
+        let area = legend_strip(&area, &self.methods, true)?;
         let cols = self.panels.len().clamp(1, 3);
         let rows = self.panels.len().div_ceil(cols).max(1);
         for (panel_area, (metric, groups)) in area.split_evenly((rows, cols)).iter().zip(&self.panels) {
@@ -242,37 +259,30 @@ impl Figure for ForgettingFigure {
                 .y_desc(format!("F ({})", metric.title()))
                 .label_style((FONT, 13))
                 .axis_desc_style((FONT, 14))
-                .light_line_style(RGBColor(235, 235, 235))
+                .max_light_lines(1)
+                .light_line_style(RGBColor(245, 245, 245))
+                .bold_line_style(RGBColor(225, 225, 225))
                 .draw()
                 .map_err(fail)?;
             let width = 0.76 / self.methods.len().max(1) as f64;
+            let centered = TextStyle::from((FONT, 13).into_font()).color(&RGBColor(120, 120, 120)).pos(plotters::style::text_anchor::Pos::new(
+                plotters::style::text_anchor::HPos::Center,
+                plotters::style::text_anchor::VPos::Center,
+            ));
+            for (i, (_, values)) in groups.iter().enumerate() {
+                if values.is_empty() {
+                    // The paper's "-": not reported for this order, which is not the same as zero.
+                    chart.draw_series(std::iter::once(Text::new("- (not reported)", (i as f64, top * 0.06), centered.clone()))).map_err(fail)?;
+                }
+            }
             for (j, method) in self.methods.iter().enumerate() {
                 let color = method_color(method);
-                let bars: Vec<Rectangle<(f64, f64)>> = groups
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, (_, values))| {
-                        let x0 = i as f64 - 0.38 + width * j as f64;
-                        values.get(method).map(|v| Rectangle::new([(x0, 0.0), (x0 + width * 0.92, *v)], color.filled()))
-                    })
-                    .collect();
-                if bars.is_empty() {
-                    continue;
-                }
-                chart
-                    .draw_series(bars)
-                    .map_err(fail)?
-                    .label(method_title(method))
-                    .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
+                let bars = groups.iter().enumerate().filter_map(|(i, (_, values))| {
+                    let x0 = i as f64 - 0.38 + width * j as f64;
+                    values.get(method).map(|v| Rectangle::new([(x0, 0.0), (x0 + width * 0.92, *v)], color.filled()))
+                });
+                chart.draw_series(bars).map_err(fail)?;
             }
-            chart
-                .configure_series_labels()
-                .label_font((FONT, 13))
-                .background_style(WHITE.mix(0.85))
-                .border_style(RGBColor(160, 160, 160))
-                .position(SeriesLabelPosition::UpperRight)
-                .draw()
-                .map_err(fail)?;
         }
         Ok(())
     }
@@ -303,6 +313,14 @@ impl Figure for TrainingFigure {
             (&bottom, "distillation loss", self.points.iter().filter_map(|p| p.2.map(|d| (p.0, d))).collect()),
         ];
         for (panel, desc, series) in panels {
+            if series.is_empty() {
+                let note = if self.method == "baseline" { "no distillation term (baseline)" } else { "no distillation values logged" };
+                let style = TextStyle::from((FONT, 16).into_font()).color(&RGBColor(110, 110, 110));
+                let (w, h) = panel.dim_in_pixel();
+                let tw = panel.estimate_text_size(note, &style).map_err(fail)?.0 as i32;
+                panel.draw(&Text::new(note, ((w as i32 - tw) / 2, h as i32 / 2), style)).map_err(fail)?;
+                continue;
+            }
             let mut chart = ChartBuilder::on(panel)
                 .margin(12)
                 .x_label_area_size(36)
@@ -312,20 +330,15 @@ impl Figure for TrainingFigure {
             chart
                 .configure_mesh()
                 .x_desc("optimizer step")
+                .x_label_formatter(&|x| if x.fract().abs() < 1e-9 { format!("{x:.0}") } else { String::new() })
                 .y_desc(desc)
                 .label_style((FONT, 13))
                 .axis_desc_style((FONT, 14))
-                .light_line_style(RGBColor(235, 235, 235))
+                .max_light_lines(1)
+                .light_line_style(RGBColor(245, 245, 245))
+                .bold_line_style(RGBColor(225, 225, 225))
                 .draw()
                 .map_err(fail)?;
-            if series.is_empty() {
-                let note = if self.method == "baseline" { "no distillation term (baseline)" } else { "no distillation values logged" };
-                let (w, h) = panel.dim_in_pixel();
-                panel
-                    .draw(&Text::new(note, (w as i32 / 2 - 120, h as i32 / 2), (FONT, 16).into_font().color(&RGBColor(110, 110, 110))))
-                    .map_err(fail)?;
-                continue;
-            }
             chart.draw_series(LineSeries::new(series, color.stroke_width(2))).map_err(fail)?;
         }
         Ok(())

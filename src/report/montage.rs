@@ -77,7 +77,9 @@ pub fn compose(title: &str, rows: &[(String, Rgb)], path: &Path) -> Result<(), R
     let tallest = rows.iter().map(|r| r.1.height).max().unwrap_or(1).max(1);
     // Nearest-neighbour upscaling so that small (tiny-world) samples stay visible.
     let scale = 160u32.div_ceil(tallest).clamp(1, 8);
-    let width = LABEL_W + PAD * 2 + rows.iter().map(|r| r.1.width * scale).max().unwrap_or(1);
+    // Wide enough for the title too (22 px DejaVu Sans averages under 12 px a character).
+    let title_w = title.chars().count() as u32 * 12 + PAD * 2;
+    let width = (LABEL_W + PAD * 2 + rows.iter().map(|r| r.1.width * scale).max().unwrap_or(1)).max(title_w);
     let height = TITLE_H + rows.iter().map(|r| r.1.height * scale + PAD).sum::<u32>() + PAD;
     let mut canvas = vec![255u8; (width * height * 3) as usize];
     let mut top = TITLE_H;
