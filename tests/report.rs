@@ -13,7 +13,7 @@ use ril_pipe::pipeline::schema::{InputSpec, KindSchema, ParamSpec, ParamType};
 use ril_pipe::pipeline::{load_resolved, Override};
 use ril_pipe::report::check::{compare, judge, Baseline, BaselineMetric, Direction, Verdict};
 use ril_pipe::report::frames::Frames;
-use ril_pipe::report::publish::{ensure_reports, publish, PublishError};
+use ril_pipe::report::publish::{cached_reports, ensure_reports, merged_metrics, publish, PublishError};
 use ril_pipe::report::render::{csv, latex, latex_escape, markdown};
 use ril_pipe::report::tables::{build_all, BuiltTables, Table};
 use ril_pipe::report::{write_report, Evaluation, ForgettingRun, ReportOptions, StudyInputs, Training};
@@ -82,7 +82,7 @@ fn training(stage_id: &str, key: &str, method: &str, task: Task, seconds_per_epo
             step,
             epoch: (step - 1) / 10 + 1,
             reward: 5.0 + (step as f64).ln() * 0.3,
-            distill_loss: rid.then(|| 0.02 + 0.001 * step as f64),
+            distill_loss: rid.then_some(0.02 + 0.001 * step as f64),
             loss: -5.0,
             grad_norm: 1.0,
             lr: 1e-3,
@@ -734,6 +734,14 @@ fn the_report_stage_runs_from_the_cache_and_publishes_atomically() {
     assert!(journal.contains(&reports[0].dir.file_name().unwrap().to_string_lossy().to_string()));
 
     assert!(matches!(publish(&reports, &root, "../escape"), Err(PublishError::BadName(_))));
+
+    // `check PIPELINE` reads the cached report's metrics; an uncomputed report is an error.
+    let metrics = merged_metrics(&cached_reports(&pipeline2, &registry(), &cache).unwrap()).unwrap();
+    assert!(close(metrics["average/rid/aesthetic"], 5.65));
+    assert!(close(metrics["forgetting/baseline/AHC/hps"], 0.03));
+    let mut third = sets.clone();
+    third.push("report.title=Never made".into());
+    assert!(matches!(cached_reports(&resolve(&file, &third), &registry(), &cache), Err(PublishError::NotReported(id)) if id == "report"));
 }
 
 #[test]

@@ -13,7 +13,7 @@ use crate::stages::records::{Metric, Task};
 
 use super::frames::{self, Frames};
 use super::inputs::{method_title, parse_order, task_title, StudyInputs, Training};
-use super::{write_file, ReportError, ReportOptions};
+use super::{write_file, ReportError};
 
 static FONT_BYTES: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 /// The family name every text style of the charts uses.
@@ -122,7 +122,7 @@ fn direction_text(metric: Metric) -> &'static str {
 
 /// A row of legend entries (a coloured swatch and the method's name) across the top of `area`;
 /// returns the area below it. One legend per figure keeps the panels free for data.
-fn legend_strip<'a, DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, methods: &[String], bar: bool) -> Result<DrawingArea<DB, Shift>, String> {
+fn legend_strip<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, methods: &[String], bar: bool) -> Result<DrawingArea<DB, Shift>, String> {
     let (strip, rest) = area.split_vertically(34);
     let style = TextStyle::from((FONT, 16).into_font()).color(&BLACK);
     let widths: Vec<i32> = methods
@@ -145,11 +145,21 @@ fn legend_strip<'a, DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, methods: 
     Ok(rest)
 }
 
+/// Points (step, value) of one line; the base model is step 0.
+pub type Line = Vec<(f64, f64)>;
+
+/// One order's panel of a trajectory chart.
+pub struct TrajectoryPanel {
+    pub order: String,
+    pub tasks: Vec<Task>,
+    /// method -> its line.
+    pub lines: BTreeMap<String, Line>,
+}
+
 /// One metric over the task sequence: a panel per order, a line per method.
 pub struct TrajectoryFigure {
     pub metric: Metric,
-    /// (order, tasks, method -> points (step, value)), the base model at step 0.
-    pub panels: Vec<(String, Vec<Task>, BTreeMap<String, Vec<(f64, f64)>>)>,
+    pub panels: Vec<TrajectoryPanel>,
     pub methods: Vec<String>,
 }
 
@@ -172,9 +182,9 @@ impl Figure for TrajectoryFigure {
         let area = root.titled(&title, (FONT, 24)).map_err(fail)?;
         let area = legend_strip(&area, &self.methods, false)?;
         let (rows, cols) = self.grid();
-        let all = self.panels.iter().flat_map(|p| p.2.values().flatten().map(|pt| pt.1));
+        let all = self.panels.iter().flat_map(|p| p.lines.values().flatten().map(|pt| pt.1));
         let y = y_range(all);
-        for (panel_area, (order, tasks, lines)) in area.split_evenly((rows, cols)).iter().zip(&self.panels) {
+        for (panel_area, TrajectoryPanel { order, tasks, lines }) in area.split_evenly((rows, cols)).iter().zip(&self.panels) {
             let steps = tasks.len();
             let labels: Vec<String> = std::iter::once("base".to_string()).chain(tasks.iter().map(|t| format!("+{}", task_title(*t)))).collect();
             let mut chart = ChartBuilder::on(panel_area)
@@ -211,10 +221,13 @@ impl Figure for TrajectoryFigure {
     }
 }
 
+/// One group of bars: its label (an order, or "average") and method -> F (absent: "-").
+pub type BarGroup = (String, BTreeMap<String, f64>);
+
 /// Forgetting per metric: a panel per metric, grouped bars (orders, then the average) per method.
 pub struct ForgettingFigure {
-    /// metric -> (group label, method -> F); groups in order, the average last.
-    pub panels: Vec<(Metric, Vec<(String, BTreeMap<String, f64>)>)>,
+    /// metric -> its groups, in order, the average last.
+    pub panels: Vec<(Metric, Vec<BarGroup>)>,
     pub methods: Vec<String>,
 }
 
@@ -308,7 +321,7 @@ impl Figure for TrainingFigure {
         let last = self.points.last().map(|p| p.0).unwrap_or(1.0).max(1.0);
         let first = self.points.first().map(|p| p.0).unwrap_or(0.0).min(last - 1.0);
         let color = method_color(&self.method);
-        let panels: [(&DrawingArea<DB, Shift>, &str, Vec<(f64, f64)>); 2] = [
+        let panels: [(&DrawingArea<DB, Shift>, &str, Line); 2] = [
             (&top, "reward (batch mean)", self.points.iter().map(|p| (p.0, p.1)).collect()),
             (&bottom, "distillation loss", self.points.iter().filter_map(|p| p.2.map(|d| (p.0, d))).collect()),
         ];
@@ -362,7 +375,7 @@ pub fn file_stem(stage_id: &str) -> String {
     stage_id.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '+' | '=') { c } else { '_' }).collect()
 }
 
-pub fn write_all(inputs: &StudyInputs, frames: &Frames, _options: &ReportOptions, dir: &Path) -> Result<ChartSet, ReportError> {
+pub fn write_all(inputs: &StudyInputs, frames: &Frames, dir: &Path) -> Result<ChartSet, ReportError> {
     let mut set = ChartSet::default();
     let methods = inputs.methods();
     let orders = inputs.orders();
@@ -379,7 +392,7 @@ pub fn write_all(inputs: &StudyInputs, frames: &Frames, _options: &ReportOptions
         let base_value = base.get(&(vec![], metric)).and_then(|c| c.0);
         let mut panels = Vec::new();
         for order in &orders {
-            let mut lines: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+            let mut lines: BTreeMap<String, Line> = BTreeMap::new();
             for i in 0..rows.height() {
                 if o_of[i].as_deref() != Some(order) {
                     continue;
@@ -397,7 +410,11 @@ pub fn write_all(inputs: &StudyInputs, frames: &Frames, _options: &ReportOptions
                 }
                 points.sort_by(|a, b| a.0.total_cmp(&b.0));
             }
-            panels.push((order.clone(), parse_order(order)?, lines));
+            panels.push(TrajectoryPanel {
+                order: order.clone(),
+                tasks: parse_order(order)?,
+                lines,
+            });
         }
         if panels.is_empty() {
             continue;
@@ -419,7 +436,7 @@ pub fn write_all(inputs: &StudyInputs, frames: &Frames, _options: &ReportOptions
     let finals = frames::cells(&frames.finals, &["method", "order"])?;
     let mut panels = Vec::new();
     for metric in Metric::ALL {
-        let mut groups: Vec<(String, BTreeMap<String, f64>)> = Vec::new();
+        let mut groups: Vec<BarGroup> = Vec::new();
         for order in &orders {
             let values: BTreeMap<String, f64> = methods
                 .iter()

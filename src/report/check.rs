@@ -23,12 +23,8 @@ use serde_json::{Map, Value};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BaselineError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot read {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
 }
@@ -137,9 +133,9 @@ impl Baseline {
     }
 
     pub fn read(path: &Path) -> Result<Self, BaselineError> {
-        let text = std::fs::read_to_string(path).map_err(|source| BaselineError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| BaselineError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Self::parse(&text, &path.display().to_string())
     }
@@ -289,9 +285,9 @@ pub fn render(comparisons: &[Comparison]) -> String {
 
 /// Reads a flat metrics file (`reports/<name>/metrics.json`).
 pub fn read_metrics(path: &Path) -> Result<BTreeMap<String, f64>, BaselineError> {
-    let text = std::fs::read_to_string(path).map_err(|source| BaselineError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| BaselineError::Read {
         path: path.display().to_string(),
-        source,
+        error,
     })?;
     parse_metrics(&text, &path.display().to_string())
 }

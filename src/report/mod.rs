@@ -29,12 +29,10 @@ pub use inputs::{Evaluation, ForgettingRun, StudyInputs, Training};
 /// Why a report could not be made, checked or published.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The I/O error is part of the message (not a `source`), so that it survives being turned
+    /// into a stage failure and is not printed twice in an error chain.
+    #[error("{context}: {error}")]
+    Io { context: String, error: std::io::Error },
     #[error("table computation failed: {0}")]
     Frame(#[from] polars::error::PolarsError),
     #[error("chart {path}: {reason}")]
@@ -45,10 +43,10 @@ pub enum ReportError {
 }
 
 impl ReportError {
-    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+    pub fn io(context: impl Into<String>, error: std::io::Error) -> Self {
         ReportError::Io {
             context: context.into(),
-            source,
+            error,
         }
     }
 }
@@ -105,7 +103,7 @@ pub fn write_report(inputs: &StudyInputs, options: &ReportOptions, out: &Path) -
     }
     files.notes.extend(built.notes.iter().cloned());
 
-    let chart_set = charts::write_all(inputs, &frames, options, &charts_dir)?;
+    let chart_set = charts::write_all(inputs, &frames, &charts_dir)?;
     files.charts.extend(chart_set.files.iter().map(|f| format!("charts/{f}")));
     files.notes.extend(chart_set.notes.iter().cloned());
     let montages = montage::write_all(inputs, options, &charts_dir)?;
