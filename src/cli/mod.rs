@@ -2,6 +2,7 @@
 //! input (pipeline, arguments), 130 interrupted.
 mod cache_cmds;
 mod pipeline_cmds;
+mod report_cmds;
 
 use std::path::PathBuf;
 
@@ -50,6 +51,10 @@ enum Command {
     Verify(cache_cmds::VerifyArgs),
     /// Remove cached objects that no pipeline references.
     Gc(cache_cmds::GcArgs),
+    /// Make a pipeline's report (from cached results) and publish it to reports/<name>/.
+    Report(report_cmds::ReportArgs),
+    /// Compare a run's metrics with a baseline file; exit 1 on a regression beyond tolerance.
+    Check(report_cmds::CheckArgs),
 }
 
 pub fn main() -> i32 {
@@ -63,6 +68,8 @@ pub fn main() -> i32 {
         Command::Status(a) => cache_cmds::status(a),
         Command::Verify(a) => cache_cmds::verify(a),
         Command::Gc(a) => cache_cmds::gc(a),
+        Command::Report(a) => report_cmds::report(a),
+        Command::Check(a) => report_cmds::check(a),
     };
     match result {
         Ok(code) => code,

@@ -201,6 +201,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             _ => {}
         }
     }
+    if summary.ok() {
+        super::report_cmds::publish_after_run(&pipeline, &registry, &cache)?;
+    }
     Ok(if summary.cancelled {
         130
     } else if summary.ok() {

@@ -7,6 +7,7 @@ pub mod finetune;
 pub mod forgetting;
 pub mod joint;
 pub mod records;
+pub mod report;
 pub mod reward_set;
 pub mod soup;
 pub mod train;
@@ -24,5 +25,6 @@ pub fn registry() -> Registry {
     r.register(soup::Soup);
     r.register(evaluate::Evaluate);
     r.register(forgetting::Forgetting);
+    r.register(report::Report);
     r
 }
