@@ -284,14 +284,27 @@ impl LoraGroup {
     }
 
     /// The newest adapter's `A` and `B` of every layer (sorted by layer name, A before B): the
-    /// parameters to hand to the optimizer.
+    /// parameters to hand to the optimizer. They share storage and gradients with the group's.
     pub fn trainable_tensors(&self) -> Vec<Tensor> {
+        self.trainable_named_tensors().into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// [`Self::trainable_tensors`] with their file names (`<layer>.lora_A.<i>.weight`, ...).
+    pub fn trainable_named_tensors(&self) -> Vec<(String, Tensor)> {
         let state = self.state();
+        let Some(newest) = state.num_adapters().checked_sub(1) else {
+            return Vec::new();
+        };
         state
             .layers
-            .values()
-            .filter_map(|l| l.adapters.last())
-            .flat_map(|p| [p.a.shallow_clone(), p.b.shallow_clone()])
+            .iter()
+            .flat_map(|(name, l)| {
+                let pair = &l.adapters[newest];
+                [
+                    (format!("{name}.lora_A.{newest}.weight"), pair.a.shallow_clone()),
+                    (format!("{name}.lora_B.{newest}.weight"), pair.b.shallow_clone()),
+                ]
+            })
             .collect()
     }
 
