@@ -68,7 +68,8 @@ fn tch_timing(cfg: &BenchConfig) -> anyhow::Result<(Timing, i64)> {
     let options = (Kind::Float, Device::Cpu);
     let context = Tensor::randn([b, cfg.context_tokens, cfg.unet.cross_attention_dim], options);
     let noise = Tensor::randn([b, cfg.unet.in_channels, s, s], options);
-    let timesteps: Vec<Tensor> = (0..=n).map(|k| Tensor::full([b], 981 - 100 * k, (Kind::Int64, Device::Cpu))).collect();
+    let timesteps: Vec<Tensor> =
+        (0..=n).map(|k| Tensor::full([b], 981 - 100 * k, (Kind::Int64, Device::Cpu))).collect();
 
     let step = |optimizer: &mut COptimizer| -> anyhow::Result<()> {
         let x = tch::no_grad(|| {
