@@ -1,6 +1,7 @@
 //! Subcommands. Exit codes: 0 success, 1 a stage failed or a check found problems, 2 bad
 //! input (pipeline, arguments), 130 interrupted.
 mod cache_cmds;
+mod model_cmds;
 mod pipeline_cmds;
 
 use std::path::PathBuf;
@@ -50,6 +51,8 @@ enum Command {
     Verify(cache_cmds::VerifyArgs),
     /// Remove cached objects that no pipeline references.
     Gc(cache_cmds::GcArgs),
+    /// Check checkpoints (`model inspect`) and run single components (`model run`).
+    Model(model_cmds::ModelArgs),
 }
 
 pub fn main() -> i32 {
@@ -63,6 +66,7 @@ pub fn main() -> i32 {
         Command::Status(a) => cache_cmds::status(a),
         Command::Verify(a) => cache_cmds::verify(a),
         Command::Gc(a) => cache_cmds::gc(a),
+        Command::Model(a) => model_cmds::main(a),
     };
     match result {
         Ok(code) => code,
