@@ -66,11 +66,14 @@ struct RunArgs {
 }
 
 fn run_help() -> String {
-    let mut help = String::from("Inputs and outputs (tensor names in the safetensors files):\n");
+    let mut help = String::from("Components, their inputs and outputs (tensor names in the safetensors files):\n");
     for op in Operation::ALL {
         let (inputs, outputs) = op.signature();
-        let inputs: Vec<String> = inputs.iter().map(|(name, what)| format!("{name}: {what}")).collect();
-        let _ = writeln!(help, "  {:<12} in: {}; out: {}", op.name(), inputs.join(", "), outputs.join(", "));
+        let _ = writeln!(help, "  {}", op.name());
+        for (i, (name, what)) in inputs.iter().enumerate() {
+            let _ = writeln!(help, "    {:<5}{name:<23}{what}", if i == 0 { "in:" } else { "" });
+        }
+        let _ = writeln!(help, "    out: {}", outputs.join(", "));
     }
     help
 }

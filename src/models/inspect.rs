@@ -409,10 +409,13 @@ fn inspect_pipeline(dir: &Path, report: &mut InspectReport) {
     report.pipeline = Some(index.get("_class_name").and_then(Value::as_str).unwrap_or("(no `_class_name`)").to_string());
     let mut parts = Vec::new();
     for (name, entry) in index.iter().filter(|(k, _)| !k.starts_with('_')) {
+        // Components are [library, class] pairs; other entries are pipeline settings
+        // (`requires_safety_checker`, ...).
         let class = match entry.as_array().map(Vec::as_slice) {
+            None => continue,
             Some([_, Value::Null]) | Some([Value::Null, _]) => continue,
             Some([_, Value::String(class)]) => class.clone(),
-            _ => {
+            Some(_) => {
                 report.problems.push(format!("model_index.json: `{name}` is {entry}, expected [library, class]"));
                 continue;
             }
@@ -565,15 +568,15 @@ pub fn inspect_component(name: Option<String>, path: &Path, explicit_config: Opt
         }
         Err(reason) => {
             if config_kind.is_none() {
-                r.kind = None;
                 return r.fail(reason);
             }
+            r.notes.push(reason);
             None
         }
     };
     if let (Some(c), Some(t)) = (config_kind, tensor_kind) {
         if c.family() != t.family() {
-            r.problems.push(format!("the config describes a {}, the tensors look like a {}", c.describe(), t.describe()));
+            r.problems.push(format!("the config is for: {}; the tensors are those of: {}", c.describe(), t.describe()));
         }
     }
     let Some(kind) = config_kind.or(tensor_kind) else {
