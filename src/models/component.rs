@@ -79,17 +79,18 @@ impl ComponentKind {
         }
     }
 
-    /// Kinds whose checkpoints share tensor names: a config of one and tensors of another in
-    /// the same family is a tower mismatch, which the tensor check names in detail.
-    pub fn family(self) -> u8 {
-        match self {
-            ComponentKind::ClipTextEncoder | ComponentKind::ClipVisionEncoder | ComponentKind::ClipModel => 2,
-            other => other as u8 + 10,
-        }
+    /// Whether two kinds share checkpoint names: a transformers CLIP config of one tower with
+    /// a checkpoint of both is a tower mismatch, which the tensor check names in detail.
+    pub fn same_family(self, other: ComponentKind) -> bool {
+        let transformers_clip =
+            |k| matches!(k, ComponentKind::ClipTextEncoder | ComponentKind::ClipVisionEncoder | ComponentKind::ClipModel);
+        self == other || (transformers_clip(self) && transformers_clip(other))
     }
 }
 
 /// The config of a model component.
+// One or two live at a time: boxing the large variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum ModelConfig {
     Unet(UNet2DConditionConfig),
@@ -229,6 +230,7 @@ pub fn infer_aesthetic_config(shapes: &BTreeMap<String, Vec<i64>>) -> Option<Aes
 }
 
 /// A built model of any component kind.
+#[allow(clippy::large_enum_variant)]
 pub enum Model {
     Unet(UNet2DConditionModel),
     Vae(AutoencoderKL),
@@ -250,7 +252,9 @@ pub fn build(root: &nn::Path, config: &ModelConfig) -> Result<Model, ComponentEr
 
 /// The variables (name and shape) of the model of `config`, built on the CPU and dropped.
 pub fn model_variables(config: &ModelConfig) -> Result<BTreeMap<String, Vec<i64>>, ComponentError> {
-    let vs = VarStore::new(Device::Cpu);
+    let mut vs = VarStore::new(Device::Cpu);
+    // Only the shapes are wanted: half precision halves the memory and the initialisation time.
+    vs.set_kind(Kind::Half);
     tch::no_grad(|| build(&vs.root(), config))?;
     Ok(vs.variables().into_iter().map(|(name, v)| (name, v.size())).collect())
 }

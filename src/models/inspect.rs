@@ -451,7 +451,7 @@ fn inspect_parts(dir: &Path, parts: Vec<(String, Option<(String, ComponentKind)>
         }
         let mut r = inspect_component(Some(name.clone()), &folder, None);
         if let (Some((class, expected)), Some(found)) = (&class, r.kind) {
-            if expected.family() != found.family() {
+            if !expected.same_family(found) {
                 r.problems.push(format!("model_index.json says {class}, the folder holds a {}", found.describe()));
                 r = r.finish();
             } else {
@@ -575,7 +575,7 @@ pub fn inspect_component(name: Option<String>, path: &Path, explicit_config: Opt
         }
     };
     if let (Some(c), Some(t)) = (config_kind, tensor_kind) {
-        if c.family() != t.family() {
+        if !c.same_family(t) {
             r.problems.push(format!("the config is for: {}; the tensors are those of: {}", c.describe(), t.describe()));
         }
     }
