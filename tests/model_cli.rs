@@ -641,6 +641,11 @@ fn run_refuses_the_wrong_component_or_a_missing_config() {
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains(&format!("missing tensor `{TO_K}`")), "{}", out.stderr);
 
+    let nowhere = tmp.path().join("nowhere.safetensors");
+    let out = ril(&[&"model", &"run", &"unet", &"--weights", &fixtures("unet").join("xattn_plain"), &"--input", &nowhere, &"--output", &tmp.path().join("o.safetensors")]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("nowhere.safetensors: cannot read the inputs"), "{}", out.stderr);
+
     let (out, _) = run_component("controlnet", &dir, &inputs, &[]);
     assert_eq!(out.code, 2, "{}", out.stderr);
 }

@@ -7,7 +7,6 @@ use clap::builder::PossibleValuesParser;
 use clap::{Args, Subcommand};
 use ril_pipe::models::component::{self, LoadedComponent, Operation};
 use ril_pipe::models::inspect::{self, ComponentReport, InspectReport, TensorCheck};
-use ril_pipe::models::weights;
 use ril_pipe::stages::device::{gpus_for, tch_device};
 use serde_json::Value;
 
@@ -104,7 +103,7 @@ fn run_cmd(args: RunArgs) -> anyhow::Result<i32> {
     };
     let config = component::config_for(op, &args.weights, args.config.as_deref())?;
     let loaded = LoadedComponent::load(config, &args.weights, device)?;
-    let inputs = weights::read_safetensors(&args.input)?;
+    let inputs = component::read_inputs(&args.input)?;
     let outputs = component::run(op, &loaded, &inputs)?;
     component::write_outputs(&args.output, &outputs)?;
     println!("{} ({}) on {device:?}: wrote {}", op.name(), loaded.config.kind().describe(), args.output.display());

@@ -43,6 +43,8 @@ pub enum ComponentError {
     MissingInput { name: String, what: String, available: String },
     #[error("input `{name}` has shape {shape:?} and dtype {dtype}: {expected}")]
     BadInput { name: String, shape: Vec<i64>, dtype: String, expected: String },
+    #[error("{path}: cannot read the inputs: {reason}")]
+    Inputs { path: PathBuf, reason: String },
     #[error("{path}: cannot write the outputs: {reason}")]
     Write { path: PathBuf, reason: String },
 }
@@ -594,6 +596,14 @@ pub fn run(op: Operation, component: &LoadedComponent, inputs: &TensorMap) -> Re
         .into_iter()
         .filter_map(|(name, t)| t.map(|t| (name.to_string(), t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous())))
         .collect())
+}
+
+/// Reads the input tensors of a run from a safetensors file.
+pub fn read_inputs(path: &Path) -> Result<TensorMap, ComponentError> {
+    weights::read_safetensors(path).map_err(|e| match e {
+        WeightsError::Read { reason, .. } => ComponentError::Inputs { path: path.to_path_buf(), reason },
+        other => other.into(),
+    })
 }
 
 /// Writes named tensors as one safetensors file.
