@@ -1,6 +1,7 @@
 //! Subcommands. Exit codes: 0 success, 1 a stage failed or a check found problems, 2 bad
 //! input (pipeline, arguments), 130 interrupted.
 mod cache_cmds;
+mod model_cmds;
 mod pipeline_cmds;
 mod report_cmds;
 
@@ -55,6 +56,8 @@ enum Command {
     Report(report_cmds::ReportArgs),
     /// Compare a run's metrics with a baseline file; exit 1 on a regression beyond tolerance.
     Check(report_cmds::CheckArgs),
+    /// Check checkpoints (`model inspect`) and run single components (`model run`).
+    Model(model_cmds::ModelArgs),
 }
 
 pub fn main() -> i32 {
@@ -70,6 +73,7 @@ pub fn main() -> i32 {
         Command::Gc(a) => cache_cmds::gc(a),
         Command::Report(a) => report_cmds::report(a),
         Command::Check(a) => report_cmds::check(a),
+        Command::Model(a) => model_cmds::main(a),
     };
     match result {
         Ok(code) => code,

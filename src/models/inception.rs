@@ -295,12 +295,15 @@ impl InceptionV3 {
     /// classifier and batch-norm counters are skipped, any other unknown tensor is an error.
     pub fn load(vs: &nn::VarStore, path: &Path) -> Result<Self, InceptionError> {
         let model = Self::new(&vs.root());
-        let tensors: TensorMap = weights::load_weights(path)?
-            .into_iter()
-            .filter(|(k, _)| !k.starts_with("fc.") && !k.ends_with(".num_batches_tracked"))
-            .collect();
+        let tensors: TensorMap = weights::load_weights(path)?.into_iter().filter(|(k, _)| !Self::is_unused_tensor(k)).collect();
         weights::assign(vs, &tensors, Extra::Reject, path)?;
         Ok(model)
+    }
+
+    /// Tensors of an FID checkpoint that the feature extractor does not use: the classifier and
+    /// the batch-norm counters.
+    pub fn is_unused_tensor(name: &str) -> bool {
+        name.starts_with("fc.") || name.ends_with(".num_batches_tracked")
     }
 
     /// Pool features `[B, 2048]` of images `[B, 3, H, W]` in [0, 1]: bilinear resize to 299

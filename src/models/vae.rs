@@ -3,6 +3,7 @@
 //! `encode` gives the parameters of the diagonal Gaussian posterior, `decode` maps latents back to
 //! images in [-1, 1]. Latents are unscaled: the diffusion model works on `scaling_factor * z`,
 //! so callers multiply after encoding and divide before decoding.
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use tch::nn::{self, Module};
@@ -12,7 +13,7 @@ use super::lora::LoraError;
 use super::nn::{
     conv2d, group_norm, Attention, AttentionConfig, Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D,
 };
-use super::weights::{self, TensorMap, WeightsError};
+use super::weights::{self, WeightsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VaeError {
@@ -344,9 +345,9 @@ impl AutoencoderKL {
 /// Renames the mid-block attention tensors of old checkpoints (`query`, `key`, `value`,
 /// `proj_attn`) to the current names (`to_q`, `to_k`, `to_v`, `to_out.0`), as diffusers'
 /// `_convert_deprecated_attention_blocks` does. Current names pass through unchanged.
-pub fn rename_legacy_attention(tensors: TensorMap) -> TensorMap {
-    const RENAMES: [(&str, &str); 4] =
-        [("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0")];
+/// Generic in the value so that name listings (without tensor data) go through the same rules.
+pub fn rename_legacy_attention<T>(tensors: BTreeMap<String, T>) -> BTreeMap<String, T> {
+    const RENAMES: [(&str, &str); 4] = [("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0")];
     tensors
         .into_iter()
         .map(|(name, tensor)| {
@@ -371,6 +372,7 @@ pub fn load_weights(vs: &nn::VarStore, file: &Path) -> Result<(), WeightsError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::weights::TensorMap;
     use tch::{Device, Kind};
 
     #[test]

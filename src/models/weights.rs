@@ -77,16 +77,21 @@ const FOLDER_FILES: &[&str] = &[
     "pytorch_model.bin.index.json",
 ];
 
+/// The weight file of a component folder (the first of the usual names that exists).
+pub fn find_weight_file(dir: &Path) -> Result<PathBuf, WeightsError> {
+    FOLDER_FILES.iter().map(|f| dir.join(f)).find(|p| p.is_file()).ok_or_else(|| WeightsError::NoWeights {
+        path: dir.to_path_buf(),
+        looked_for: FOLDER_FILES.join(", "),
+    })
+}
+
 /// Reads the tensors of a checkpoint: a `.safetensors` file, a PyTorch zip-pickle
 /// (`.pt`, `.pth`, `.bin`, `.ckpt`; a state dict, possibly under `state_dict`), a shard index
 /// (`*.index.json`), or a component folder holding one of these under its usual name.
 /// Tensors keep their stored dtype.
 pub fn load_weights(path: &Path) -> Result<TensorMap, WeightsError> {
     if path.is_dir() {
-        let Some(file) = FOLDER_FILES.iter().map(|f| path.join(f)).find(|p| p.is_file()) else {
-            return Err(WeightsError::NoWeights { path: path.to_path_buf(), looked_for: FOLDER_FILES.join(", ") });
-        };
-        return load_weights(&file);
+        return load_weights(&find_weight_file(path)?);
     }
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if name.ends_with(".index.json") {
