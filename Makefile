@@ -16,7 +16,7 @@ export RIL_FIXTURES ?= $(RIL_HOME)/fixtures
 export RIL_SHARED ?= $(abspath $(CURDIR)/../shared)
 BIN := $(CARGO_TARGET_DIR)/debug/ril-pipe
 
-.PHONY: setup build test demo fixtures bench clean-cache
+.PHONY: setup build test demo fixtures bench clean-cache slurm-check
 
 setup: $(VENV)/.installed
 
@@ -39,3 +39,8 @@ demo: build
 
 bench: build fixtures
 	cargo bench
+
+# A real one-node Slurm cluster (installed from Debian's packages when missing; needs root):
+# the random-world study through `--executor slurm`, compared with a local run.
+slurm-check: build fixtures
+	scripts/slurm_check.sh $(BIN) tests/pipelines/random_world.yaml
