@@ -184,7 +184,7 @@ impl StageKind for Evaluate {
 
 /// The FID feature extractor of a world.
 enum FidExtractor {
-    Inception(InceptionV3),
+    Inception(Box<InceptionV3>),
     /// The CLIP-score model's image embedding (already computed for the CLIP score).
     Clip,
 }
@@ -197,7 +197,7 @@ impl FidExtractor {
                 let path = world.inception.as_ref().ok_or_else(|| StageError::Failed("the world names no Inception weights for FID".into()))?;
                 let vs = VarStore::new(device);
                 let model = InceptionV3::load(&vs, path).map_err(StageError::failed)?;
-                Ok(FidExtractor::Inception(model))
+                Ok(FidExtractor::Inception(Box::new(model)))
             }
         }
     }
