@@ -162,6 +162,9 @@ pub fn gc(args: GcArgs) -> anyhow::Result<i32> {
         println!("cache {}: nothing to collect", cache.root().display());
         return Ok(0);
     }
+    // The lock first: a run that finishes while gc waits for it records its results in the
+    // journal, and those must count as referenced.
+    let _lock = cache.gc_lock(args.wait, &mut |holder| eprintln!("waiting: the cache is in use by {holder}"))?;
     let roots: BTreeSet<String> = if args.files.is_empty() {
         Journal::load_all(&cache.journal_dir())
             .values()
@@ -174,7 +177,6 @@ pub fn gc(args: GcArgs) -> anyhow::Result<i32> {
         }
         keys
     };
-    let _lock = cache.gc_lock(args.wait, &mut |holder| eprintln!("waiting: the cache is in use by {holder}"))?;
     let mut removed = 0usize;
     let mut freed = 0u64;
     for key in cache.list_objects()? {

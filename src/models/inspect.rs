@@ -145,13 +145,16 @@ pub fn read_tensor_infos(path: &Path) -> Result<(PathBuf, BTreeMap<String, Tenso
         // SAFETY: read-only mapping, dropped before returning; only the header is read.
         let mmap = unsafe { memmap2::Mmap::map(&handle) }.map_err(|e| read_err(e.to_string()))?;
         let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| read_err(e.to_string()))?;
-        let infos = st
-            .iter()
-            .map(|(name, view)| {
-                let shape = view.shape().iter().map(|&d| d as i64).collect();
-                (name.to_string(), TensorInfo { dtype: format!("{:?}", view.dtype()), shape })
-            })
-            .collect();
+        let mut infos = BTreeMap::new();
+        for (name, view) in st.iter() {
+            // Only an empty tensor can declare a dimension this large; it still is no checkpoint.
+            let shape = view
+                .shape()
+                .iter()
+                .map(|&d| i64::try_from(d).map_err(|_| read_err(format!("tensor `{name}` has a dimension of {d}"))))
+                .collect::<Result<_, _>>()?;
+            infos.insert(name.to_string(), TensorInfo { dtype: format!("{:?}", view.dtype()), shape });
+        }
         return Ok((file, infos));
     }
     let infos = weights::load_weights(&file)?

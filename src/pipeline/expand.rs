@@ -110,6 +110,7 @@ pub fn resolve_with(spec: &PipelineSpec, schemas: &Schemas, overrides: &[Overrid
     apply_spec_overrides(&mut spec, schemas, overrides)?;
     let mut diags = Vec::new();
     let scope = resolve_vars(&spec, env, &mut diags);
+    interpolate_defaults(&mut spec, overrides, &scope, env, &mut diags);
     check_defaults(&spec, schemas, &mut diags);
     let mut raw = Vec::new();
     if diags.is_empty() {
@@ -184,17 +185,39 @@ fn set_var(map: &mut Map<String, Value>, segs: &[String], depth: usize, value: &
 
 /// Variables are resolved in the order written; each may use the ones before it and `env`.
 fn resolve_vars(spec: &PipelineSpec, env: &dyn Env, diags: &mut Vec<Diagnostic>) -> Scope {
-    let mut resolved = Map::new();
+    let mut scope = Scope::new(Map::new());
     for (name, value) in &spec.vars {
-        let scope = Scope::new(resolved.clone());
         match interpolate(value, &scope, env) {
-            Ok(v) => {
-                resolved.insert(name.clone(), v);
-            }
+            Ok(v) => scope.set(name.clone(), v),
             Err(e) => diags.push(Diagnostic::new(YamlPath::root().key("vars").key(name), e)),
         }
+        if scope.exhausted() {
+            break;
+        }
     }
-    Scope::new(resolved)
+    scope
+}
+
+/// `defaults:` values may use `${...}` like stage values, with the pipeline's variables and the
+/// environment (a default is shared by every stage of its kind, so matrix and chain variables
+/// are not visible). Values given with `--set defaults.KIND.PARAM=V` are taken as they are, as
+/// are all `--set` values.
+fn interpolate_defaults(spec: &mut PipelineSpec, overrides: &[Override], scope: &Scope, env: &dyn Env, diags: &mut Vec<Diagnostic>) {
+    let from_command_line = |kind: &str, param: &str| {
+        overrides.iter().any(|o| matches!(&o.target, OverrideTarget::Default { kind: k, param: p } if k == kind && p == param))
+    };
+    for (kind, params) in spec.defaults.iter_mut() {
+        let Value::Object(params) = params else { continue };
+        for (name, value) in params.iter_mut() {
+            if from_command_line(kind, name) {
+                continue;
+            }
+            match interpolate(value, scope, env) {
+                Ok(v) => *value = v,
+                Err(e) => diags.push(Diagnostic::new(YamlPath::root().key("defaults").key(kind).key(name), e)),
+            }
+        }
+    }
 }
 
 fn check_defaults(spec: &PipelineSpec, schemas: &Schemas, diags: &mut Vec<Diagnostic>) {
@@ -267,6 +290,10 @@ fn expand_all(spec: &PipelineSpec, scope: &Scope, env: &dyn Env, raw: &mut Vec<R
                         diags.push(Diagnostic::new(path.key("chain").key("over"), "`chain.over` is empty"));
                         continue;
                     }
+                    if raw.len() + elements.len() > MAX_STAGES {
+                        diags.push(Diagnostic::new(path.key("chain").key("over"), format!("the pipeline expands to more than {MAX_STAGES} stages (this chain has {} elements)", elements.len())));
+                        return;
+                    }
                     let mut prev = match interpolate_str(&chain.first, &combo_scope, env) {
                         Ok(Value::String(s)) => s,
                         Ok(other) => {
@@ -303,6 +330,9 @@ fn expand_all(spec: &PipelineSpec, scope: &Scope, env: &dyn Env, raw: &mut Vec<R
             }
             if raw.len() > MAX_STAGES {
                 diags.push(Diagnostic::new(path.clone(), format!("the pipeline expands to more than {MAX_STAGES} stages; check the matrices")));
+                return;
+            }
+            if scope.exhausted() {
                 return;
             }
         }
@@ -348,6 +378,13 @@ fn matrix_combos(template: &StageTemplate, scope: &Scope, env: &dyn Env) -> Resu
             return Err(Diagnostic::new(path, format!("the matrix has more than {MAX_STAGES} combinations; a pipeline may expand to at most {MAX_STAGES} stages")));
         }
         lists.push((name.clone(), values));
+    }
+    // Every combination holds a copy of one value of each axis: count them before they exist.
+    for (name, values) in &lists {
+        let copies = total / values.len();
+        for v in values {
+            scope.charge_copies(v, 1, copies).map_err(|e| Diagnostic::new(path.key(name), e))?;
+        }
     }
     let mut combos = vec![Map::new()];
     for (name, values) in &lists {
@@ -647,6 +684,8 @@ pub fn check_type(value: &Value, ty: &ParamType, base_dir: &Path, files: &mut Fi
             let candidate = Path::new(s);
             let full = if candidate.is_absolute() { candidate.to_path_buf() } else { base_dir.join(candidate) };
             match full.canonicalize() {
+                // A device or a pipe would be read (hashed) forever.
+                Ok(abs) if !(abs.is_file() || abs.is_dir()) => Err(format!("{} is not a regular file or folder", abs.display())),
                 Ok(abs) => {
                     files.found.push(abs.clone());
                     Ok(Value::String(abs.to_string_lossy().into_owned()))

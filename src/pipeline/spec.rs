@@ -117,6 +117,14 @@ fn parse_yaml(file: &Path, source: &str) -> Result<Value, PipelineError> {
             message: e.to_string(),
         }
     };
+    if let Some((line, column)) = deep_flow_nesting(source) {
+        return Err(PipelineError::Syntax {
+            file: file.to_path_buf(),
+            line,
+            column,
+            message: format!("`[` and `{{` nest more than {MAX_FLOW_DEPTH} deep"),
+        });
+    }
     let mut value: yaml_serde::Value = yaml_serde::from_str(source).map_err(syntax)?;
     value.apply_merge().map_err(syntax)?;
     let mut diags = Vec::new();
@@ -125,6 +133,47 @@ fn parse_yaml(file: &Path, source: &str) -> Result<Value, PipelineError> {
         return Err(PipelineError::invalid(file.to_path_buf(), source, diags));
     }
     Ok(json)
+}
+
+/// The YAML parser refuses documents nested deeper than 128 levels, but only after reading
+/// them, in time that grows with the square of the depth (hours for a 4 MB file of `[`).
+const MAX_FLOW_DEPTH: usize = 128;
+
+/// Where `[` or `{` first nest deeper than [`MAX_FLOW_DEPTH`] (outside quotes and comments), as
+/// 1-based line and column.
+fn deep_flow_nesting(source: &str) -> Option<(usize, usize)> {
+    let (mut depth, mut line, mut column) = (0usize, 1usize, 0usize);
+    let (mut single, mut double, mut comment, mut escaped) = (false, false, false, false);
+    let mut previous = '\n';
+    for c in source.chars() {
+        column += 1;
+        if c == '\n' {
+            (line, column, comment) = (line + 1, 0, false);
+        } else if double {
+            double = escaped || c != '"';
+            escaped = !escaped && c == '\\';
+        } else if single {
+            single = c != '\'';
+        } else if !comment {
+            // Quotes open a scalar only where one can start (`don't` is plain text).
+            let at_start = previous.is_whitespace() || matches!(previous, '[' | '{' | ',' | ':');
+            match c {
+                '"' if at_start => double = true,
+                '\'' if at_start => single = true,
+                '#' if previous.is_whitespace() => comment = true,
+                '[' | '{' => {
+                    depth += 1;
+                    if depth > MAX_FLOW_DEPTH {
+                        return Some((line, column));
+                    }
+                }
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        previous = c;
+    }
+    None
 }
 
 /// Converts a YAML value, reporting what JSON cannot hold (non-string keys, tags, NaN).
