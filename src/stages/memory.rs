@@ -189,54 +189,76 @@ fn attention_core(t: &mut Tally, width: i64, heads: i64, tokens: i64, keys: i64)
     }
 }
 
-/// `BasicTransformerBlock` of width `c` over `tokens` tokens (self attention, cross attention
-/// with `CONTEXT_TOKENS` keys, GEGLU feed-forward), with its LoRA down projections.
-fn transformer_block(t: &mut Tally, name: &str, c: i64, heads: i64, tokens: i64, lora: Adapted) {
-    let n = (c * tokens) as f64;
-    let lora_terms = |t: &mut Tally, layer: &str, rows: i64| {
-        if lora.adapts(&format!("{name}.{layer}")) {
-            t.keep((lora.ranks * rows) as f64);
-        }
-    };
-    // Self attention: norm1's input, the projections' input, q, k, v, output, to_out's input.
-    t.keep(n);
-    t.keep(n);
-    attention_core(t, c, heads, tokens, tokens);
-    t.keep(n);
-    for layer in ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"] {
-        lora_terms(t, layer, tokens);
+/// A linear layer keeps nothing when its weight is frozen (its input's gradient needs only the
+/// weight); an adapted one keeps its input (for the gradient of A) and its down projections
+/// (`r` per row, for the gradient of B). `input_kept` says the input is kept already.
+fn linear(t: &mut Tally, lora: Adapted, layer: &str, input: f64, rows: i64, input_kept: bool) -> bool {
+    if !lora.adapts(layer) {
+        return input_kept;
     }
-    // Cross attention: keys and values come from the (constant) text context.
-    t.keep(n);
-    t.keep(n);
-    attention_core(t, c, heads, tokens, CONTEXT_TOKENS);
-    t.keep(n);
-    lora_terms(t, "attn2.to_q", tokens);
-    lora_terms(t, "attn2.to_k", CONTEXT_TOKENS);
-    lora_terms(t, "attn2.to_v", CONTEXT_TOKENS);
-    lora_terms(t, "attn2.to_out.0", tokens);
-    // GEGLU: norm3's input, proj_in's input, the 8c projection, GELU(gate), the product.
-    t.keep(n);
-    t.keep(n);
-    t.keep(8.0 * n);
-    t.keep(4.0 * n);
-    t.keep(4.0 * n);
-    lora_terms(t, "ff.net.0.proj", tokens);
-    lora_terms(t, "ff.net.2", tokens);
+    if !input_kept {
+        t.keep(input);
+    }
+    t.keep((lora.ranks * rows) as f64);
+    true
 }
 
-/// `Transformer2DModel`: group norm, proj_in, the blocks, proj_out (and the token copies).
+/// `BasicTransformerBlock` of width `c` over `tokens` tokens (self attention, cross attention
+/// with `CONTEXT_TOKENS` keys, GEGLU feed-forward), with its LoRA down projections.
+fn transformer_block(t: &mut Tally, name: &str, c: i64, heads: i64, tokens: i64, lora: Adapted, input_needs_grad: bool) {
+    let n = (c * tokens) as f64;
+    let layer = |l: &str| format!("{name}.{l}");
+    // Self attention: norm1 keeps its input (when it needs a gradient); q, k, v read norm1's
+    // output; to_out reads the attention output (a copy of it, re-laid out).
+    if input_needs_grad {
+        t.keep(n);
+    }
+    let mut kept = false;
+    for l in ["attn1.to_q", "attn1.to_k", "attn1.to_v"] {
+        kept = linear(t, lora, &layer(l), n, tokens, kept);
+    }
+    attention_core(t, c, heads, tokens, tokens);
+    linear(t, lora, &layer("attn1.to_out.0"), n, tokens, false);
+    // Cross attention: keys and values come from the text context, which needs no gradient.
+    t.keep(n);
+    linear(t, lora, &layer("attn2.to_q"), n, tokens, false);
+    attention_core(t, c, heads, tokens, CONTEXT_TOKENS);
+    for l in ["attn2.to_k", "attn2.to_v"] {
+        if lora.adapts(&layer(l)) {
+            t.keep((lora.ranks * CONTEXT_TOKENS) as f64);
+        }
+    }
+    linear(t, lora, &layer("attn2.to_out.0"), n, tokens, false);
+    // GEGLU: norm3's input, the 8c-wide projection (GELU reads its gate half, the product
+    // its other half) and GELU's output; the projections keep their inputs only when adapted.
+    t.keep(n);
+    linear(t, lora, &layer("ff.net.0.proj"), n, tokens, false);
+    t.keep(8.0 * n);
+    t.keep(4.0 * n);
+    linear(t, lora, &layer("ff.net.2"), 4.0 * n, tokens, false);
+}
+
+/// `Transformer2DModel`: group norm, proj_in, the blocks, proj_out. A 1x1-conv projection keeps
+/// its input (convolutions keep it even with frozen weights), a linear one only when adapted.
 #[allow(clippy::too_many_arguments)]
-fn transformer2d(t: &mut Tally, name: &str, c: i64, heads: i64, layers: i64, pixels: i64, lora: Adapted, grad_before: bool) {
+fn transformer2d(t: &mut Tally, name: &str, c: i64, heads: i64, layers: i64, pixels: i64, conv_projection: bool, lora: Adapted, grad_before: bool) {
     let n = (c * pixels) as f64;
     if grad_before {
         t.keep(n);
-        t.keep(n);
+        if conv_projection {
+            t.keep(n);
+        } else {
+            linear(t, lora, &format!("{name}.proj_in"), n, pixels, false);
+        }
     }
     for i in 0..layers {
-        transformer_block(t, &format!("{name}.transformer_blocks.{i}"), c, heads, pixels, lora);
+        transformer_block(t, &format!("{name}.transformer_blocks.{i}"), c, heads, pixels, lora, grad_before || i > 0);
     }
-    t.keep(n);
+    if conv_projection {
+        t.keep(n);
+    } else {
+        linear(t, lora, &format!("{name}.proj_out"), n, pixels, false);
+    }
 }
 
 /// Elements per sample of one UNet call at `side` x `side` latents, with the last step's
@@ -245,6 +267,7 @@ pub fn unet_tally(cfg: &UNet2DConditionConfig, side: i64, lora: Adapted) -> Resu
     let plan = cfg.plan().map_err(|e| MemoryError::Config(e.to_string()))?;
     let ch = &cfg.block_out_channels;
     let n = ch.len();
+    let conv = !cfg.use_linear_projection;
     let mut t = Tally::default();
     let mut s = side;
     // Nothing before the first adapted layer (inside the first transformer) needs a gradient.
@@ -258,7 +281,7 @@ pub fn unet_tally(cfg: &UNet2DConditionConfig, side: i64, lora: Adapted) -> Resu
             resnet(&mut t, c_in, c, s * s, grad);
             if plan.cross_attention[i] {
                 let name = format!("down_blocks.{i}.attentions.{j}");
-                transformer2d(&mut t, &name, c, plan.heads[i], plan.transformer_layers[i], s * s, lora, grad);
+                transformer2d(&mut t, &name, c, plan.heads[i], plan.transformer_layers[i], s * s, conv, lora, grad);
                 grad = true;
             }
             c_in = c;
@@ -276,7 +299,7 @@ pub fn unet_tally(cfg: &UNet2DConditionConfig, side: i64, lora: Adapted) -> Resu
     }
     let c = ch[n - 1];
     resnet(&mut t, c, c, s * s, grad);
-    transformer2d(&mut t, "mid_block.attentions.0", c, plan.heads[n - 1], plan.transformer_layers[n - 1], s * s, lora, grad);
+    transformer2d(&mut t, "mid_block.attentions.0", c, plan.heads[n - 1], plan.transformer_layers[n - 1], s * s, conv, lora, grad);
     grad = true;
     resnet(&mut t, c, c, s * s, grad);
     let mut c_in = c;
@@ -289,7 +312,7 @@ pub fn unet_tally(cfg: &UNet2DConditionConfig, side: i64, lora: Adapted) -> Resu
             resnet(&mut t, c_in + skip_c, c, s * s, grad);
             if plan.cross_attention[down] {
                 let name = format!("up_blocks.{i}.attentions.{j}");
-                transformer2d(&mut t, &name, c, plan.heads[down], plan.transformer_layers[down], s * s, lora, grad);
+                transformer2d(&mut t, &name, c, plan.heads[down], plan.transformer_layers[down], s * s, conv, lora, grad);
             }
             c_in = c;
         }
@@ -319,11 +342,9 @@ pub fn vae_decoder_tally(cfg: &AutoencoderKLConfig, side: i64) -> Tally {
     t.keep(latent);
     resnet(&mut t, top, top, s * s, true);
     if cfg.mid_block_add_attention {
-        let n = (top * s * s) as f64;
-        t.keep(n);
-        t.keep(n);
+        // Group norm's input, then q, k, v and the output (the projections are frozen).
+        t.keep((top * s * s) as f64);
         attention_core(&mut t, top, 1, s * s, s * s);
-        t.keep(n);
     }
     resnet(&mut t, top, top, s * s, true);
     let mut c_in = top;
@@ -355,22 +376,19 @@ pub fn vision_tally(cfg: &VisionConfig) -> Tally {
     let mlp = (tr.mlp_width * tokens) as f64;
     t.keep(n);
     for _ in 0..tr.layers {
-        // ln_1's input and output, q, k, v, attention output, out_proj's input, ln_2's input
-        // and output.
-        t.keep(n);
+        // ln_1's input, q, k, v, the attention output, ln_2's input, and the activation's
+        // input (quick-GELU `x sigmoid(1.702 x)` keeps its sigmoid too); the frozen linear
+        // layers keep nothing.
         t.keep(n);
         attention_core(&mut t, tr.width, tr.heads, tokens, tokens);
         t.keep(n);
-        t.keep(n);
-        t.keep(n);
-        let act = match tr.activation {
-            Activation::QuickGelu => 3.0,
-            Activation::Gelu => 2.0,
-        };
-        for _ in 0..act as usize {
+        t.keep(mlp);
+        if tr.activation == Activation::QuickGelu {
             t.keep(mlp);
         }
     }
+    // The pooled class token is a view of the last hidden state: its layer norm keeps all of it.
+    t.keep(n);
     t
 }
 
@@ -470,23 +488,16 @@ pub fn estimate(world: &WorldSpec, targets: &[String], job: &Job, precision: Pre
                     Task::Compress => reward_fp32 += 12.0 * image,
                 }
             }
-            let per_adapter = lora_elements(&unet_cfg, targets, 1)? as f64;
-            let new = per_adapter * *rank as f64;
-            let adapters = 4.0 * (per_adapter * *earlier_ranks as f64 + new * (4.0 + if *teacher { 1.0 } else { 0.0 }));
             let m = *micro as f64;
-            let g = if *guided { 2.0 } else { 1.0 };
-            let lora = Adapted { targets, ranks: earlier_ranks + rank };
-            let unet = unet_tally(&unet_cfg, side, lora)?;
-            let vae = vae_decoder_tally(&vae_cfg, side);
-            let saved = p * (unet.saved * g * m + vae.saved * m + reward.saved * m) + 4.0 * (reward_fp32 + 4.0 * image) * m;
-            let largest = p * (unet.largest * g * m).max(vae.largest * m).max(reward.largest * m);
-            let teacher_pass = if *teacher { p * unet.no_grad_peak() * g * m } else { 0.0 };
-            let step = saved + teacher_pass.max(3.0 * largest);
-            let sampling = p * unet.no_grad_peak() * g * m;
+            let unet = unet_tally(&unet_cfg, side, Adapted { targets, ranks: earlier_ranks + rank })?;
+            let mut after = vae_decoder_tally(&vae_cfg, side);
+            add(&mut after, reward);
+            // The decoded images, their clamp and the reward's fp32 work on them.
+            let fp32_saved = 4.0 * (reward_fp32 + 4.0 * image) * m;
             MemoryEstimate {
                 weights: 0,
-                adapters: adapters as u64,
-                activations: step.max(sampling) as u64,
+                adapters: training_adapters(&unet_cfg, targets, *rank, *earlier_ranks, *teacher)?,
+                activations: training_activations(&unet, &after, m, *guided, *teacher, p, fp32_saved),
                 buffers: (4.0 * (2.0 * latent * m + image * m) + p * context * (m + 1.0)) as u64,
             }
         }
@@ -613,6 +624,53 @@ fn safetensors_header(path: &Path) -> Result<serde_json::Map<String, serde_json:
     let mut header = vec![0u8; len as usize];
     handle.read_exact(&mut header).map_err(|e| file_err(path, e))?;
     serde_json::from_slice(&header).map_err(|e| file_err(path, e))
+}
+
+/// Adapters of a training stage in fp32: the earlier ones, and the new one with its gradient,
+/// AdamW's two moments and (RID) the EMA teacher.
+fn training_adapters(cfg: &UNet2DConditionConfig, targets: &[String], rank: i64, earlier_ranks: i64, teacher: bool) -> Result<u64, MemoryError> {
+    let copies = if teacher { 5 } else { 4 };
+    Ok(4 * (lora_elements(cfg, targets, earlier_ranks)? + copies * lora_elements(cfg, targets, rank)?))
+}
+
+/// Bytes alive at the peak of a training micro-batch of `m` prompts: the last UNet call's saved
+/// tensors (2m samples with guidance), those of what follows it (`after`: the VAE decode and
+/// the reward, m samples) and `fp32_saved` bytes, plus RID's teacher pass or the backward's
+/// gradients in flight; or the sampling of steps N..2 if that is more.
+fn training_activations(unet: &Tally, after: &Tally, m: f64, guided: bool, teacher: bool, p: f64, fp32_saved: f64) -> u64 {
+    let g = if guided { 2.0 } else { 1.0 };
+    let saved = p * (unet.saved * g * m + after.saved * m) + fp32_saved;
+    let largest = p * (unet.largest * g * m).max(after.largest * m);
+    let no_grad = p * unet.no_grad_peak() * g * m;
+    let step = saved + if teacher { no_grad.max(3.0 * largest) } else { 3.0 * largest };
+    step.max(no_grad) as u64
+}
+
+/// The UNet-only training step of `ril-pipe bench-step` (no VAE, no reward): a UNet with
+/// `unet_elements` weights, a new adapter of `rank` on `targets`, `micro` prompts.
+#[allow(clippy::too_many_arguments)]
+pub fn unet_step_estimate(
+    cfg: &UNet2DConditionConfig,
+    side: i64,
+    targets: &[String],
+    micro: i64,
+    guided: bool,
+    rank: i64,
+    teacher: bool,
+    precision: Precision,
+    unet_elements: u64,
+) -> Result<MemoryEstimate, MemoryError> {
+    let p = precision.bytes() as f64;
+    let m = micro as f64;
+    let unet = unet_tally(cfg, side, Adapted { targets, ranks: rank })?;
+    let latent = (cfg.in_channels * side * side) as f64;
+    let context = (CONTEXT_TOKENS * cfg.cross_attention_dim) as f64;
+    Ok(MemoryEstimate {
+        weights: (unet_elements as f64 * p) as u64,
+        adapters: training_adapters(cfg, targets, rank, 0, teacher)?,
+        activations: training_activations(&unet, &Tally::default(), m, guided, teacher, p, 4.0 * 4.0 * latent * m),
+        buffers: (4.0 * 2.0 * latent * m + p * context * (m + 1.0)) as u64,
+    })
 }
 
 fn add(total: &mut Tally, t: Tally) {
