@@ -1,5 +1,6 @@
 //! Subcommands. Exit codes: 0 success, 1 a stage failed or a check found problems, 2 bad
 //! input (pipeline, arguments), 130 interrupted.
+mod bench_cmds;
 mod cache_cmds;
 mod model_cmds;
 mod pipeline_cmds;
@@ -58,6 +59,9 @@ enum Command {
     Check(report_cmds::CheckArgs),
     /// Check checkpoints (`model inspect`) and run single components (`model run`).
     Model(model_cmds::ModelArgs),
+    /// Time one last-step training update on a UNet with random weights (for scripts/gpu_check.sh).
+    #[command(hide = true)]
+    BenchStep(bench_cmds::BenchStepArgs),
 }
 
 pub fn main() -> i32 {
@@ -74,6 +78,7 @@ pub fn main() -> i32 {
         Command::Report(a) => report_cmds::report(a),
         Command::Check(a) => report_cmds::check(a),
         Command::Model(a) => model_cmds::main(a),
+        Command::BenchStep(a) => bench_cmds::bench_step(a),
     };
     match result {
         Ok(code) => code,

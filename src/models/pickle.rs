@@ -572,6 +572,31 @@ fn unpickle(data: &[u8]) -> Result<Unpickled, PickleError> {
 /// a dict holding one under `state_dict`. Tensors keep their stored dtype; views (offsets,
 /// strides) are materialised as contiguous tensors.
 pub fn read_state_dict(path: &Path) -> Result<TensorMap, PickleError> {
+    let (mut archive, prefix, file_len, entries) = open_state_dict(path)?;
+    // Each tensor becomes a contiguous copy of its view. Views may share a storage (tied
+    // weights) or repeat elements (stride 0), so a small file could ask for terabytes: the
+    // copies may take at most a few times the file's size, checked before each is made.
+    let mut budget = file_len.saturating_mul(MAX_TENSOR_BYTES_PER_FILE_BYTE);
+    let mut storages: HashMap<String, (Kind, i64, Tensor)> = HashMap::new();
+    let mut out = TensorMap::new();
+    for (name, tensor) in entries {
+        let t = materialise(&mut archive, &prefix, file_len, &mut budget, &mut storages, &name, &tensor)?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// The dtype and shape of every tensor of a `torch.save` state dict, read from its pickle alone
+/// (the tensor data is not loaded).
+pub fn read_state_dict_shapes(path: &Path) -> Result<Vec<(String, Kind, Vec<i64>)>, PickleError> {
+    let (_, _, _, entries) = open_state_dict(path)?;
+    Ok(entries.into_iter().map(|(name, t)| (name, t.kind, t.size)).collect())
+}
+
+type OpenedStateDict = (zip::ZipArchive<File>, String, u64, Vec<(String, TensorRef)>);
+
+/// The archive, its folder prefix, the file length and the state dict's tensor references.
+fn open_state_dict(path: &Path) -> Result<OpenedStateDict, PickleError> {
     let mut file = File::open(path)?;
     let file_len = file.metadata()?.len();
     let mut magic = [0u8; 4];
@@ -599,17 +624,7 @@ pub fn read_state_dict(path: &Path) -> Result<TensorMap, PickleError> {
     let pickle_bytes = read_entry(&mut archive, pickle_name, None, file_len)?;
     let unpickled = unpickle(&pickle_bytes)?;
     let entries = state_dict_entries(&unpickled)?;
-    // Each tensor becomes a contiguous copy of its view. Views may share a storage (tied
-    // weights) or repeat elements (stride 0), so a small file could ask for terabytes: the
-    // copies may take at most a few times the file's size, checked before each is made.
-    let mut budget = file_len.saturating_mul(MAX_TENSOR_BYTES_PER_FILE_BYTE);
-    let mut storages: HashMap<String, (Kind, i64, Tensor)> = HashMap::new();
-    let mut out = TensorMap::new();
-    for (name, tensor) in entries {
-        let t = materialise(&mut archive, &prefix, file_len, &mut budget, &mut storages, &name, &tensor)?;
-        out.insert(name, t);
-    }
-    Ok(out)
+    Ok((archive, prefix, file_len, entries))
 }
 
 /// How many bytes of tensors a checkpoint may expand to per byte of file (see `read_state_dict`).

@@ -172,14 +172,15 @@ impl Default for UNet2DConditionConfig {
     }
 }
 
-/// The per-block numbers the model is built from, after validation.
+/// The per-block numbers the model is built from, after validation (the builder and the memory
+/// estimate walk them).
 #[derive(Debug, Clone)]
-struct BlockPlan {
-    cross_attention: Vec<bool>,
-    layers: Vec<i64>,
-    heads: Vec<i64>,
-    transformer_layers: Vec<i64>,
-    groups: i64,
+pub struct BlockPlan {
+    pub cross_attention: Vec<bool>,
+    pub layers: Vec<i64>,
+    pub heads: Vec<i64>,
+    pub transformer_layers: Vec<i64>,
+    pub groups: i64,
 }
 
 impl UNet2DConditionConfig {
@@ -202,7 +203,8 @@ impl UNet2DConditionConfig {
         self.plan().map(|_| ())
     }
 
-    fn plan(&self) -> Result<BlockPlan, UnetError> {
+    /// Validates the config and expands its per-block lists.
+    pub fn plan(&self) -> Result<BlockPlan, UnetError> {
         let unsupported = |what: &str| Err(UnetError::Unsupported(what.to_string()));
         let set = |name: &str, value: &dyn std::fmt::Debug| format!("`{name}` = {value:?} (only null is supported)");
         let optional_fields: [(&str, bool, &dyn std::fmt::Debug); 13] = [

@@ -5,7 +5,6 @@ use std::io::Write as _;
 use std::path::Path;
 
 use serde_json::json;
-use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::exec::{Params, StageContext, StageError, StageKind};
@@ -21,6 +20,7 @@ use crate::rewards::hps::HpsReward;
 
 use super::diffusion::Diffusion;
 use super::finetune::model_input;
+use super::precision::Precision;
 use super::records::{EvaluationRecord, Metric, METRICS_FILE};
 use super::world::{read_prompts, FidFeatures, ModelRecord, WorldSpec};
 
@@ -52,6 +52,7 @@ impl StageKind for Evaluate {
                 p("guidance", ParamType::Float, json!(7.5), "classifier-free guidance scale"),
                 p("jpeg_quality", ParamType::Int, json!(80), "JPEG quality of the file-size metric"),
                 p("grid_prompts", ParamType::Int, json!(8), "prompts (columns) of the sample grid, first image of each"),
+                Precision::param(),
             ],
             inputs: vec![model_input("the model to evaluate (a world, finetune, soup or joint)")],
         }
@@ -67,7 +68,10 @@ impl StageKind for Evaluate {
         tch::set_num_threads(ctx.threads.max(1) as i32);
         let (model, adapters) = ModelRecord::of_input(ctx.input("model")?)?;
         let world = &model.world;
-        let diffusion = Diffusion::load(&model, adapters.as_deref(), device)?;
+        let precision = Precision::of_params(&p)?;
+        let ranks = adapters.as_deref().map_or(0, |path| super::memory::adapter_file_ranks(path).unwrap_or(0));
+        super::memory::check_fits(ctx, world, &model.lora_targets, &super::memory::evaluation_job(&p, ranks), precision)?;
+        let diffusion = Diffusion::load(&model, adapters.as_deref(), device, precision)?;
         let mut prompts = read_prompts(&world.test_prompts)?;
         let max = p.i64_of("max_prompts")?;
         if max > 0 {
@@ -86,16 +90,24 @@ impl StageKind for Evaluate {
             },
         )
         .map_err(StageError::failed)?;
-        let aesthetic = AestheticReward::load(&world.aesthetic_clip, &world.aesthetic_head, device).map_err(StageError::failed)?;
-        let hps = HpsReward::load(&world.hps, device).map_err(StageError::failed)?;
-        let clip = FrozenClip::load(&world.clip_score, device).map_err(StageError::failed)?;
-        let fid = FidExtractor::load(world, &clip, device)?;
+        let kind = precision.kind();
+        let aesthetic = AestheticReward::load(&world.aesthetic_clip, &world.aesthetic_head, device, kind).map_err(StageError::failed)?;
+        let hps = HpsReward::load(&world.hps, device, kind).map_err(StageError::failed)?;
+        let clip = FrozenClip::load(&world.clip_score, device, kind).map_err(StageError::failed)?;
+        let fid = FidExtractor::load(world, device, precision)?;
         let uncond = diffusion.uncond()?;
 
         // Sample i is image k of prompt j, i = j * per_prompt + k.
         let total = prompts.len() * per_prompt;
         ctx.progress.set_length(total as u64);
-        ctx.log(format!("{} prompts x {per_prompt} images, N={}, guidance {}", prompts.len(), sampler.config.steps, sampler.config.guidance));
+        ctx.log(format!(
+            "{} prompts x {per_prompt} images, N={}, guidance {}, {} models on {device:?}",
+            prompts.len(),
+            sampler.config.steps,
+            sampler.config.guidance,
+            precision.name()
+        ));
+        let denoiser = diffusion.denoiser();
         let mut scores = std::fs::File::create(ctx.out_dir().join(SCORES_FILE))?;
         let mut sums = [0.0f64; 4];
         let mut clip_sum = 0.0;
@@ -110,7 +122,7 @@ impl StageKind for Evaluate {
             let cond = diffusion.encode_prompts(&batch_prompts)?;
             let z_n = initial_latents(seed, start as u64, (end - start) as i64, diffusion.latent_shape, device);
             let images = tch::no_grad(|| -> Result<Tensor, StageError> {
-                let z_0 = sampler.sample(&diffusion.unet, &z_n, &cond, &uncond, seed ^ start as u64).map_err(StageError::failed)?;
+                let z_0 = sampler.sample(&denoiser, &z_n, &cond, &uncond, seed ^ start as u64).map_err(StageError::failed)?;
                 Ok(diffusion.decode(&z_0))
             })?;
             let (a, h, clip_scores, feats) = tch::no_grad(|| -> Result<_, StageError> {
@@ -184,28 +196,31 @@ impl StageKind for Evaluate {
 
 /// The FID feature extractor of a world.
 enum FidExtractor {
-    Inception(Box<InceptionV3>),
+    /// pytorch-fid's Inception, with the dtype of its weights (the stage's precision).
+    Inception(Box<InceptionV3>, Kind),
     /// The CLIP-score model's image embedding (already computed for the CLIP score).
     Clip,
 }
 
 impl FidExtractor {
-    fn load(world: &WorldSpec, _clip: &FrozenClip, device: Device) -> Result<Self, StageError> {
+    fn load(world: &WorldSpec, device: Device, precision: Precision) -> Result<Self, StageError> {
         match world.fid_features {
             FidFeatures::Clip => Ok(FidExtractor::Clip),
             FidFeatures::Inception => {
                 let path = world.inception.as_ref().ok_or_else(|| StageError::Failed("the world names no Inception weights for FID".into()))?;
-                let vs = VarStore::new(device);
+                let mut vs = precision.new_store(device);
                 let model = InceptionV3::load(&vs, path).map_err(StageError::failed)?;
-                Ok(FidExtractor::Inception(Box::new(model)))
+                precision.cast_store(&mut vs);
+                Ok(FidExtractor::Inception(Box::new(model), precision.kind()))
             }
         }
     }
 
+    /// fp32 features of images in [0, 1].
     fn features(&self, images: &Tensor, clip_embeddings: &Tensor) -> Result<Tensor, StageError> {
         match self {
             FidExtractor::Clip => Ok(clip_embeddings.shallow_clone()),
-            FidExtractor::Inception(model) => model.features(images).map_err(StageError::failed),
+            FidExtractor::Inception(model, kind) => model.features(&images.to_kind(*kind)).map(|f| f.to_kind(Kind::Float)).map_err(StageError::failed),
         }
     }
 }

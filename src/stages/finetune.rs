@@ -5,6 +5,7 @@ use serde_json::json;
 use crate::exec::{Params, StageContext, StageError, StageKind};
 use crate::pipeline::schema::{InputSpec, KindSchema, ParamSpec, ParamType};
 
+use super::precision::Precision;
 use super::records::Task;
 use super::reward_set::task_reward;
 use super::train::{objective_of, train, training_params, TrainSpec};
@@ -58,7 +59,7 @@ impl StageKind for Finetune {
             objective,
             ema_momentum: p.f64_of("ema_momentum")?,
             tasks: vec![task],
-            reward: task_reward(task, &model.world, device)?,
+            reward: task_reward(task, &model.world, device, Precision::of_params(&p)?)?,
         };
         train(ctx, spec, &model, adapters.as_deref())
     }

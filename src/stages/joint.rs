@@ -7,6 +7,7 @@ use crate::method::objective::Objective;
 use crate::pipeline::schema::{KindSchema, ParamSpec, ParamType};
 
 use super::finetune::model_input;
+use super::precision::Precision;
 use super::records::Task;
 use super::reward_set::mixture;
 use super::train::{train, training_params, TrainSpec};
@@ -55,7 +56,7 @@ impl StageKind for Joint {
             objective: Objective::Baseline,
             ema_momentum: 0.0,
             tasks: weights.iter().map(|(t, _)| *t).collect(),
-            reward: mixture(&weights, &model.world, device)?,
+            reward: mixture(&weights, &model.world, device, Precision::of_params(ctx.params())?)?,
         };
         train(ctx, spec, &model, adapters.as_deref())
     }

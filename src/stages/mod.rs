@@ -6,6 +6,8 @@ pub mod evaluate;
 pub mod finetune;
 pub mod forgetting;
 pub mod joint;
+pub mod memory;
+pub mod precision;
 pub mod records;
 pub mod report;
 pub mod reward_set;

@@ -9,6 +9,7 @@ use crate::rewards::hps::HpsReward;
 use crate::rewards::mixture::RewardMixture;
 use crate::rewards::{Reward, RewardError};
 
+use super::precision::Precision;
 use super::records::Task;
 use super::world::WorldSpec;
 
@@ -33,11 +34,13 @@ impl Reward for HpsReward {
     }
 }
 
-/// The reward model of `task`, loaded on `device`.
-pub fn task_reward(task: Task, world: &WorldSpec, device: Device) -> Result<Box<dyn Reward>, StageError> {
+/// The reward model of `task`, loaded on `device` with its weights in `precision` (its scores
+/// are fp32 whatever the precision).
+pub fn task_reward(task: Task, world: &WorldSpec, device: Device, precision: Precision) -> Result<Box<dyn Reward>, StageError> {
+    let kind = precision.kind();
     Ok(match task {
-        Task::Aesthetic => Box::new(AestheticReward::load(&world.aesthetic_clip, &world.aesthetic_head, device).map_err(StageError::failed)?),
-        Task::Hps => Box::new(HpsReward::load(&world.hps, device).map_err(StageError::failed)?),
+        Task::Aesthetic => Box::new(AestheticReward::load(&world.aesthetic_clip, &world.aesthetic_head, device, kind).map_err(StageError::failed)?),
+        Task::Hps => Box::new(HpsReward::load(&world.hps, device, kind).map_err(StageError::failed)?),
         Task::Compress => {
             let quality = world.jpeg_quality.round().clamp(1.0, 100.0) as u8;
             Box::new(Compressibility::new(DiffJpeg::new(quality).map_err(StageError::failed)?))
@@ -46,10 +49,10 @@ pub fn task_reward(task: Task, world: &WorldSpec, device: Device) -> Result<Box<
 }
 
 /// A weighted sum of task rewards (joint tuning, Eq. 10: 0.01 R_a + 2 R_h + R_c).
-pub fn mixture(weights: &[(Task, f64)], world: &WorldSpec, device: Device) -> Result<Box<dyn Reward>, StageError> {
+pub fn mixture(weights: &[(Task, f64)], world: &WorldSpec, device: Device, precision: Precision) -> Result<Box<dyn Reward>, StageError> {
     let mut terms = Vec::new();
     for &(task, w) in weights {
-        terms.push((w, task_reward(task, world, device)?));
+        terms.push((w, task_reward(task, world, device, precision)?));
     }
     Ok(Box::new(RewardMixture::new(terms).map_err(StageError::failed)?))
 }

@@ -22,6 +22,8 @@ use crate::pipeline::schema::{ParamSpec, ParamType};
 use crate::rewards::Reward;
 
 use super::diffusion::Diffusion;
+use super::memory;
+use super::precision::Precision;
 use super::records::{Task, TrainLogLine, TrainSummary, TRAIN_LOG_FILE, TRAIN_SUMMARY_FILE};
 use super::world::{read_prompts, ModelRecord, ADAPTERS_FILE};
 
@@ -51,6 +53,7 @@ pub fn training_params() -> Vec<ParamSpec> {
         p("lora_init", ParamType::Enum(vec!["kaiming_uniform", "normal"]), json!("kaiming_uniform"), "initialisation of the adapter's down matrix A (B starts at zero)"),
         p("seed", ParamType::Int, json!(0), "seed of prompts order, initial noise and adapter initialisation"),
         p("checkpoint_every", ParamType::Int, json!(20), "optimizer steps between resumable checkpoints"),
+        Precision::param(),
     ]
 }
 
@@ -96,7 +99,12 @@ pub fn train(ctx: &mut StageContext, spec: TrainSpec, model: &ModelRecord, adapt
     let device = super::device::tch_device(&ctx.device);
     tch::set_num_threads(ctx.threads.max(1) as i32);
     let seed = p.i64_of("seed")? as u64;
-    let diffusion = Diffusion::load(model, adapters, device)?;
+    let precision = Precision::of_params(&p)?;
+    // A bad adapter file fails in the load below, with its own message.
+    let earlier_ranks = adapters.map_or(0, |path| memory::adapter_file_ranks(path).unwrap_or(0));
+    let job = memory::training_job(&p, spec.tasks.clone(), earlier_ranks);
+    memory::check_fits(ctx, &model.world, &model.lora_targets, &job, precision)?;
+    let diffusion = Diffusion::load(model, adapters, device, precision)?;
     let lora = &diffusion.lora;
     let init = match p.str_of("lora_init")? {
         "normal" => LoraInit::Normal,
@@ -160,7 +168,7 @@ pub fn train(ctx: &mut StageContext, spec: TrainSpec, model: &ModelRecord, adapt
         ctx.log(format!("resumed at step {start} of {total_steps}"));
     }
     ctx.log(format!(
-        "{} on {}: adapter {} (rank {}), {} steps ({} epochs x {}), batch {batch} (micro {micro}), N={}",
+        "{} on {}: adapter {} (rank {}), {} steps ({} epochs x {}), batch {batch} (micro {micro}), N={}, {} frozen models on {device:?}",
         spec.method,
         spec.tasks.iter().map(|t| t.name()).collect::<Vec<_>>().join("+"),
         adapter_index,
@@ -168,11 +176,13 @@ pub fn train(ctx: &mut StageContext, spec: TrainSpec, model: &ModelRecord, adapt
         total_steps,
         epochs,
         steps_per_epoch,
-        sampler.config.steps
+        sampler.config.steps,
+        precision.name()
     ));
 
     let uncond = diffusion.uncond()?;
     let decode = |z: &Tensor| diffusion.decode(z);
+    let denoiser = diffusion.denoiser();
     let started = Instant::now();
     ctx.progress.set_length(total_steps);
     ctx.progress.inc(start);
@@ -206,7 +216,7 @@ pub fn train(ctx: &mut StageContext, spec: TrainSpec, model: &ModelRecord, adapt
             let chunk_vec = chunk.to_vec();
             let reward_fn = |images: &Tensor| spec.reward.score(images, &chunk_vec).map_err(|e| e.to_string());
             let parts = Parts {
-                model: &diffusion.unet,
+                model: &denoiser,
                 lora,
                 decode: &decode,
                 reward: &reward_fn,
