@@ -14,17 +14,20 @@
 //! - **activations** of one micro-batch of `m` prompts (guidance doubles the UNet's batch to
 //!   `2m`): the tensors autograd keeps for the backward pass of the last UNet call, the VAE
 //!   decode and the reward model, no gradient checkpointing. They are counted op by op from the
-//!   configs, as the forward code makes them: a group or layer norm, SiLU, GELU or convolution
-//!   keeps its input, a linear layer its input, fused attention its q, k, v and output (plus the
-//!   `T x T` weights where the head is wider than 256 and CUDA falls back to the plain kernel),
-//!   the GEGLU feed-forward its 8c-wide projection, the gate's GELU output and the product. Per
-//!   sample and layer that is `3 c_in + 3 c_out` elements per pixel for a ResNet block, about
-//!   `30 c` per token for a transformer block of width `c` (plus the LoRA down projections,
-//!   `r` per token and adapted layer), `9 w + 3 m_w` per token for a CLIP vision layer (quick-GELU;
-//!   `2 m_w` with GELU). Before the first adapted layer nothing needs a gradient, so the UNet's
-//!   first ResNet keeps nothing. The backward pass then holds, at most, the gradients of about
-//!   three of the largest tensors at once. RID's teacher pass (no gradient) runs while the
-//!   student's activations are kept; it is counted as a sampling pass on top of them.
+//!   configs, by the rules autograd follows (measured with PyTorch's saved-tensor hooks): a
+//!   convolution, group or layer norm, SiLU or GELU keeps its input; a linear layer with a
+//!   frozen weight keeps nothing, an adapted one keeps its input and its down projection (`r`
+//!   per row); fused attention keeps q, k, v and its output (and the `T x T` weights too where a
+//!   head is wider than 256, which CUDA's fused kernels do not take); GEGLU keeps its 8c-wide
+//!   projection and GELU's output; quick-GELU keeps its input and its sigmoid. Per sample that
+//!   is `3 c_in + 3 c_out` per pixel for a ResNet block, `25 c` per token for an SD transformer
+//!   block with adapters on its attention projections (`21 c` without), `6 w + 2 m_w` per token
+//!   for a CLIP vision layer (`6 w + m_w` with GELU). Before the first adapted layer nothing
+//!   needs a gradient, so the UNet's first ResNet keeps nothing. The count is checked against
+//!   PyTorch's saved tensors for a UNet, a VAE decode and CLIP towers (`tests/parity/memory.rs`,
+//!   within 5%). The backward pass then holds the gradients of about three of the largest tensors
+//!   and those of the skip connections. RID's teacher pass (no gradient) runs while the student's
+//!   activations are kept; it is counted as a sampling pass on top of them.
 //! - **sampling**: a UNet call without gradient keeps its skip connections and about three of
 //!   its largest tensors; a VAE decode about three of its largest. Training samples steps N..2
 //!   this way before the last step; evaluation samples `batch_size` images (UNet batch doubled by
@@ -34,9 +37,7 @@
 //! The sum is raised by 10% for the CUDA caching allocator's rounding and fragmentation, plus
 //! 256 MiB for cuBLAS/cuDNN workspaces. The CUDA context itself (a few hundred MB) is not
 //! counted: the free memory the check compares with is read once the context exists.
-//!
-//! Measured on the CPU (peak RSS growth of one training step, `ril-pipe bench-step`), see the
-//! README's GPU section for the numbers and the configurations.
+
 use std::path::Path;
 
 use crate::exec::{Params, StageContext, StageError};
@@ -642,7 +643,9 @@ fn training_activations(unet: &Tally, after: &Tally, m: f64, guided: bool, teach
     let saved = p * (unet.saved * g * m + after.saved * m) + fp32_saved;
     let largest = p * (unet.largest * g * m).max(after.largest * m);
     let no_grad = p * unet.no_grad_peak() * g * m;
-    let step = saved + if teacher { no_grad.max(3.0 * largest) } else { 3.0 * largest };
+    // In the backward pass: the gradients of the skip connections wait for the down path.
+    let backward = 3.0 * largest + p * unet.held * g * m;
+    let step = saved + if teacher { no_grad.max(backward) } else { backward };
     step.max(no_grad) as u64
 }
 
