@@ -205,14 +205,22 @@ EOF
     for id in ft/fp32 ft/$half ft2 eval/fp32 eval/$half; do
         "$bin" export "$dir/smoke.yaml" --cache "$dir/cache" --stage "$id" --to "$dir/out/$id" >/dev/null || fail "export $id"
     done
-    "$PYTHON" - "$dir/out" "$half" "$DEVICE" <<'EOF' && ok "smoke outputs (dtypes, finite values, logs)" || fail "smoke outputs"
+    "$bin" plan "$dir/smoke.yaml" --cache "$dir/cache" --json > "$dir/plan.json" || fail "plan --json"
+    "$PYTHON" - "$dir/out" "$half" "$DEVICE" "$dir/plan.json" "$dir/cache" <<'EOF' && ok "smoke outputs (dtypes, finite values, logs)" || fail "smoke outputs"
 import json, math, pathlib, struct, sys
 out, half, device = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+keys = {s["id"]: s["key"] for s in json.loads(pathlib.Path(sys.argv[4]).read_text())["stages"]}
+cache = pathlib.Path(sys.argv[5])
+def stage_log(stage):
+    # Logs stay in the cache with each object (export copies the outputs only).
+    key = keys[stage]
+    return (cache / "objects" / key[:2] / key / "log.txt").read_text()
 def header(path):
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     return {k: v for k, v in json.loads(raw[8:8 + n]).items() if k != "__metadata__"}
 bad = []
+want = "cuda" if device.startswith("cuda") else "cpu"
 for stage in ("ft/fp32", f"ft/{half}", "ft2"):
     for name in ("adapters.safetensors", "teacher.safetensors"):
         path = out / stage / name
@@ -225,14 +233,16 @@ for stage in ("ft/fp32", f"ft/{half}", "ft2"):
         rec = json.loads(line)
         if not all(math.isfinite(rec[k]) for k in ("reward", "loss", "grad_norm")):
             bad.append(f"{stage}: non-finite training values {rec}")
-    log = (out / stage / "log.txt").read_text()
+    log = stage_log(stage)
     print(f"--- {stage}/log.txt"); print(log)
-    want = "cuda" if device.startswith("cuda") else "cpu"
     if want not in log.lower() or "estimated peak memory" not in log:
         bad.append(f"{stage}: the log does not name the device or the memory estimate")
     if device.startswith("cuda") and "free" not in log and "unknown" not in log:
         bad.append(f"{stage}: no free-memory check in the log")
 for stage in ("eval/fp32", f"eval/{half}"):
+    log = stage_log(stage)
+    if want not in log.lower() or "estimated peak memory" not in log:
+        bad.append(f"{stage}: the log does not name the device or the memory estimate")
     metrics = json.loads((out / stage / "metrics.json").read_text())
     print(stage, json.dumps(metrics.get("metrics", metrics)))
     values = metrics.get("metrics", {})

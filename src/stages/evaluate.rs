@@ -197,7 +197,7 @@ impl StageKind for Evaluate {
 /// The FID feature extractor of a world.
 enum FidExtractor {
     /// pytorch-fid's Inception, with the dtype of its weights (the stage's precision).
-    Inception(InceptionV3, Kind),
+    Inception(Box<InceptionV3>, Kind),
     /// The CLIP-score model's image embedding (already computed for the CLIP score).
     Clip,
 }
@@ -211,7 +211,7 @@ impl FidExtractor {
                 let mut vs = precision.new_store(device);
                 let model = InceptionV3::load(&vs, path).map_err(StageError::failed)?;
                 precision.cast_store(&mut vs);
-                Ok(FidExtractor::Inception(model, precision.kind()))
+                Ok(FidExtractor::Inception(Box::new(model), precision.kind()))
             }
         }
     }

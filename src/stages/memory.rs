@@ -276,8 +276,7 @@ pub fn unet_tally(cfg: &UNet2DConditionConfig, side: i64, lora: Adapted) -> Resu
     t.held += (ch[0] * s * s) as f64;
     let mut c_in = ch[0];
     let mut skips: Vec<(i64, i64)> = vec![(ch[0], s)];
-    for i in 0..n {
-        let c = ch[i];
+    for (i, &c) in ch.iter().enumerate() {
         for j in 0..plan.layers[i] {
             resnet(&mut t, c_in, c, s * s, grad);
             if plan.cross_attention[i] {
