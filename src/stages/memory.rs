@@ -546,22 +546,24 @@ pub fn check_fits(ctx: &StageContext, world: &WorldSpec, targets: &[String], job
     let tch::Device::Cuda(index) = super::device::tch_device(&ctx.device) else {
         return Ok(());
     };
-    match super::device::cuda_memory(index) {
-        Ok((free, total)) if estimate.peak() > free => Err(StageError::Failed(format!(
-            "not enough GPU memory on {}: the stage needs about {} but {:.2} GB of {:.2} GB are free; lower `micro_batch` / `batch_size` or use `precision: fp16`",
-            ctx.device,
+    let note = fits(&estimate, &ctx.device, super::device::cuda_memory(index)).map_err(StageError::Failed)?;
+    ctx.log(note);
+    Ok(())
+}
+
+/// The verdict on `estimate` for a device with `memory` = (free, total) bytes: a note for the
+/// log when it fits or the free memory is unknown, the reason to refuse it otherwise.
+pub fn fits(estimate: &MemoryEstimate, device: &str, memory: Result<(u64, u64), String>) -> Result<String, String> {
+    let gb = |b: u64| b as f64 / 1e9;
+    match memory {
+        Ok((free, total)) if estimate.peak() > free => Err(format!(
+            "not enough GPU memory on {device}: the stage needs about {} but {:.2} GB of {:.2} GB are free; lower `micro_batch` / `batch_size` or use `precision: fp16`",
             estimate.describe(),
-            free as f64 / 1e9,
-            total as f64 / 1e9
-        ))),
-        Ok((free, total)) => {
-            ctx.log(format!("{}: {:.2} GB of {:.2} GB free", ctx.device, free as f64 / 1e9, total as f64 / 1e9));
-            Ok(())
-        }
-        Err(reason) => {
-            ctx.log(format!("free memory of {} unknown ({reason}); the memory check is skipped", ctx.device));
-            Ok(())
-        }
+            gb(free),
+            gb(total)
+        )),
+        Ok((free, total)) => Ok(format!("{device}: {:.2} GB of {:.2} GB free", gb(free), gb(total))),
+        Err(reason) => Ok(format!("free memory of {device} unknown ({reason}); the memory check is skipped")),
     }
 }
 
@@ -760,6 +762,17 @@ mod tests {
         // The top level alone: 3 ResNets of 6 x 128 x 512^2 elements.
         assert!(vae.saved > 3.0 * 6.0 * 128.0 * 512.0 * 512.0);
         assert_eq!(vae.largest, 256.0 * 512.0 * 512.0);
+    }
+
+    #[test]
+    fn a_stage_that_does_not_fit_is_refused_with_the_numbers() {
+        let e = MemoryEstimate { weights: 20_000_000_000, adapters: 0, activations: 0, buffers: 0 };
+        let refused = fits(&e, "cuda:1", Ok((10_000_000_000, 80_000_000_000))).unwrap_err();
+        assert!(refused.contains("cuda:1") && refused.contains("22.27 GB") && refused.contains("10.00 GB of 80.00 GB are free"), "{refused}");
+        let note = fits(&e, "cuda:0", Ok((30_000_000_000, 80_000_000_000))).unwrap();
+        assert!(note.contains("30.00 GB of 80.00 GB free"), "{note}");
+        let unknown = fits(&e, "cuda:0", Err("no driver".into())).unwrap();
+        assert!(unknown.contains("unknown (no driver)") && unknown.contains("skipped"), "{unknown}");
     }
 
     #[test]
