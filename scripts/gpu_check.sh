@@ -70,6 +70,8 @@ prepare() {
 
 PYTHON=""
 OUT_DIR="${OUT:-$ROOT/gpu-check-out}"
+# The unpacked binary, the world and the caches: kept out of OUT_DIR, which holds what to read.
+WORK="${TMPDIR:-/tmp}/ril-pipe-gpu-check.$$"
 DEVICE="cuda"
 QUICK=0
 FAILURES=()
@@ -93,7 +95,8 @@ find_python() {
 
 run_checks() {
     find_python
-    mkdir -p "$OUT_DIR" || die "cannot create $OUT_DIR"
+    mkdir -p "$OUT_DIR" "$WORK" || die "cannot create $OUT_DIR and $WORK"
+    trap 'rm -rf "$WORK"' EXIT
     local log="$OUT_DIR/gpu_check.log"
     exec > >(tee "$log") 2>&1
     echo "== environment"
@@ -115,7 +118,7 @@ EOF
     export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 
-    local bin="$OUT_DIR/ril-pipe"
+    local bin="$WORK/ril-pipe"
     if [ -f "$KIT/ril-pipe.xz" ]; then
         xz -dc "$KIT/ril-pipe.xz" > "$bin" && chmod +x "$bin" || die "cannot unpack $KIT/ril-pipe.xz"
     elif [ -x "$KIT/ril-pipe" ]; then
@@ -134,8 +137,8 @@ EOF
     if [ -f "$ROOT/tiny/weights/world.json" ]; then
         world="$ROOT/tiny/weights"
     elif [ -f "$KIT/world.tar.xz" ]; then
-        rm -rf "$OUT_DIR/world" && mkdir -p "$OUT_DIR/world" && tar -C "$OUT_DIR/world" -xJf "$KIT/world.tar.xz" || die "cannot unpack the world"
-        world="$OUT_DIR/world/random"
+        mkdir -p "$WORK/world" && tar -C "$WORK/world" -xJf "$KIT/world.tar.xz" || die "cannot unpack the world"
+        world="$WORK/world/random"
     else
         die "no world: neither tiny/weights nor $KIT/world.tar.xz"
     fi
