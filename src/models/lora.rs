@@ -570,6 +570,12 @@ impl LoraGroup {
     }
 
     /// `sum_i s_i B_i (A_i x)` for the layer in `slot`, `None` when the group adds nothing.
+    ///
+    /// The adapters are fp32 whatever the model's precision. When `x` is half precision (the
+    /// frozen layer's dtype), `A` and `B` are cast to it for this call: the two small matmuls
+    /// run at the layer's precision and the result adds to `W x` without a cast, while the
+    /// gradient flows back through the casts into the fp32 tensors. (Casting `x` to fp32
+    /// instead would keep an fp32 copy of every adapted layer's input for the backward pass.)
     fn delta(&self, slot: usize, xs: &Tensor) -> Option<Tensor> {
         let state = self.state();
         let layer = &state.layers[&state.slots[slot]];

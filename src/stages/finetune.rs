@@ -8,7 +8,7 @@ use crate::pipeline::schema::{InputSpec, KindSchema, ParamSpec, ParamType};
 use super::precision::Precision;
 use super::records::Task;
 use super::reward_set::task_reward;
-use super::train::{objective_of, train, training_params, TrainSpec};
+use super::train::{check_memory, objective_of, train, training_params, TrainSpec};
 use super::world::ModelRecord;
 
 pub struct Finetune;
@@ -54,6 +54,7 @@ impl StageKind for Finetune {
         let method = p.str_of("method")?.to_string();
         let objective = objective_of(&method, p.str_of("distill")?, p.f64_of("lambda")?)?;
         let device = super::device::tch_device(&ctx.device);
+        check_memory(ctx, &model, adapters.as_deref(), vec![task])?;
         let spec = TrainSpec {
             method,
             objective,

@@ -10,7 +10,7 @@ use super::finetune::model_input;
 use super::precision::Precision;
 use super::records::Task;
 use super::reward_set::mixture;
-use super::train::{train, training_params, TrainSpec};
+use super::train::{check_memory, train, training_params, TrainSpec};
 use super::world::ModelRecord;
 
 pub struct Joint;
@@ -51,6 +51,7 @@ impl StageKind for Joint {
         }
         let (model, adapters) = ModelRecord::of_input(ctx.input("model")?)?;
         let device = super::device::tch_device(&ctx.device);
+        check_memory(ctx, &model, adapters.as_deref(), weights.iter().map(|(t, _)| *t).collect())?;
         let spec = TrainSpec {
             method: "joint".into(),
             objective: Objective::Baseline,

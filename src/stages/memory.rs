@@ -14,17 +14,20 @@
 //! - **activations** of one micro-batch of `m` prompts (guidance doubles the UNet's batch to
 //!   `2m`): the tensors autograd keeps for the backward pass of the last UNet call, the VAE
 //!   decode and the reward model, no gradient checkpointing. They are counted op by op from the
-//!   configs, as the forward code makes them: a group or layer norm, SiLU, GELU or convolution
-//!   keeps its input, a linear layer its input, fused attention its q, k, v and output (plus the
-//!   `T x T` weights where the head is wider than 256 and CUDA falls back to the plain kernel),
-//!   the GEGLU feed-forward its 8c-wide projection, the gate's GELU output and the product. Per
-//!   sample and layer that is `3 c_in + 3 c_out` elements per pixel for a ResNet block, about
-//!   `30 c` per token for a transformer block of width `c` (plus the LoRA down projections,
-//!   `r` per token and adapted layer), `9 w + 3 m_w` per token for a CLIP vision layer (quick-GELU;
-//!   `2 m_w` with GELU). Before the first adapted layer nothing needs a gradient, so the UNet's
-//!   first ResNet keeps nothing. The backward pass then holds, at most, the gradients of about
-//!   three of the largest tensors at once. RID's teacher pass (no gradient) runs while the
-//!   student's activations are kept; it is counted as a sampling pass on top of them.
+//!   configs, by the rules autograd follows (measured with PyTorch's saved-tensor hooks): a
+//!   convolution, group or layer norm, SiLU or GELU keeps its input; a linear layer with a
+//!   frozen weight keeps nothing, an adapted one keeps its input and its down projection (`r`
+//!   per row); fused attention keeps q, k, v and its output (and the `T x T` weights too where a
+//!   head is wider than 256, which CUDA's fused kernels do not take); GEGLU keeps its 8c-wide
+//!   projection and GELU's output; quick-GELU keeps its input and its sigmoid. Per sample that
+//!   is `3 c_in + 3 c_out` per pixel for a ResNet block, `25 c` per token for an SD transformer
+//!   block with adapters on its attention projections (`21 c` without), `6 w + 2 m_w` per token
+//!   for a CLIP vision layer (`6 w + m_w` with GELU). Before the first adapted layer nothing
+//!   needs a gradient, so the UNet's first ResNet keeps nothing. The count is checked against
+//!   PyTorch's saved tensors for a UNet, a VAE decode and CLIP towers (`tests/parity/memory.rs`,
+//!   within 5%). The backward pass then holds the gradients of about three of the largest tensors
+//!   and those of the skip connections. RID's teacher pass (no gradient) runs while the student's
+//!   activations are kept; it is counted as a sampling pass on top of them.
 //! - **sampling**: a UNet call without gradient keeps its skip connections and about three of
 //!   its largest tensors; a VAE decode about three of its largest. Training samples steps N..2
 //!   this way before the last step; evaluation samples `batch_size` images (UNet batch doubled by
@@ -34,9 +37,7 @@
 //! The sum is raised by 10% for the CUDA caching allocator's rounding and fragmentation, plus
 //! 256 MiB for cuBLAS/cuDNN workspaces. The CUDA context itself (a few hundred MB) is not
 //! counted: the free memory the check compares with is read once the context exists.
-//!
-//! Measured on the CPU (peak RSS growth of one training step, `ril-pipe bench-step`), see the
-//! README's GPU section for the numbers and the configurations.
+
 use std::path::Path;
 
 use crate::exec::{Params, StageContext, StageError};
@@ -275,8 +276,7 @@ pub fn unet_tally(cfg: &UNet2DConditionConfig, side: i64, lora: Adapted) -> Resu
     t.held += (ch[0] * s * s) as f64;
     let mut c_in = ch[0];
     let mut skips: Vec<(i64, i64)> = vec![(ch[0], s)];
-    for i in 0..n {
-        let c = ch[i];
+    for (i, &c) in ch.iter().enumerate() {
         for j in 0..plan.layers[i] {
             resnet(&mut t, c_in, c, s * s, grad);
             if plan.cross_attention[i] {
@@ -546,22 +546,24 @@ pub fn check_fits(ctx: &StageContext, world: &WorldSpec, targets: &[String], job
     let tch::Device::Cuda(index) = super::device::tch_device(&ctx.device) else {
         return Ok(());
     };
-    match super::device::cuda_memory(index) {
-        Ok((free, total)) if estimate.peak() > free => Err(StageError::Failed(format!(
-            "not enough GPU memory on {}: the stage needs about {} but {:.2} GB of {:.2} GB are free; lower `micro_batch` / `batch_size` or use `precision: fp16`",
-            ctx.device,
+    let note = fits(&estimate, &ctx.device, super::device::cuda_memory(index)).map_err(StageError::Failed)?;
+    ctx.log(note);
+    Ok(())
+}
+
+/// The verdict on `estimate` for a device with `memory` = (free, total) bytes: a note for the
+/// log when it fits or the free memory is unknown, the reason to refuse it otherwise.
+pub fn fits(estimate: &MemoryEstimate, device: &str, memory: Result<(u64, u64), String>) -> Result<String, String> {
+    let gb = |b: u64| b as f64 / 1e9;
+    match memory {
+        Ok((free, total)) if estimate.peak() > free => Err(format!(
+            "not enough GPU memory on {device}: the stage needs about {} but {:.2} GB of {:.2} GB are free; lower `micro_batch` / `batch_size` or use `precision: fp16`",
             estimate.describe(),
-            free as f64 / 1e9,
-            total as f64 / 1e9
-        ))),
-        Ok((free, total)) => {
-            ctx.log(format!("{}: {:.2} GB of {:.2} GB free", ctx.device, free as f64 / 1e9, total as f64 / 1e9));
-            Ok(())
-        }
-        Err(reason) => {
-            ctx.log(format!("free memory of {} unknown ({reason}); the memory check is skipped", ctx.device));
-            Ok(())
-        }
+            gb(free),
+            gb(total)
+        )),
+        Ok((free, total)) => Ok(format!("{device}: {:.2} GB of {:.2} GB free", gb(free), gb(total))),
+        Err(reason) => Ok(format!("free memory of {device} unknown ({reason}); the memory check is skipped")),
     }
 }
 
@@ -642,7 +644,9 @@ fn training_activations(unet: &Tally, after: &Tally, m: f64, guided: bool, teach
     let saved = p * (unet.saved * g * m + after.saved * m) + fp32_saved;
     let largest = p * (unet.largest * g * m).max(after.largest * m);
     let no_grad = p * unet.no_grad_peak() * g * m;
-    let step = saved + if teacher { no_grad.max(3.0 * largest) } else { 3.0 * largest };
+    // In the backward pass: the gradients of the skip connections wait for the down path.
+    let backward = 3.0 * largest + p * unet.held * g * m;
+    let step = saved + if teacher { no_grad.max(backward) } else { backward };
     step.max(no_grad) as u64
 }
 
@@ -758,6 +762,17 @@ mod tests {
         // The top level alone: 3 ResNets of 6 x 128 x 512^2 elements.
         assert!(vae.saved > 3.0 * 6.0 * 128.0 * 512.0 * 512.0);
         assert_eq!(vae.largest, 256.0 * 512.0 * 512.0);
+    }
+
+    #[test]
+    fn a_stage_that_does_not_fit_is_refused_with_the_numbers() {
+        let e = MemoryEstimate { weights: 20_000_000_000, adapters: 0, activations: 0, buffers: 0 };
+        let refused = fits(&e, "cuda:1", Ok((10_000_000_000, 80_000_000_000))).unwrap_err();
+        assert!(refused.contains("cuda:1") && refused.contains("22.27 GB") && refused.contains("10.00 GB of 80.00 GB are free"), "{refused}");
+        let note = fits(&e, "cuda:0", Ok((30_000_000_000, 80_000_000_000))).unwrap();
+        assert!(note.contains("30.00 GB of 80.00 GB free"), "{note}");
+        let unknown = fits(&e, "cuda:0", Err("no driver".into())).unwrap();
+        assert!(unknown.contains("unknown (no driver)") && unknown.contains("skipped"), "{unknown}");
     }
 
     #[test]

@@ -93,6 +93,15 @@ const RESUME_OPTIM: &str = "optimizer.safetensors";
 /// Purposes of the noise streams of a training stage.
 const STREAM_LATENTS: u32 = 10;
 
+/// Logs the training stage's peak-memory estimate and, on a GPU, fails when it exceeds the free
+/// memory: called before any model (the reward's included) is loaded.
+pub fn check_memory(ctx: &StageContext, model: &ModelRecord, adapters: Option<&std::path::Path>, tasks: Vec<Task>) -> Result<(), StageError> {
+    // A bad adapter file fails when it is loaded, with its own message.
+    let earlier_ranks = adapters.map_or(0, |path| memory::adapter_file_ranks(path).unwrap_or(0));
+    let job = memory::training_job(ctx.params(), tasks, earlier_ranks);
+    memory::check_fits(ctx, &model.world, &model.lora_targets, &job, Precision::of_params(ctx.params())?)
+}
+
 /// Runs the training; writes model.json, adapters, teacher, log and summary into the output.
 pub fn train(ctx: &mut StageContext, spec: TrainSpec, model: &ModelRecord, adapters: Option<&std::path::Path>) -> Result<(), StageError> {
     let p = ctx.params().clone();
@@ -100,10 +109,6 @@ pub fn train(ctx: &mut StageContext, spec: TrainSpec, model: &ModelRecord, adapt
     tch::set_num_threads(ctx.threads.max(1) as i32);
     let seed = p.i64_of("seed")? as u64;
     let precision = Precision::of_params(&p)?;
-    // A bad adapter file fails in the load below, with its own message.
-    let earlier_ranks = adapters.map_or(0, |path| memory::adapter_file_ranks(path).unwrap_or(0));
-    let job = memory::training_job(&p, spec.tasks.clone(), earlier_ranks);
-    memory::check_fits(ctx, &model.world, &model.lora_targets, &job, precision)?;
     let diffusion = Diffusion::load(model, adapters, device, precision)?;
     let lora = &diffusion.lora;
     let init = match p.str_of("lora_init")? {

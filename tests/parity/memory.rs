@@ -55,3 +55,21 @@ fn clip_vision_activation_count_matches_autograd() {
         check(case, vision_tally(&cfg.vision.unwrap()).saved, bytes);
     }
 }
+
+#[test]
+fn checkpoint_headers_count_the_float_elements() {
+    use ril_pipe::models::weights::load_weights;
+    use ril_pipe::stages::memory::checkpoint_elements;
+    let root = fixture_dir("weights");
+    for name in ["ordered.pth", "plain_dict.pt", "fp16.bin", "bf16.bin", "views.pt", "sharded", "bin_only", "both"] {
+        let path = root.join(name);
+        let loaded: u64 = load_weights(&path)
+            .unwrap()
+            .values()
+            .filter(|t| matches!(t.kind(), tch::Kind::Half | tch::Kind::BFloat16 | tch::Kind::Float | tch::Kind::Double))
+            .map(|t| t.numel() as u64)
+            .sum();
+        assert!(loaded > 0, "{name}");
+        assert_eq!(checkpoint_elements(&path).unwrap(), loaded, "{name}");
+    }
+}
