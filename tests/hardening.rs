@@ -292,6 +292,8 @@ pub struct Reference {
     pub results: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
     /// Wall-clock seconds of the uninterrupted run, from taking the cache to exit.
     pub seconds: f64,
+    /// Each stage's seconds in that run, in the order they ran.
+    pub stage_seconds: Vec<(String, f64)>,
 }
 
 pub fn reference() -> &'static Reference {
@@ -315,6 +317,12 @@ pub fn reference() -> &'static Reference {
         assert_eq!(all_results(&keys, &again), results, "two uninterrupted runs differ");
         std::fs::remove_dir_all(&again).unwrap();
         report(&format!("reference: the small real pipeline ({} stages) runs in {seconds:.1}s after {startup:.1}s of process start", keys.len()));
+        let stage_seconds = out
+            .text
+            .lines()
+            .filter_map(|l| l.strip_prefix("  done    "))
+            .filter_map(|l| l.split_once(" in ").and_then(|(id, t)| t.strip_suffix('s').and_then(|t| t.parse().ok()).map(|t| (id.to_string(), t))))
+            .collect();
         Reference {
             dir,
             pipeline,
@@ -322,6 +330,7 @@ pub fn reference() -> &'static Reference {
             keys,
             results,
             seconds,
+            stage_seconds,
         }
     })
 }

@@ -46,25 +46,106 @@ struct KillRound {
     report: String,
 }
 
-fn kill_real_once(r: &Reference, cache: &Path, delay_ms: u64) -> KillRound {
+/// The (stage, file) pairs whose contents differ.
+fn differences(want: &BTreeMap<String, BTreeMap<String, Vec<u8>>>, got: &BTreeMap<String, BTreeMap<String, Vec<u8>>>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (id, files) in want {
+        for (name, bytes) in files {
+            if got.get(id).and_then(|g| g.get(name)) != Some(bytes) {
+                out.push(format!("{id}/{name}"));
+            }
+        }
+    }
+    out
+}
+
+/// A random point of the run: a stage, chosen with the odds of its share of the run's time,
+/// and a moment inside it (up to a tenth past its end: its commit, the journal, the next
+/// stage's start).
+fn random_point(r: &Reference, rng: &mut Rng) -> (String, u64) {
+    let total: f64 = r.stage_seconds.iter().map(|(_, t)| t.max(0.05)).sum();
+    let mut at = (rng.below(1_000_000) as f64 / 1e6) * total;
+    for (id, t) in &r.stage_seconds {
+        let t = t.max(0.05);
+        if at < t {
+            return (id.clone(), (at * 1100.0) as u64);
+        }
+        at -= t;
+    }
+    let (id, t) = r.stage_seconds.last().unwrap();
+    (id.clone(), (t * 1000.0) as u64)
+}
+
+/// The step of a fine-tune's last checkpoint in `cache` (0: none yet).
+fn checkpoint_step(cache: &Path, key: &str) -> u64 {
+    std::fs::read(cache.join("partial").join(key).join("state.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["step"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Starts the run and kills it `delay_ms` after it starts `stage` (after that stage's
+/// checkpoint of step `after_checkpoint`, when given); the killed run's output.
+fn kill_at(r: &Reference, cache: &Path, stage: &str, after_checkpoint: Option<u64>, delay_ms: u64) -> Output {
+    use std::io::BufRead as _;
     let mut child = spawn_ril(&run_args(s(&r.pipeline), s(cache)));
-    // Random points of the run itself: the delay starts once the run holds the cache.
-    let _ = wait_for_holder(cache, ".run", &mut child);
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut text = String::new();
+    let wanted = format!("  start   {stage} ");
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(300)) {
+        let hit = line.starts_with(&wanted);
+        text.push_str(&line);
+        text.push('\n');
+        if hit {
+            break;
+        }
+    }
+    if let Some(step) = after_checkpoint {
+        let key = &r.keys[stage];
+        wait_for(|| checkpoint_step(cache, key) >= step, Duration::from_secs(120));
+    }
     std::thread::sleep(Duration::from_millis(delay_ms));
     let _ = child.kill();
-    let killed = finish(child);
+    let status = child.wait().unwrap();
+    let _ = reader.join();
+    text.extend(rx.try_iter().map(|l| l + "\n"));
+    Output { code: status.code(), text }
+}
+
+fn kill_real_once(r: &Reference, cache: &Path, rng: &mut Rng) -> KillRound {
+    // Half of the kills in a fine-tune come after one of its checkpoints (its set-up takes
+    // most of its time otherwise), so that resuming is tried often.
+    let (stage, mut delay_ms) = random_point(r, rng);
+    let after_checkpoint = (stage.starts_with("ft/") && rng.below(2) == 0).then(|| 1 + rng.below(3));
+    if after_checkpoint.is_some() {
+        delay_ms = rng.below(150);
+    }
+    let killed = kill_at(r, cache, &stage, after_checkpoint, delay_ms);
     let before = finished(cache);
     let place = match (killed.code, running_at_end(&killed.text)) {
         (Some(_), _) => "after the run had finished".to_string(),
         (None, Some(id)) if id.starts_with("ft/") => "during training".to_string(),
+        (None, Some(id)) if id == "eval" => "during the evaluation".to_string(),
         (None, Some(id)) => format!("while {id} ran"),
-        (None, None) if before.is_empty() => "before the first stage finished".to_string(),
         (None, None) => "between stages (commit, journal)".to_string(),
+    };
+    let delay_ms = match after_checkpoint {
+        Some(step) => format!("{delay_ms} ms after checkpoint {step} of {stage}"),
+        None => format!("{delay_ms} ms into {stage}"),
     };
     let out = ril(&run_args(s(&r.pipeline), s(cache)));
     let recovered = out.code == Some(0);
     let again: Vec<String> = started(&out.text).into_iter().filter(|id| before.contains(&r.keys[id])).collect();
-    let equal = recovered && all_results(&r.keys, cache) == r.results;
+    let got = if recovered { all_results(&r.keys, cache) } else { BTreeMap::new() };
+    let differ = differences(&r.results, &got);
+    let equal = recovered && differ.is_empty();
     let clean = objects_verify(cache) && tmp_entries(cache).is_empty();
     let resumed = r
         .keys
@@ -72,7 +153,7 @@ fn kill_real_once(r: &Reference, cache: &Path, delay_ms: u64) -> KillRound {
         .filter(|(id, key)| id.starts_with("ft/") && !before.contains(*key))
         .filter(|(_, key)| std::fs::read_to_string(object_dir(cache, key).join("log.txt")).is_ok_and(|l| l.contains("resumed at step")))
         .count();
-    let report = format!("kill after {delay_ms} ms ({place}): exit {:?}, equal {equal}, recomputed {again:?}, clean {clean}\n{}", out.code, out.text);
+    let report = format!("kill {delay_ms} ({place}): exit {:?}, differing {differ:?}, recomputed {again:?}, clean {clean}\n{}", out.code, out.text);
     KillRound {
         place,
         finished_before: before.len(),
@@ -90,7 +171,6 @@ fn kill9_at_random_points_of_a_real_pipeline() {
     let r = reference();
     let n = repeat(50);
     let seed = seed();
-    let limit_ms = (r.seconds * 1000.0) as u64;
     let dir = tempfile::tempdir().unwrap();
     // Two workers, each with its own caches and random delays.
     let rounds: Vec<KillRound> = std::thread::scope(|scope| {
@@ -103,7 +183,7 @@ fn kill9_at_random_points_of_a_real_pipeline() {
                         .filter(|i| i % 2 == w)
                         .map(|i| {
                             let cache = dir.join(format!("c{i}"));
-                            let round = kill_real_once(r, &cache, rng.below(limit_ms));
+                            let round = kill_real_once(r, &cache, &mut rng);
                             std::fs::remove_dir_all(&cache).unwrap();
                             round
                         })
@@ -120,7 +200,8 @@ fn kill9_at_random_points_of_a_real_pipeline() {
     }
     let places: Vec<String> = landed.iter().map(|(k, v)| format!("{v} {k}")).collect();
     report(&format!(
-        "kill -9 (real pipeline, {n} kills at random points of its {limit_ms} ms, seed {seed}): {}/{n} runs recovered, results equal {}/{n}, finished stages reused {}/{n} ({} stages finished before a kill, none recomputed), verify clean {}/{n}; {} fine-tunes resumed from their checkpoint; kills landed: {}",
+        "kill -9 (real pipeline, {n} kills at random points of its {:.1} s, seed {seed}): {}/{n} runs recovered, results equal {}/{n}, finished stages reused {}/{n} ({} stages finished before a kill, none recomputed), verify clean {}/{n}; {} fine-tunes resumed from their checkpoint; kills landed: {}",
+        r.seconds,
         count(|k| k.recovered),
         count(|k| k.equal),
         count(|k| k.reused),
@@ -175,84 +256,141 @@ fn spawn_child(pipeline: &Path, cache: &Path) -> std::process::Child {
 
 /// Leftovers that show where a kill landed.
 fn kill_site(cache: &Path) -> &'static str {
-    let tmp = tmp_entries(cache);
-    if tmp.iter().any(|t| cache.join("tmp").join(t).join("MANIFEST.json").exists()) {
-        return "in a commit, after the manifest, before the rename";
+    if !manifests_in_tmp(cache).is_empty() {
+        return "in a commit, between the manifest and the rename";
     }
-    let journal_tmp = std::fs::read_dir(cache.join("runs")).into_iter().flatten().flatten().any(|e| e.file_name().to_string_lossy().contains(".tmp."));
-    if journal_tmp {
+    if !journal_writes(cache).is_empty() {
         return "in a journal write";
     }
-    let checkpoint_tmp = std::fs::read_dir(cache.join("partial"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|p| std::fs::read_dir(p.path()).into_iter().flatten().flatten().any(|e| e.file_name().to_string_lossy().contains(".tmp.")));
-    if checkpoint_tmp {
+    if !checkpoint_writes(cache).is_empty() {
         return "in a checkpoint write";
     }
-    if !tmp.is_empty() {
+    if !tmp_entries(cache).is_empty() {
         return "while a stage ran or was hashed";
     }
     "between stages"
 }
 
+/// Temporary folders that hold a manifest: a commit between writing it and the rename.
+fn manifests_in_tmp(cache: &Path) -> Vec<String> {
+    tmp_entries(cache).into_iter().filter(|t| cache.join("tmp").join(t).join("MANIFEST.json").exists()).collect()
+}
+
+/// Temporary files of the journal's atomic writes.
+fn journal_writes(cache: &Path) -> Vec<String> {
+    std::fs::read_dir(cache.join("runs")).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.contains(".tmp.")).collect()
+}
+
+/// Temporary files of checkpoint writes in the resumable folders.
+fn checkpoint_writes(cache: &Path) -> Vec<String> {
+    std::fs::read_dir(cache.join("partial"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|p| std::fs::read_dir(p.path()).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.contains(".tmp."))
+        .collect()
+}
+
+/// The small-stage pipeline's reference outputs: stage id -> (key, out.txt).
+fn small_reference(pipeline: &Path, cache: &Path) -> BTreeMap<String, (String, Vec<u8>)> {
+    assert!(spawn_child(pipeline, cache).wait().unwrap().success());
+    let p = load_resolved(pipeline, &registry().schemas(), &[]).unwrap();
+    let pl = ril_pipe::exec::plan::plan(&p, &registry(), &Cache::new(cache), &ril_pipe::exec::filehash::FileHasher::ephemeral()).unwrap();
+    pl.stages.iter().map(|s| (s.stage.id.clone(), (s.key.clone(), std::fs::read(object_dir(cache, &s.key).join("out.txt")).unwrap()))).collect()
+}
+
+/// After a kill: rerun in this process and check that it finished, reused every finished
+/// stage, produced the reference outputs and left a clean cache. `Err` says what failed.
+fn rerun_after_kill(pipeline: &Path, cache: &Path, count: &Path, reference: &BTreeMap<String, (String, Vec<u8>)>) -> Result<(), String> {
+    let before = finished(cache);
+    let before_runs = executions(count).len();
+    let summary = run_library(pipeline, cache, &[]);
+    let again: Vec<String> = executions(count)[before_runs..].iter().filter(|id| before.contains(&reference[*id].0)).cloned().collect();
+    let same = reference.values().all(|(k, out)| std::fs::read(object_dir(cache, k).join("out.txt")).ok().as_ref() == Some(out));
+    let clean = objects_verify(cache) && tmp_entries(cache).is_empty();
+    if summary.ok() && same && again.is_empty() && clean {
+        Ok(())
+    } else {
+        Err(format!("ok {}, equal {same}, recomputed {again:?}, clean {clean}", summary.ok()))
+    }
+}
+
 #[test]
 fn kill9_during_commits_and_journal_writes() {
+    let seed = seed();
+    let mut rng = Rng(seed);
+    let mut failures = Vec::new();
+    let mut lines = Vec::new();
+
+    // Random kills, in memory (fast; a kill does not test fsync).
     let dir = memory_tempdir();
     let n_stages = 30;
     let count = dir.path().join("count.txt");
     let pipeline = small_stages(dir.path(), &count, n_stages, "");
-    let reference_cache = dir.path().join("reference");
-    let mut child = spawn_child(&pipeline, &reference_cache);
-    wait_for_holder(&reference_cache, ".run", &mut child);
+    let reference = small_reference(&pipeline, &dir.path().join("reference"));
+    let probe = dir.path().join("probe");
+    let mut child = spawn_child(&pipeline, &probe);
+    wait_for_holder(&probe, ".run", &mut child);
     let started = Instant::now();
     assert!(child.wait().unwrap().success());
     let limit_ms = started.elapsed().as_millis() as u64;
-    let keys: BTreeMap<String, String> = {
-        let p = load_resolved(&pipeline, &registry().schemas(), &[]).unwrap();
-        let pl = ril_pipe::exec::plan::plan(&p, &registry(), &Cache::new(&reference_cache), &ril_pipe::exec::filehash::FileHasher::ephemeral()).unwrap();
-        pl.stages.iter().map(|s| (s.stage.id.clone(), s.key.clone())).collect()
-    };
-    let expected: BTreeMap<String, Vec<u8>> = keys.iter().map(|(id, k)| (id.clone(), std::fs::read(object_dir(&reference_cache, k).join("out.txt")).unwrap())).collect();
-
-    let n = repeat(60);
-    let seed = seed();
-    let mut rng = Rng(seed);
-    let (mut recovered, mut equal, mut reused, mut clean) = (0, 0, 0, 0);
+    let n = repeat(30);
+    let mut ok = 0;
     let mut sites: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut failures = Vec::new();
     for i in 0..n {
         let cache = dir.path().join(format!("c{i}"));
-        let _ = std::fs::remove_file(&count);
         let delay = rng.below(limit_ms);
         let mut child = spawn_child(&pipeline, &cache);
         wait_for_holder(&cache, ".run", &mut child);
         std::thread::sleep(Duration::from_millis(delay));
         kill9(&mut child);
         *sites.entry(kill_site(&cache)).or_default() += 1;
-        let before = finished(&cache);
-        let before_runs = executions(&count).len();
-        let summary = run_library(&pipeline, &cache, &[]);
-        let rerun: Vec<String> = executions(&count)[before_runs..].to_vec();
-        let again: Vec<&String> = rerun.iter().filter(|id| before.contains(&keys[*id])).collect();
-        let c = Cache::new(&cache);
-        let same = keys.iter().all(|(id, k)| std::fs::read(object_dir(&cache, k).join("out.txt")).ok().as_ref() == Some(&expected[id]));
-        let verified = keys.values().all(|k| c.verify(k).unwrap().is_ok()) && tmp_entries(&cache).is_empty();
-        recovered += usize::from(summary.ok());
-        equal += usize::from(same);
-        reused += usize::from(again.is_empty());
-        clean += usize::from(verified);
-        if !(summary.ok() && same && again.is_empty() && verified) {
-            failures.push(format!("iteration {i} (seed {seed}, kill after {delay} ms): ok {}, equal {same}, recomputed {again:?}, clean {verified}", summary.ok()));
+        match rerun_after_kill(&pipeline, &cache, &count, &reference) {
+            Ok(()) => ok += 1,
+            Err(e) => failures.push(format!("random kill {i} (seed {seed}, {delay} ms): {e}")),
         }
         std::fs::remove_dir_all(&cache).unwrap();
     }
     let sites: Vec<String> = sites.iter().map(|(k, v)| format!("{v} {k}")).collect();
-    report(&format!(
-        "kill -9 ({n_stages} small stages, {n} random kills in 0-{limit_ms} ms): {recovered}/{n} runs recovered, results equal {equal}/{n}, finished stages reused {reused}/{n}, verify clean {clean}/{n}; kills landed {}",
-        sites.join(", ")
-    ));
+    lines.push(format!("{n} at random points of its {limit_ms} ms: {ok}/{n} recovered ({})", sites.join(", ")));
+
+    // Targeted kills, on disk (where flushing makes these moments long enough to hit): the
+    // killer watches for the moment and kills at once, at the k-th such moment of the run.
+    let disk = tempfile::tempdir().unwrap();
+    let n_small = 8;
+    let count = disk.path().join("count.txt");
+    let pipeline = small_stages(disk.path(), &count, n_small, "");
+    let reference = small_reference(&pipeline, &disk.path().join("reference"));
+    type Moment = fn(&Path) -> Vec<String>;
+    let moments: [(&str, Moment); 3] = [
+        ("in a commit, between the manifest and the rename", manifests_in_tmp),
+        ("in a journal write", journal_writes),
+        ("in a checkpoint write", checkpoint_writes),
+    ];
+    let per_moment = repeat(8);
+    for (what, moment) in moments {
+        let (mut hit, mut ok) = (0, 0);
+        for j in 0..per_moment {
+            let cache = disk.path().join(format!("t{j}"));
+            let k = 1 + rng.below(n_small as u64) as usize;
+            let mut child = spawn_child(&pipeline, &cache);
+            let mut seen = std::collections::HashSet::new();
+            let watch = Instant::now();
+            while seen.len() < k && watch.elapsed() < Duration::from_secs(60) && child.try_wait().ok().flatten().is_none() {
+                seen.extend(moment(&cache));
+            }
+            kill9(&mut child);
+            hit += usize::from(!moment(&cache).is_empty());
+            match rerun_after_kill(&pipeline, &cache, &count, &reference) {
+                Ok(()) => ok += 1,
+                Err(e) => failures.push(format!("kill {what} #{k} (seed {seed}): {e}")),
+            }
+            std::fs::remove_dir_all(&cache).unwrap();
+        }
+        lines.push(format!("{per_moment} {what}: {ok}/{per_moment} recovered ({hit} left the half-done write behind, the rest landed just after it)"));
+    }
+    report(&format!("kill -9 (small stages of a test kind; commits, journal and checkpoint writes): {}; every recovered run reused its finished stages, gave the reference outputs and a clean cache", lines.join("; ")));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -260,16 +398,25 @@ fn kill9_during_commits_and_journal_writes() {
 fn kill9_during_gc() {
     let dir = memory_tempdir();
     let count = dir.path().join("count.txt");
-    let n_stages = 200;
+    let n_stages = 50;
     let pipeline = small_stages(dir.path(), &count, n_stages, "");
     let snapshot = dir.path().join("snapshot");
-    // The first version's objects become garbage once the second version is recorded.
     assert!(run_library(&pipeline, &snapshot, &[]).ok());
-    let newer = small_stages(dir.path(), &count, n_stages, "-v2");
-    // Same pipeline name (`many`): the journal now references the second version only.
-    assert!(run_library(&newer, &snapshot, &[]).ok());
+    // Garbage: copies of a finished object under keys that no journal references.
+    let template = object_dir(&snapshot, finished(&snapshot).first().unwrap());
+    let mut rng = Rng(seed());
+    let garbage = 1000;
+    for _ in 0..garbage {
+        let key = format!("{:016x}{:016x}{:016x}{:016x}", rng.next(), rng.next(), rng.next(), rng.next());
+        let dest = object_dir(&snapshot, &key);
+        copy_tree(&template, &dest);
+        let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dest.join("MANIFEST.json")).unwrap()).unwrap();
+        manifest["key"] = serde_json::json!(key);
+        std::fs::write(dest.join("MANIFEST.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
+    }
     let all = finished(&snapshot).len();
-    assert_eq!(all, 2 * n_stages);
+    assert_eq!(all, n_stages + garbage);
+    let newer = pipeline;
 
     // How long an uninterrupted gc takes once it holds the cache.
     let probe = dir.path().join("probe");
@@ -282,7 +429,7 @@ fn kill9_during_gc() {
     assert_eq!(out.code, Some(0), "{}", out.text);
     assert_eq!(finished(&probe).len(), n_stages, "{}", out.text);
 
-    let n = repeat(50);
+    let n = repeat(30);
     let seed = seed();
     let mut rng = Rng(seed);
     let (mut mid, mut clean, mut kept, mut completed) = (0, 0, 0, 0);
@@ -323,7 +470,7 @@ fn kill9_during_gc() {
     let again = ril(&["gc", "--cache", s(&last)]);
     let second_gc = again.code == Some(0) && finished(&last).len() == n_stages && tmp_entries(&last).is_empty() && verify_clean(&last);
     report(&format!(
-        "kill -9 during gc ({n} kills at random points of its {limit_ms} ms, {n_stages} of {all} objects to remove; {mid} kills in the middle of removing): verify clean {clean}/{n}, referenced results kept {kept}/{n}, leftovers cleaned by the next run {completed}/{n}; a gc after a killed one completes: {}",
+        "kill -9 during gc ({n} kills at random points of its {limit_ms} ms, {garbage} of {all} objects to remove; {mid} kills in the middle of removing): verify clean {clean}/{n}, referenced results kept {kept}/{n}, leftovers cleaned by the next run {completed}/{n}; a gc after a killed one completes: {}",
         yes(second_gc)
     ));
     assert!(second_gc, "{}", again.text);
