@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up, build, and run the main study on the tiny world
 #   make test   set up, build, and run every test (unit, integration, parity)
+#   make hardening   the fault, bad-input and path checks, with their counts (CI runs it too)
 #
 # PyTorch 2.11.0 (the libtorch that tch 0.24 binds) and the Python test oracles live in a venv
 # outside the clone, and the cargo target directory too, so fresh clones and CI reuse both.
@@ -16,7 +17,7 @@ export RIL_FIXTURES ?= $(RIL_HOME)/fixtures
 export RIL_SHARED ?= $(abspath $(CURDIR)/../shared)
 BIN := $(CARGO_TARGET_DIR)/debug/ril-pipe
 
-.PHONY: setup build test demo fixtures bench clean-cache slurm-check smoke
+.PHONY: setup build test hardening demo fixtures bench clean-cache slurm-check smoke
 
 setup: $(VENV)/.installed
 
@@ -33,6 +34,12 @@ fixtures: setup
 
 test: build fixtures
 	cargo test --no-fail-fast
+
+# Faults injected (kill -9, damaged objects, a full disk, concurrent runs), bad input tried
+# (a pipeline fuzzer, malformed pipelines and weight files), paths kept inside the cache; each
+# check prints its counts. About 10 minutes.
+hardening: build fixtures
+	cargo test --test hardening -- --test-threads=2
 
 demo: build
 	$(BIN) run pipelines/all_orders.yaml

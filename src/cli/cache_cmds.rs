@@ -195,7 +195,10 @@ pub fn gc(args: GcArgs) -> anyhow::Result<i32> {
         freed += size;
     }
     for key in cache.list_partial() {
-        if !roots.contains(&key) {
+        // A checkpoint is garbage when nothing needs its stage, or when its stage finished
+        // (a run killed between the commit and the checkpoint's removal leaves one).
+        let finished = matches!(cache.lookup(&key)?, ObjectState::Done(_));
+        if !roots.contains(&key) || finished {
             println!("{} resumable checkpoint {}", if args.dry_run { "would remove" } else { "remove" }, short_key(&key));
             if !args.dry_run {
                 cache.remove_partial(&key)?;

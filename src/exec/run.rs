@@ -215,9 +215,7 @@ pub struct FrozenStage {
 }
 
 impl FrozenStage {
-    fn from_plan(p: &PlannedStage, plan: &Plan) -> Self {
-        let key_of: HashMap<&str, &str> = plan.stages.iter().map(|s| (s.stage.id.as_str(), s.key.as_str())).collect();
-        let meta_of: HashMap<&str, &BTreeMap<String, String>> = plan.stages.iter().map(|s| (s.stage.id.as_str(), &s.stage.meta)).collect();
+    fn from_plan(p: &PlannedStage, key_of: &HashMap<&str, &str>, meta_of: &HashMap<&str, &BTreeMap<String, String>>) -> Self {
         let mut inputs = BTreeMap::new();
         let mut input_meta = BTreeMap::new();
         for (name, ids) in &p.stage.inputs {
@@ -243,7 +241,9 @@ impl FrozenStage {
 
     /// The frozen form of every unique stage of a plan, by key.
     pub fn all(plan: &Plan) -> BTreeMap<String, FrozenStage> {
-        plan.unique().map(|p| (p.key.clone(), FrozenStage::from_plan(p, plan))).collect()
+        let key_of: HashMap<&str, &str> = plan.stages.iter().map(|s| (s.stage.id.as_str(), s.key.as_str())).collect();
+        let meta_of: HashMap<&str, &BTreeMap<String, String>> = plan.stages.iter().map(|s| (s.stage.id.as_str(), &s.stage.meta)).collect();
+        plan.unique().map(|p| (p.key.clone(), FrozenStage::from_plan(p, &key_of, &meta_of))).collect()
     }
 }
 
@@ -264,21 +264,28 @@ pub fn run(plan_in: &crate::pipeline::ResolvedPipeline, registry: &Registry, cac
         ..RunSummary::default()
     };
     let journal_dir = cache.journal_dir();
-    let record = |ids: Vec<String>, p: &PlannedStage| {
+    // Each call rewrites the whole journal: stages found in the cache go in one call (one per
+    // stage made a run of n cached stages cost n^2).
+    let record = |stages: Vec<(Vec<String>, &PlannedStage)>| {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let entries: Vec<(String, JournalEntry)> = ids
+        let entries: Vec<(String, JournalEntry)> = stages
             .into_iter()
-            .map(|id| {
-                (
-                    id,
-                    JournalEntry {
-                        key: p.key.clone(),
-                        ingredients: p.ingredients.clone(),
-                        finished_unix: now,
-                    },
-                )
+            .flat_map(|(ids, p)| {
+                ids.into_iter().map(move |id| {
+                    (
+                        id,
+                        JournalEntry {
+                            key: p.key.clone(),
+                            ingredients: p.ingredients.clone(),
+                            finished_unix: now,
+                        },
+                    )
+                })
             })
             .collect();
+        if entries.is_empty() {
+            return;
+        }
         if let Err(e) = Journal::record(&journal_dir, &plan.pipeline.name, &plan.pipeline.source, &entries) {
             hub.println(&format!("warning: cannot update the journal: {e}"));
         }
@@ -302,15 +309,15 @@ pub fn run(plan_in: &crate::pipeline::ResolvedPipeline, registry: &Registry, cac
         }
     }
     let mut launcher_failures: Vec<Finished> = Vec::new();
-    let mut hit_ids = Vec::new();
-    for &i in &hits {
-        let mut ids = vec![units[i].planned.stage.id.clone()];
-        ids.extend(units[i].merged.iter().cloned());
-        hit_ids.push((ids, i));
-    }
-    for (ids, i) in hit_ids {
-        record(ids, &units[i].planned);
-    }
+    let hit_ids = hits
+        .iter()
+        .map(|&i| {
+            let mut ids = vec![units[i].planned.stage.id.clone()];
+            ids.extend(units[i].merged.iter().cloned());
+            (ids, &units[i].planned)
+        })
+        .collect();
+    record(hit_ids);
 
     let frozen = FrozenStage::all(&plan);
     let mut launcher: Box<dyn Launcher> = match &opts.executor {
@@ -394,14 +401,14 @@ pub fn run(plan_in: &crate::pipeline::ResolvedPipeline, registry: &Registry, cac
                     states[i] = State::Done;
                     let mut ids = vec![id.clone()];
                     ids.extend(units[i].merged.iter().cloned());
-                    record(ids, &units[i].planned);
+                    record(vec![(ids, &units[i].planned)]);
                 }
                 Outcome::Cached => {
                     hub.println(&format!("  cached  {id} (finished by another process)"));
                     states[i] = State::Done;
                     let mut ids = vec![id.clone()];
                     ids.extend(units[i].merged.iter().cloned());
-                    record(ids, &units[i].planned);
+                    record(vec![(ids, &units[i].planned)]);
                 }
                 Outcome::Failed { error, log } => {
                     let log_note = log.as_ref().map(|l| format!("\n          log: {}", l.display())).unwrap_or_default();

@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 
 /// What all values interpolated for one pipeline may add up to, in approximate bytes (a string
 /// counts its length, every other value [`NODE_BYTES`]).
-pub const MAX_EXPANDED_BYTES: usize = 256 << 20;
+pub const MAX_EXPANDED_BYTES: usize = 64 << 20;
 /// The deepest a value may nest (lists and mappings inside each other) after interpolation.
 pub const MAX_DEPTH: usize = 64;
 /// The deepest `${` may nest inside `${`.
