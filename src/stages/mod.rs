@@ -3,6 +3,7 @@ pub mod device;
 pub mod diffusion;
 pub mod forgetting;
 pub mod records;
+pub mod tiny_pretrain;
 pub mod world;
 
 use crate::exec::Registry;
@@ -13,5 +14,12 @@ pub fn registry() -> Registry {
     r.register(forgetting::Forgetting);
     r.register(world::TinyWorld);
     r.register(world::Sd15World);
+    r.register(tiny_pretrain::TinyPrompts);
+    r.register(tiny_pretrain::TinyClip);
+    r.register(tiny_pretrain::TinyVae);
+    r.register(tiny_pretrain::TinyAesthetic);
+    r.register(tiny_pretrain::TinyPreference);
+    r.register(tiny_pretrain::TinyUnet);
+    r.register(tiny_pretrain::TinyExport);
     r
 }

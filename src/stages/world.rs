@@ -156,37 +156,43 @@ impl StageKind for TinyWorld {
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let root = PathBuf::from(ctx.params().str_of("root")?);
-        let manifest_path = root.join("world.json");
-        let bytes = std::fs::read(&manifest_path).map_err(|e| StageError::io(format!("cannot read {}", manifest_path.display()), e))?;
-        let m: TinyManifest = serde_json::from_slice(&bytes).map_err(|e| StageError::Failed(format!("{}: {e}", manifest_path.display())))?;
-        let at = |p: &Path, what: &str| check_exists(&root.join(p), what);
-        let tokenizer = at(&m.tokenizer, "tokenizer")?;
-        let clip = |p: &Path, what: &str| -> Result<ClipFiles, StageError> {
-            Ok(ClipFiles {
-                layout: ClipLayout::Transformers,
-                weights: at(p, what)?,
-                config: None,
-                tokenizer: tokenizer.clone(),
-            })
-        };
-        let world = WorldSpec {
-            name: "tiny".into(),
-            diffusion: at(&m.diffusion, "diffusion model")?,
-            resolution: m.resolution,
-            aesthetic_clip: clip(&m.aesthetic_clip, "aesthetic CLIP")?,
-            aesthetic_head: at(&m.aesthetic_head, "aesthetic head")?,
-            hps: clip(&m.hps, "preference model")?,
-            clip_score: clip(&m.clip_score, "CLIP-score model")?,
-            fid_features: FidFeatures::Clip,
-            inception: None,
-            fid_reference: at(&m.fid_reference, "FID reference")?,
-            train_prompts: at(&m.train_prompts, "training prompts")?,
-            test_prompts: at(&m.test_prompts, "test prompts")?,
-            jpeg_quality: m.jpeg_quality,
-        };
+        let world = tiny_world_spec(&root)?;
         ctx.log(format!("tiny world from {}", root.display()));
         base_record(world, lora_targets(ctx)).write(ctx.out_dir())
     }
+}
+
+/// The world a tiny-world folder describes (its `world.json`, paths made absolute), every file
+/// checked to exist.
+pub fn tiny_world_spec(root: &Path) -> Result<WorldSpec, StageError> {
+    let manifest_path = root.join("world.json");
+    let bytes = std::fs::read(&manifest_path).map_err(|e| StageError::io(format!("cannot read {}", manifest_path.display()), e))?;
+    let m: TinyManifest = serde_json::from_slice(&bytes).map_err(|e| StageError::Failed(format!("{}: {e}", manifest_path.display())))?;
+    let at = |p: &Path, what: &str| check_exists(&root.join(p), what);
+    let tokenizer = at(&m.tokenizer, "tokenizer")?;
+    let clip = |p: &Path, what: &str| -> Result<ClipFiles, StageError> {
+        Ok(ClipFiles {
+            layout: ClipLayout::Transformers,
+            weights: at(p, what)?,
+            config: None,
+            tokenizer: tokenizer.clone(),
+        })
+    };
+    Ok(WorldSpec {
+        name: "tiny".into(),
+        diffusion: at(&m.diffusion, "diffusion model")?,
+        resolution: m.resolution,
+        aesthetic_clip: clip(&m.aesthetic_clip, "aesthetic CLIP")?,
+        aesthetic_head: at(&m.aesthetic_head, "aesthetic head")?,
+        hps: clip(&m.hps, "preference model")?,
+        clip_score: clip(&m.clip_score, "CLIP-score model")?,
+        fid_features: FidFeatures::Clip,
+        inception: None,
+        fid_reference: at(&m.fid_reference, "FID reference")?,
+        train_prompts: at(&m.train_prompts, "training prompts")?,
+        test_prompts: at(&m.test_prompts, "test prompts")?,
+        jpeg_quality: m.jpeg_quality,
+    })
 }
 
 fn base_record(world: WorldSpec, lora_targets: Vec<String>) -> ModelRecord {

@@ -7,12 +7,14 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use super::clip::{adamw, LossTrack, Schedule, TrainSummary};
-use super::data::{scene_batch, Excluded};
+use super::data::{prompt_scenes, scene_batch, Excluded};
+use super::gates::pearson;
 use super::io::{write_safetensors, Precision};
 use super::vae::chunks;
 use super::{learning_rate, rng, seeded_init, trainable, Monitor, Purpose, TrainError};
 use crate::method::optim::clip_grad_norm;
 use crate::models::aesthetic::{AestheticConfig, AestheticHead};
+use crate::rewards::aesthetic::AestheticReward;
 use crate::rewards::clip_loader::FrozenClip;
 use crate::tiny::aesthetic_rating;
 
@@ -67,6 +69,20 @@ pub fn save(vs: &VarStore, path: &Path, precision: Precision) -> Result<(), Trai
     let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     write_safetensors(path, &named, precision)
+}
+
+/// Pearson r of the reward's scores and the procedural rating over `per_prompt` renders of each
+/// prompt.
+pub fn rating_correlation(reward: &AestheticReward, prompts: &[String], per_prompt: usize, seed: u64, device: Device) -> Result<f64, TrainError> {
+    let batch = prompt_scenes(prompts, per_prompt, seed, device)?;
+    let mut scores = Vec::new();
+    for (i, n) in chunks(batch.captions.len(), 256).enumerate() {
+        let images = batch.images.narrow(0, (i * 256) as i64, n as i64);
+        let s = tch::no_grad(|| reward.score(&images)).map_err(TrainError::other)?;
+        scores.extend(Vec::<f64>::try_from(s.to_kind(Kind::Double)).map_err(TrainError::other)?);
+    }
+    let ratings: Vec<f64> = batch.scenes.iter().map(|s| f64::from(aesthetic_rating(s))).collect();
+    Ok(pearson(&scores, &ratings))
 }
 
 #[cfg(test)]

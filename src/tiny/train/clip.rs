@@ -11,13 +11,15 @@ use serde_json::json;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use super::data::{scene_batch, Excluded};
+use super::data::{prompt_scenes, scene_batch, Excluded};
+use super::gates::retrieval_accuracy;
 use super::io::{prefixed, restore_store, write_json, write_safetensors, Checkpoint, Precision};
 use super::vocab::Vocabulary;
 use super::{learning_rate, seeded_init, trainable, Monitor, TrainError};
 use crate::method::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::models::clip::{normalize, preprocess, Clip, ClipConfig};
 use crate::models::tokenizer::{ClipTokenizer, Padding};
+use crate::rewards::clip_loader::FrozenClip;
 
 /// The shape of the small CLIP.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -292,6 +294,20 @@ pub fn train(model: &TrainableClip, tokenizer: &ClipTokenizer, excluded: &Exclud
         monitor.step(step + 1, schedule.steps)?;
     }
     Ok(track.summary(schedule.steps, start))
+}
+
+/// Text-to-image retrieval among the prompts, averaged over `sets` independent renders of
+/// each: `(top-1, top-5)` accuracy.
+pub fn retrieval(clip: &FrozenClip, prompts: &[String], sets: usize, seed: u64) -> Result<(f64, f64), TrainError> {
+    let text = clip.text_embeddings(prompts).map_err(TrainError::other)?;
+    let (mut top1, mut top5) = (0.0, 0.0);
+    for set in 0..sets {
+        let batch = prompt_scenes(prompts, 1, seed + set as u64, clip.device)?;
+        let image = tch::no_grad(|| clip.image_embeddings(&batch.images)).map_err(TrainError::other)?;
+        top1 += retrieval_accuracy(&text, &image, 1);
+        top5 += retrieval_accuracy(&text, &image, 5);
+    }
+    Ok((top1 / sets as f64, top5 / sets as f64))
 }
 
 #[cfg(test)]

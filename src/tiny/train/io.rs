@@ -17,14 +17,16 @@ pub enum Precision {
     F16,
 }
 
-/// Serialises named tensors to safetensors bytes; floating tensors are stored at `precision`,
-/// integer tensors as they are.
+/// Serialises named tensors to safetensors bytes: f32 / f16 / bf16 tensors at `precision`,
+/// f64 and integer tensors as they are.
 pub fn safetensors_bytes(named: &[(String, Tensor)], precision: Precision) -> Result<Vec<u8>, TrainError> {
     let mut buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(named.len());
     for (name, tensor) in named {
         let t = tensor.detach().to_device(Device::Cpu);
         let (t, dtype) = match t.kind() {
-            Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16 => match precision {
+            // f64 tensors are statistics (e.g. the FID reference), kept exact.
+            Kind::Double => (t, Dtype::F64),
+            Kind::Float | Kind::Half | Kind::BFloat16 => match precision {
                 Precision::F32 => (t.to_kind(Kind::Float), Dtype::F32),
                 Precision::F16 => (t.to_kind(Kind::Half), Dtype::F16),
             },

@@ -6,7 +6,7 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 
 use super::clip::{adamw, token_ids, LossTrack, Schedule, TrainSummary, TrainableClip};
-use super::data::{pair_images, preference_batch, Excluded};
+use super::data::{pair_images, preference_batch, prompt_preference_pairs, Excluded};
 use super::io::{prefixed, restore_store, Checkpoint};
 use super::{learning_rate, trainable, Monitor, TrainError};
 use crate::method::optim::clip_grad_norm;
@@ -81,6 +81,21 @@ pub fn pairwise_accuracy(score_a: &[f64], score_b: &[f64], pairs: &[PreferencePa
         })
         .count();
     hits as f64 / pairs.len().max(1) as f64
+}
+
+/// Pairwise accuracy of a preference scorer on `per_prompt` labelled pairs of each prompt.
+/// `score(images, prompts)` gives one score per image.
+pub fn preference_accuracy(score: &dyn Fn(&Tensor, &[String]) -> Result<Tensor, TrainError>, prompts: &[String], per_prompt: usize, seed: u64, device: tch::Device) -> Result<f64, TrainError> {
+    let pairs = prompt_preference_pairs(prompts, per_prompt, seed)?;
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for chunk in pairs.chunks(128) {
+        let (ia, ib) = pair_images(chunk, device)?;
+        let captions: Vec<String> = chunk.iter().map(|p| p.caption.clone()).collect();
+        let to_vec = |t: Tensor| Vec::<f64>::try_from(t.to_kind(Kind::Double)).map_err(TrainError::other);
+        a.extend(to_vec(tch::no_grad(|| score(&ia, &captions))?)?);
+        b.extend(to_vec(tch::no_grad(|| score(&ib, &captions))?)?);
+    }
+    Ok(pairwise_accuracy(&a, &b, &pairs))
 }
 
 #[cfg(test)]

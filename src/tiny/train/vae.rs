@@ -13,7 +13,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use super::clip::{adamw, LossTrack, Schedule, TrainSummary};
-use super::data::{scene_batch, Excluded};
+use super::data::{prompt_scenes, scene_batch, Excluded};
 use super::io::{prefixed, restore_store, write_json, write_safetensors, Checkpoint, Precision};
 use super::{learning_rate, noise_stream, seeded_init, trainable, Monitor, Purpose, TrainError};
 use crate::method::noise::gaussian;
@@ -177,6 +177,19 @@ pub fn latent_scale(vae: &AutoencoderKL, excluded: &Excluded, count: usize, seed
 /// Sizes of `chunk`-sized pieces of `total`.
 pub(crate) fn chunks(total: usize, chunk: usize) -> impl Iterator<Item = usize> {
     (0..total.div_ceil(chunk)).map(move |i| chunk.min(total - i * chunk))
+}
+
+/// Reconstruction PSNR (dB, of the mean squared error over all pixels) of `per_prompt` renders
+/// of each prompt.
+pub fn reconstruction_psnr(vae: &AutoencoderKL, prompts: &[String], per_prompt: usize, seed: u64, device: Device) -> Result<f64, TrainError> {
+    let batch = prompt_scenes(prompts, per_prompt, seed, device)?;
+    let mut errors = Vec::new();
+    for (i, n) in chunks(batch.captions.len(), 128).enumerate() {
+        let images = batch.images.narrow(0, (i * 128) as i64, n as i64);
+        errors.push((reconstruct(vae, &images).to_kind(Kind::Double) - images.to_kind(Kind::Double)).square().flatten(0, -1));
+    }
+    let mse = Tensor::cat(&errors, 0).mean(Kind::Double).double_value(&[]);
+    Ok(-10.0 * mse.max(1e-20).log10())
 }
 
 #[cfg(test)]

@@ -121,6 +121,36 @@ impl Vocabulary {
         Ok(Vocabulary { tokens, merges })
     }
 
+    /// Reads a tokenizer folder written by [`Self::write_folder`] (or any CLIP tokenizer folder).
+    pub fn read_folder(dir: &Path) -> Result<Self, TrainError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).map_err(|e| TrainError::io(format!("cannot read {}", path.display()), e))
+        };
+        let tokens: BTreeMap<String, i64> = serde_json::from_str(&read("vocab.json")?).map_err(|e| TrainError::Model(format!("{}: {e}", dir.join("vocab.json").display())))?;
+        let mut merges = Vec::new();
+        for line in read("merges.txt")?.lines().filter(|l| !l.starts_with("#version") && !l.trim().is_empty()) {
+            match line.split_once(' ') {
+                Some((a, b)) if !b.contains(' ') => merges.push((a.to_string(), b.to_string())),
+                _ => return Err(TrainError::Model(format!("{}: malformed merge `{line}`", dir.join("merges.txt").display()))),
+            }
+        }
+        for special in [START_OF_TEXT, END_OF_TEXT] {
+            if !tokens.contains_key(special) {
+                return Err(TrainError::Model(format!("{}: no `{special}` token", dir.display())));
+            }
+        }
+        Ok(Vocabulary { tokens, merges })
+    }
+
+    /// The `model_max_length` of a tokenizer folder's `tokenizer_config.json`.
+    pub fn context_length(dir: &Path) -> Result<usize, TrainError> {
+        let path = dir.join("tokenizer_config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(format!("cannot read {}", path.display()), e))?;
+        let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainError::Model(format!("{}: {e}", path.display())))?;
+        config["model_max_length"].as_u64().map(|n| n as usize).ok_or_else(|| TrainError::Model(format!("{}: no model_max_length", path.display())))
+    }
+
     pub fn len(&self) -> usize {
         self.tokens.len()
     }
@@ -194,6 +224,8 @@ mod tests {
         let vocab = Vocabulary::for_words(&words).unwrap();
         let dir = tempfile::tempdir().unwrap();
         vocab.write_folder(dir.path(), 20).unwrap();
+        assert_eq!(Vocabulary::read_folder(dir.path()).unwrap(), vocab);
+        assert_eq!(Vocabulary::context_length(dir.path()).unwrap(), 20);
         let tokenizer = ClipTokenizer::from_hf_folder(dir.path()).unwrap();
         assert_eq!(tokenizer.vocab_size(), vocab.len());
         assert_eq!(tokenizer.sot(), vocab.start_of_text());
