@@ -29,7 +29,7 @@ use crate::rewards::aesthetic::AestheticReward;
 use crate::rewards::clip_loader::{ClipFiles, ClipLayout, FrozenClip};
 use crate::rewards::hps::HpsReward;
 use crate::tiny::train::clip::{self as tclip, Schedule, TinyClipConfig, TrainableClip};
-use crate::tiny::train::data::{prompt_scenes, tensor_images, Excluded};
+use crate::tiny::train::data::{prompt_scenes, tensor_images, Excluded, LOOK_WORDS};
 use crate::tiny::train::gates::{clip_score, feature_stats, frechet_distance, Comparison, Gate, GateReport};
 use crate::tiny::train::io::{read_safetensors, write_file, write_json, write_safetensors, Precision};
 use crate::tiny::train::unet::{self as tunet, DiffusionSettings, LatentPool, TextConditioning, TinyUnetConfig, TrainableUnet};
@@ -52,6 +52,8 @@ const UNET_DIR: &str = "unet";
 const HPS_DIR: &str = "hps";
 const HEAD_FILE: &str = "aesthetic_head.safetensors";
 const TRAIN_FILE: &str = "train.json";
+/// Most look words of an alt-text (one per quality, see `tiny::train::data`).
+const LOOK_WORDS_PER_TEXT: usize = 8;
 /// The bundle's own manifest, in `b3sum` format (`b3sum --check MANIFEST.txt` verifies it).
 pub const BUNDLE_MANIFEST: &str = "MANIFEST.txt";
 
@@ -147,9 +149,12 @@ impl Monitor for StageMonitor<'_> {
     }
 }
 
-/// The stage's device, with the stage's share of the CPU threads.
+/// The stage's device. On the CPU these models run one intra-op thread: their operations are
+/// too small to split, and on a loaded 2-core machine a second thread costs up to 5x in
+/// synchronisation (measured); run independent stages side by side instead (`-j 2`).
 fn device_of(ctx: &StageContext) -> Device {
-    tch::set_num_threads(ctx.threads.max(1) as i32);
+    tch::set_num_threads(1);
+    ctx.log(format!("device {}, 1 intra-op thread (of {} offered)", ctx.device, ctx.threads));
     tch_device(&ctx.device)
 }
 
@@ -208,7 +213,7 @@ impl StageKind for TinyPrompts {
             uses_input_labels: false,
             params: vec![
                 int("split_seed", 0, "seed of the prompt split"),
-                int("context_length", 20, "token positions of the text encoders (the longest caption is 16 words + start and end)"),
+                int("context_length", 28, "token positions of the text encoders (the longest alt-text: 16 caption words, 8 look words, start and end)"),
             ],
             inputs: Vec::new(),
         }
@@ -219,7 +224,7 @@ impl StageKind for TinyPrompts {
         let context = usize_of(&p, "context_length")?;
         let split = prompt_split(p.i64_of("split_seed")? as u64);
         let out = ctx.out_dir().to_path_buf();
-        let vocab = Vocabulary::for_words(&caption_words(&[])).map_err(stage_error)?;
+        let vocab = Vocabulary::for_words(&caption_words(&LOOK_WORDS)).map_err(stage_error)?;
         vocab.write_folder(&out.join(TOKENIZER_DIR), context).map_err(stage_error)?;
         std::fs::create_dir_all(out.join("prompts"))?;
         write_prompts(&out.join(TRAIN_PROMPTS), &split.train).map_err(StageError::failed)?;
@@ -230,8 +235,8 @@ impl StageKind for TinyPrompts {
         let tokenizer = ClipTokenizer::from_hf_folder(&out.join(TOKENIZER_DIR)).map_err(StageError::failed)?;
         for caption in split.train.iter().chain(&split.test) {
             let ids = tokenizer.encode(caption).map_err(StageError::failed)?;
-            if ids.len() != caption.split(' ').count() || ids.len() + 2 > context {
-                return Err(StageError::Failed(format!("caption {caption:?} tokenises into {} tokens (context {context})", ids.len())));
+            if ids.len() != caption.split(' ').count() || ids.len() + 2 + LOOK_WORDS_PER_TEXT > context {
+                return Err(StageError::Failed(format!("caption {caption:?} tokenises into {} tokens (context {context}, with up to {LOOK_WORDS_PER_TEXT} look words)", ids.len())));
             }
         }
         ctx.log(format!("{} tokens, {} merges; {} training and {} test prompts", vocab.len(), vocab.merges.len(), split.train.len(), split.test.len()));
@@ -246,7 +251,7 @@ pub struct TinyClip;
 
 impl StageKind for TinyClip {
     fn schema(&self) -> KindSchema {
-        let mut params = schedule_params(1500, 128, 1e-3, 100, 0.1);
+        let mut params = schedule_params(800, 128, 1e-3, 100, 0.1);
         params.extend([
             int("text_width", 64, "text tower width (the UNet's cross-attention dimension)"),
             int("text_layers", 3, "text tower layers"),
@@ -254,8 +259,10 @@ impl StageKind for TinyClip {
             int("vision_width", 64, "vision tower width"),
             int("vision_layers", 3, "vision tower layers"),
             int("vision_heads", 4, "vision tower heads"),
-            int("patch_size", 4, "ViT patch size (32 / patch_size patches a side)"),
+            int("patch_size", 8, "ViT patch size (32 / patch_size patches a side)"),
             int("embed_dim", 64, "joint embedding size"),
+            float("alt_text", 0.75, "probability that a training text is the render's alt-text (caption + look words) rather than its caption"),
+            float("look_weight", 1.0, "weight of the look-grading loss (a linear probe per quality on the image embedding, not shipped)"),
             int("eval_sets", 4, "independent render sets of the test prompts for the retrieval gate"),
         ]);
         KindSchema {
@@ -294,7 +301,8 @@ impl StageKind for TinyClip {
         let checkpoint = ctx.resume_dir()?.join("checkpoint.safetensors");
         let summary = {
             let mut monitor = StageMonitor::new(ctx, schedule.steps);
-            tclip::train(&model, &prompts.tokenizer, &prompts.excluded, &schedule, Some(&checkpoint), &mut monitor).map_err(stage_error)?
+            let look = tclip::LookSettings { alt_text: p.f64_of("alt_text")?, look_weight: p.f64_of("look_weight")? };
+            tclip::train(&model, &prompts.tokenizer, &prompts.excluded, &schedule, &look, Some(&checkpoint), &mut monitor).map_err(stage_error)?
         };
         model.save(&out.join(CLIP_DIR), &clip_json, Precision::F32).map_err(stage_error)?;
         model.save_text_encoder(&out.join(TEXT_ENCODER_DIR), &config.text_encoder_json(&vocab), Precision::F32).map_err(stage_error)?;
@@ -499,7 +507,7 @@ impl StageKind for TinyUnet {
         params.extend([
             ints("block_out_channels", &[32, 64], "channels per block"),
             int("layers_per_block", 1, "resnets per down block"),
-            int("attention_heads", 4, "attention heads per block (diffusers' attention_head_dim)"),
+            int("attention_heads", 1, "attention heads per block (diffusers' attention_head_dim; one wide head is several times faster on a CPU than several narrow ones)"),
             int("norm_num_groups", 8, "GroupNorm groups"),
             param("cross_attention", ParamType::List(Box::new(ParamType::Bool)), json!([true, false]), "which down blocks have cross-attention (up blocks mirror them)"),
             float("prompt_dropout", 0.1, "probability of the empty prompt (classifier-free guidance)"),
@@ -576,9 +584,14 @@ impl StageKind for TinyExport {
                 int("seed", 0, "seed of the samples and of the evaluation renders"),
                 int("sample_steps", 10, "DDIM steps of the sample gates (the study's)"),
                 float("guidance", 7.5, "classifier-free guidance of the sample gates"),
+                param("guidance_sweep", ParamType::List(Box::new(ParamType::Float)), json!([1.0, 3.0, 5.0]), "further guidance scales whose sample measurements gates.json records"),
                 int("samples_per_prompt", 8, "samples of each test prompt for the sample gates"),
                 int("fid_renders", 40, "renders of each test prompt for the FID reference"),
                 int("grid_prompts", 10, "test prompts shown in samples.png"),
+                int("retrieval_sets", 4, "render sets of the test prompts for the retrieval gate"),
+                int("psnr_renders", 8, "renders per test prompt for the PSNR gate"),
+                int("rating_renders", 20, "renders per test prompt for the Pearson gate"),
+                int("preference_pairs", 20, "labelled pairs per test prompt for the preference gate"),
                 float("jpeg_quality", 80.0, "JPEG quality of the compressibility reward (world.json)"),
             ],
             inputs: vec![
@@ -613,12 +626,13 @@ impl StageKind for TinyExport {
         let diffusion = Diffusion::load(&record, None, device)?;
         let clip = frozen_clip(&world.clip_score, device)?;
         let mut report = GateReport::default();
-        retrieval_gates(&mut report, &clip, &test, 4)?;
-        psnr_gate(&mut report, &diffusion.vae, &test, 8, device)?;
+        let count = |name: &str| usize_of(&p, name).map(|n| n.max(1));
+        retrieval_gates(&mut report, &clip, &test, count("retrieval_sets")?)?;
+        psnr_gate(&mut report, &diffusion.vae, &test, count("psnr_renders")?, device)?;
         let aesthetic = AestheticReward::load(&world.aesthetic_clip, &world.aesthetic_head, device).map_err(StageError::failed)?;
-        pearson_gate(&mut report, &aesthetic, &test, 20, device)?;
+        pearson_gate(&mut report, &aesthetic, &test, count("rating_renders")?, device)?;
         let hps = HpsReward::load(&world.hps, device).map_err(StageError::failed)?;
-        preference_gate(&mut report, &hps, &test, 20, device)?;
+        preference_gate(&mut report, &hps, &test, count("preference_pairs")?, device)?;
         let reference = read_safetensors(&world.fid_reference).map_err(stage_error)?;
         let reference = (reference.get("mu").map(Tensor::shallow_clone), reference.get("sigma").map(Tensor::shallow_clone));
         let (Some(mu), Some(sigma)) = reference else {
@@ -629,6 +643,7 @@ impl StageKind for TinyExport {
             guidance: p.f64_of("guidance")?,
             per_prompt: usize_of(&p, "samples_per_prompt")?.max(1),
             seed,
+            sweep: p.get("guidance_sweep").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default(),
         };
         sample_gates(ctx, &mut report, &diffusion, &clip, &test, &settings, (&mu, &sigma), usize_of(&p, "grid_prompts")?)?;
         publish(ctx, &report)?;
@@ -733,6 +748,8 @@ struct SampleSettings {
     guidance: f64,
     per_prompt: usize,
     seed: u64,
+    /// Further guidance scales whose sample measurements are recorded (not gated).
+    sweep: Vec<f64>,
 }
 
 /// Samples `[N, 3, H, W]` in [0, 1] of each prompt (prompt-major), DDIM with guidance, with the
@@ -794,6 +811,14 @@ fn sample_gates(ctx: &StageContext, report: &mut GateReport, diffusion: &Diffusi
     report.measure("samples.fid", fid_samples);
     report.measure("noise.fid", fid_noise);
     report.measure("renders.fid", fid_renders);
+    let mut sweep = Vec::new();
+    for &guidance in &settings.sweep {
+        let other = SampleSettings { guidance, sweep: Vec::new(), ..*settings };
+        let emb = embed_images(clip, &sample(diffusion, test, &other)?)?;
+        let (own, shuffled, fid) = (clip_score(&emb, &own_text), clip_score(&emb, &shuffled_text), fid(&emb)?);
+        sweep.push(json!({"guidance": guidance, "clip_score_own": own, "clip_score_margin": own - shuffled, "fid": fid, "fid_vs_noise": fid / fid_noise}));
+    }
+    report.measure("samples.guidance_sweep", sweep);
 
     // The grid: per row, a render of the prompt then its first samples.
     let shown = grid_prompts.min(test.len());

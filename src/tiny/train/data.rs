@@ -4,13 +4,84 @@
 //! test captions; the held-out shape-colour pairs may appear (the paper's setting: the base
 //! model knows every concept, only the reward fine-tuning never sees the test prompts).
 //! Batch `k` of a seed is a function of `(seed, k)` alone.
+//!
+//! # Alt-texts
+//!
+//! Web CLIP learned what pictures look like from alt-texts that say so ("vivid", "grainy",
+//! "cluttered"), which is why an aesthetic head on its embedding works. The tiny CLIP's
+//! pretraining texts are alt-texts too: the caption followed by [`look_words`], one word per
+//! visible quality of the render, binned:
+//! - saturation: `pale` (< 0.67), `rich` (< 0.85), `vivid`;
+//! - luminance contrast of objects and background (the rating's K): `dim` (< 0.3), `striking`
+//!   (> 0.7), else nothing;
+//! - shading: `flat` (< 0.33), `soft` (< 0.67), `glossy`;
+//! - background weave: `plain` (none), `textured` (< 0.6), `woven`;
+//! - grain: `clean` (none), `gritty` (< 0.03), `grainy`;
+//! - specks: `tidy` (none), `dotted` (1-3), `cluttered` (4-8);
+//! - colour harmony (the rating's H): `clashing` (< 0.35), `harmonious` (> 0.65), else nothing;
+//! - composition (the rating's C): `awkward` (< 0.35), `balanced` (> 0.65), else nothing.
+//!
+//! The study's prompts stay plain captions.
 use std::collections::HashSet;
 
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
 use super::{rng, Purpose, TrainError};
+use crate::tiny::rating::aesthetic_factors;
 use crate::tiny::{preference_pair, random_caption_spec, render, sample_scene_for, to_chw_batch, CaptionSpec, PreferencePair, RgbImage, Scene};
+
+/// The qualities [`look_bins`] grades, each with the word of each of its three grades (an
+/// empty word: the alt-text says nothing of that grade).
+pub const LOOK_QUALITIES: [(&str, [&str; 3]); 8] = [
+    ("saturation", ["pale", "rich", "vivid"]),
+    ("contrast", ["dim", "", "striking"]),
+    ("shading", ["flat", "soft", "glossy"]),
+    ("weave", ["plain", "textured", "woven"]),
+    ("grain", ["clean", "gritty", "grainy"]),
+    ("specks", ["tidy", "dotted", "cluttered"]),
+    ("harmony", ["clashing", "", "harmonious"]),
+    ("composition", ["awkward", "", "balanced"]),
+];
+
+/// Every word [`look_words`] can give (for the vocabulary).
+pub const LOOK_WORDS: [&str; 21] = [
+    "pale", "rich", "vivid", "dim", "striking", "flat", "soft", "glossy", "plain", "textured", "woven", "clean", "gritty", "grainy", "tidy", "dotted",
+    "cluttered", "clashing", "harmonious", "awkward", "balanced",
+];
+
+/// The grade (0, 1, 2) of each of [`LOOK_QUALITIES`] of a render (see the module docs).
+pub fn look_bins(scene: &Scene) -> [usize; 8] {
+    let style = &scene.style;
+    let factors = aesthetic_factors(scene);
+    let bin = |v: f32, cuts: [f32; 2]| cuts.iter().filter(|&&c| v >= c).count();
+    let graded = |v: f32, cut: f32| if v <= 0.0 { 0 } else { 1 + usize::from(v >= cut) };
+    [
+        bin(style.saturation, [0.67, 0.85]),
+        bin(factors.contrast, [0.3, 0.7]),
+        bin(style.shading, [0.33, 0.67]),
+        graded(style.texture, 0.6),
+        graded(style.noise, 0.03),
+        bin(scene.specks.len() as f32, [1.0, 4.0]),
+        bin(factors.harmony, [0.35, 0.65]),
+        bin(factors.composition, [0.35, 0.65]),
+    ]
+}
+
+/// The words of a render's alt-text after its caption (see the module docs), in a fixed order.
+pub fn look_words(scene: &Scene) -> Vec<&'static str> {
+    look_bins(scene).iter().zip(LOOK_QUALITIES).map(|(&b, (_, words))| words[b]).filter(|w| !w.is_empty()).collect()
+}
+
+/// The alt-text of a render: its caption and its [`look_words`].
+pub fn alt_text(caption: &str, scene: &Scene) -> String {
+    let mut text = caption.to_string();
+    for word in look_words(scene) {
+        text.push(' ');
+        text.push_str(word);
+    }
+    text
+}
 
 /// Captions that training must never draw (the test prompts).
 #[derive(Debug, Clone, Default)]
@@ -153,6 +224,24 @@ mod tests {
         let all = Excluded::new(&a.captions);
         let c = scene_batch(3, 1, 7, 64, &all, Device::Cpu).unwrap();
         assert!(c.captions.iter().all(|x| !a.captions.contains(x)));
+    }
+
+    #[test]
+    fn alt_texts_describe_the_look() {
+        let excluded = Excluded::default();
+        let batch = scene_batch(1, 1, 0, 400, &excluded, Device::Cpu).unwrap();
+        let mut seen = HashSet::new();
+        for (caption, scene) in batch.captions.iter().zip(&batch.scenes) {
+            let words = look_words(scene);
+            assert!(words.len() >= 5 && words.iter().all(|w| LOOK_WORDS.contains(w)), "{words:?}");
+            let text = alt_text(caption, scene);
+            assert!(text.starts_with(caption.as_str()) && text.split(' ').count() == caption.split(' ').count() + words.len());
+            seen.extend(words);
+        }
+        // Every word occurs in a few hundred renders.
+        assert_eq!(seen.len(), LOOK_WORDS.len(), "{seen:?}");
+        let listed: HashSet<&str> = LOOK_QUALITIES.iter().flat_map(|(_, w)| w.iter().copied()).filter(|w| !w.is_empty()).collect();
+        assert_eq!(listed, LOOK_WORDS.iter().copied().collect());
     }
 
     #[test]

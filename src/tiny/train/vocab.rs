@@ -220,7 +220,7 @@ mod tests {
 
     #[test]
     fn every_caption_word_is_one_token_through_the_hf_loader() {
-        let words = caption_words(&[]);
+        let words = caption_words(&crate::tiny::train::data::LOOK_WORDS);
         let vocab = Vocabulary::for_words(&words).unwrap();
         let dir = tempfile::tempdir().unwrap();
         vocab.write_folder(dir.path(), 20).unwrap();
