@@ -16,7 +16,7 @@ export RIL_FIXTURES ?= $(RIL_HOME)/fixtures
 export RIL_SHARED ?= $(abspath $(CURDIR)/../shared)
 BIN := $(CARGO_TARGET_DIR)/debug/ril-pipe
 
-.PHONY: setup build test demo fixtures bench clean-cache
+.PHONY: setup build test demo fixtures bench clean-cache slurm-check smoke
 
 setup: $(VENV)/.installed
 
@@ -37,5 +37,17 @@ test: build fixtures
 demo: build
 	$(BIN) run pipelines/all_orders.yaml
 
+# Benchmarks print their figures; the dev profile is the one the tests and the demo use.
 bench: build fixtures
-	cargo bench
+	cargo bench --profile dev
+
+# The CI regression gate: a short study on the tiny world, then its metrics against the
+# committed baseline (tolerances in the file; `ril-pipe check --update` rewrites it on purpose).
+smoke: build
+	$(BIN) run pipelines/smoke.yaml --no-progress
+	$(BIN) check --baseline tests/baselines/smoke.json pipelines/smoke.yaml
+
+# A real one-node Slurm cluster (installed from Debian's packages when missing; needs root):
+# the random-world study through `--executor slurm`, compared with a local run.
+slurm-check: build fixtures
+	scripts/slurm_check.sh $(BIN) tests/pipelines/random_world.yaml

@@ -11,6 +11,7 @@ use ril_pipe::rewards::aesthetic::AestheticReward;
 use ril_pipe::rewards::clip_loader::FrozenClip;
 use ril_pipe::rewards::hps::HpsReward;
 use ril_pipe::stages::diffusion::Diffusion;
+use ril_pipe::stages::precision::Precision;
 use ril_pipe::stages::registry;
 use ril_pipe::stages::tiny_pretrain::verify_bundle;
 use ril_pipe::stages::world::{read_prompts, ModelRecord, MODEL_FILE};
@@ -56,24 +57,24 @@ fn check_bundle_loads(bundle: &Path, work: &Path) {
     assert_eq!(prompts.len(), 50);
     assert_eq!(read_prompts(&world.train_prompts).unwrap().len(), 750);
 
-    let diffusion = Diffusion::load(&record, None, Device::Cpu).unwrap();
+    let diffusion = Diffusion::load(&record, None, Device::Cpu, Precision::Fp32).unwrap();
     assert_eq!(diffusion.latent_shape, [4, 8, 8]);
     let cond = diffusion.encode_prompts(&prompts[..2]).unwrap();
     let uncond = diffusion.uncond().unwrap();
     let sampler = Sampler::new(diffusion.ddim.clone(), SamplerConfig { steps: 4, eta: 0.0, guidance: 3.0 }).unwrap();
     let z = initial_latents(0, 0, 2, diffusion.latent_shape, Device::Cpu);
-    let z0 = sampler.sample(&diffusion.unet, &z, &cond, &uncond, 0).unwrap();
+    let z0 = sampler.sample(&diffusion.denoiser(), &z, &cond, &uncond, 0).unwrap();
     let images = tch::no_grad(|| diffusion.decode(&z0));
     assert_eq!(images.size(), vec![2, 3, 32, 32]);
     assert!(images.isfinite().all().int64_value(&[]) == 1);
 
-    let aesthetic = AestheticReward::load(&world.aesthetic_clip, &world.aesthetic_head, Device::Cpu).unwrap();
+    let aesthetic = AestheticReward::load(&world.aesthetic_clip, &world.aesthetic_head, Device::Cpu, Kind::Float).unwrap();
     let scores = tch::no_grad(|| aesthetic.score(&images)).unwrap();
     assert_eq!(scores.size(), vec![2]);
-    let hps = HpsReward::load(&world.hps, Device::Cpu).unwrap();
+    let hps = HpsReward::load(&world.hps, Device::Cpu, Kind::Float).unwrap();
     let prefs = tch::no_grad(|| hps.score(&images, &prompts[..2])).unwrap();
     assert!(prefs.abs().max().double_value(&[]) <= 1.0 + 1e-5, "cosines");
-    let clip = FrozenClip::load(&world.clip_score, Device::Cpu).unwrap();
+    let clip = FrozenClip::load(&world.clip_score, Device::Cpu, Kind::Float).unwrap();
     let emb = clip.image_embeddings(&images).unwrap();
     let reference = ril_pipe::tiny::train::io::read_safetensors(&world.fid_reference).unwrap();
     assert_eq!(reference["mu"].size(), vec![emb.size()[1]]);

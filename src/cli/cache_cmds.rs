@@ -10,7 +10,7 @@ use ril_pipe::exec::key::short_key;
 use ril_pipe::exec::plan::{plan as make_plan, Status};
 use ril_pipe::exec::Cache;
 
-use super::pipeline_cmds::{registry, resolve};
+use super::pipeline_cmds::{registry, resolve_for_plan};
 use super::{format_bytes, CacheArg, PipelineArgs};
 
 #[derive(Args)]
@@ -56,7 +56,7 @@ fn pipeline_args(file: &std::path::Path) -> PipelineArgs {
 /// The keys of a pipeline's stages as it is written now.
 fn pipeline_keys(file: &std::path::Path, cache: &Cache) -> anyhow::Result<BTreeSet<String>> {
     let registry = registry();
-    let pipeline = resolve(&pipeline_args(file), &registry)?;
+    let pipeline = resolve_for_plan(&pipeline_args(file), &registry)?;
     let plan = make_plan(&pipeline, &registry, cache, &FileHasher::ephemeral())?;
     Ok(plan.stages.iter().map(|s| s.key.clone()).collect())
 }
@@ -65,7 +65,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<i32> {
     let cache = Cache::new(&args.cache.cache);
     if let Some(file) = &args.file {
         let registry = registry();
-        let pipeline = resolve(&pipeline_args(file), &registry)?;
+        let pipeline = resolve_for_plan(&pipeline_args(file), &registry)?;
         let plan = make_plan(&pipeline, &registry, &cache, &FileHasher::ephemeral())?;
         let unique: Vec<_> = plan.unique().collect();
         let done = unique.iter().filter(|s| s.status == Status::Hit).count();
@@ -162,6 +162,9 @@ pub fn gc(args: GcArgs) -> anyhow::Result<i32> {
         println!("cache {}: nothing to collect", cache.root().display());
         return Ok(0);
     }
+    // The lock first: a run that finishes while gc waits for it records its results in the
+    // journal, and those must count as referenced.
+    let _lock = cache.gc_lock(args.wait, &mut |holder| eprintln!("waiting: the cache is in use by {holder}"))?;
     let roots: BTreeSet<String> = if args.files.is_empty() {
         Journal::load_all(&cache.journal_dir())
             .values()
@@ -174,7 +177,6 @@ pub fn gc(args: GcArgs) -> anyhow::Result<i32> {
         }
         keys
     };
-    let _lock = cache.gc_lock(args.wait, &mut |holder| eprintln!("waiting: the cache is in use by {holder}"))?;
     let mut removed = 0usize;
     let mut freed = 0u64;
     for key in cache.list_objects()? {

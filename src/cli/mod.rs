@@ -1,7 +1,10 @@
 //! Subcommands. Exit codes: 0 success, 1 a stage failed or a check found problems, 2 bad
 //! input (pipeline, arguments), 130 interrupted.
+mod bench_cmds;
 mod cache_cmds;
+mod model_cmds;
 mod pipeline_cmds;
+mod report_cmds;
 
 use std::path::PathBuf;
 
@@ -42,12 +45,23 @@ enum Command {
     /// Run one frozen stage (written by the Slurm executor); not for direct use.
     #[command(hide = true)]
     ExecStage(pipeline_cmds::ExecStageArgs),
+    /// Copy a finished stage's outputs out of the cache into a folder (replaced atomically).
+    Export(pipeline_cmds::ExportArgs),
     /// Summarise the cache, or the state of a pipeline's stages in it.
     Status(cache_cmds::StatusArgs),
     /// Check the hashes of cached objects; damaged ones are reported (and removed with --repair).
     Verify(cache_cmds::VerifyArgs),
     /// Remove cached objects that no pipeline references.
     Gc(cache_cmds::GcArgs),
+    /// Make a pipeline's report (from cached results) and publish it to reports/<name>/.
+    Report(report_cmds::ReportArgs),
+    /// Compare a run's metrics with a baseline file; exit 1 on a regression beyond tolerance.
+    Check(report_cmds::CheckArgs),
+    /// Check checkpoints (`model inspect`) and run single components (`model run`).
+    Model(model_cmds::ModelArgs),
+    /// Time one last-step training update on a UNet with random weights (for scripts/gpu_check.sh).
+    #[command(hide = true)]
+    BenchStep(bench_cmds::BenchStepArgs),
 }
 
 pub fn main() -> i32 {
@@ -57,9 +71,14 @@ pub fn main() -> i32 {
         Command::Plan(a) => pipeline_cmds::plan(a),
         Command::Kinds(a) => pipeline_cmds::kinds(a),
         Command::ExecStage(a) => pipeline_cmds::exec_stage(a),
+        Command::Export(a) => pipeline_cmds::export(a),
         Command::Status(a) => cache_cmds::status(a),
         Command::Verify(a) => cache_cmds::verify(a),
         Command::Gc(a) => cache_cmds::gc(a),
+        Command::Report(a) => report_cmds::report(a),
+        Command::Check(a) => report_cmds::check(a),
+        Command::Model(a) => model_cmds::main(a),
+        Command::BenchStep(a) => bench_cmds::bench_step(a),
     };
     match result {
         Ok(code) => code,

@@ -11,7 +11,7 @@ use ril_pipe::exec::progress::StageProgress;
 use ril_pipe::exec::run::{execute_object, format_seconds, FrozenStage, Outcome};
 use ril_pipe::exec::slurm::SlurmConfig;
 use ril_pipe::exec::{Cache, Executor, Registry, RunOptions};
-use ril_pipe::pipeline::{load_resolved, Override, ResolvedPipeline};
+use ril_pipe::pipeline::{load_for_plan, load_resolved, Override, ResolvedPipeline};
 
 use super::{CacheArg, PipelineArgs};
 
@@ -72,6 +72,20 @@ pub struct PlanArgs {
 }
 
 #[derive(Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    /// The stage whose outputs to copy.
+    #[arg(long)]
+    stage: String,
+    /// The folder to write (replaced as a whole).
+    #[arg(long)]
+    to: PathBuf,
+    #[command(flatten)]
+    cache: CacheArg,
+}
+
+#[derive(Args)]
 pub struct KindsArgs {
     /// Show one kind in full.
     kind: Option<String>,
@@ -100,6 +114,12 @@ fn overrides(args: &PipelineArgs) -> anyhow::Result<Vec<Override>> {
 pub fn resolve(args: &PipelineArgs, registry: &Registry) -> anyhow::Result<ResolvedPipeline> {
     let overrides = overrides(args)?;
     Ok(load_resolved(&args.file, &registry.schemas(), &overrides)?)
+}
+
+/// Resolves for planning: files that do not exist yet are reported, not refused.
+pub fn resolve_for_plan(args: &PipelineArgs, registry: &Registry) -> anyhow::Result<ResolvedPipeline> {
+    let overrides = overrides(args)?;
+    Ok(load_for_plan(&args.file, &registry.schemas(), &overrides)?)
 }
 
 fn default_threads() -> usize {
@@ -181,6 +201,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             _ => {}
         }
     }
+    if summary.ok() {
+        super::report_cmds::publish_after_run(&pipeline, &registry, &cache)?;
+    }
     Ok(if summary.cancelled {
         130
     } else if summary.ok() {
@@ -192,7 +215,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
 
 pub fn plan(args: PlanArgs) -> anyhow::Result<i32> {
     let registry = registry();
-    let pipeline = resolve(&args.pipeline, &registry)?;
+    let pipeline = resolve_for_plan(&args.pipeline, &registry)?;
     let cache = Cache::new(&args.cache.cache);
     let hasher = if cache.root().exists() {
         cache.file_hasher()
@@ -260,14 +283,21 @@ fn print_plan(plan: &Plan) {
         let parts: Vec<String> = by_method.iter().map(|((k, m), (n, u))| format!("{k}/{m} {u} unique of {n}")).collect();
         println!("by method: {}", parts.join(", "));
     }
+    let missing: Vec<_> = plan.stages.iter().flat_map(|s| s.stage.missing_files.iter().map(move |m| (&s.stage.id, m))).collect();
+    if !missing.is_empty() {
+        println!("files missing ({}; `ril-pipe run` refuses to start until they exist):", missing.len());
+        for (id, m) in missing {
+            println!("  {id}.{}: {}\n      {}", m.param, m.path.display(), m.doc);
+        }
+    }
     let flops: f64 = plan.unique().filter_map(|s| s.estimate.flops).sum();
     if flops > 0.0 {
-        let peak = plan.unique().filter_map(|s| s.estimate.peak_memory_bytes).max().unwrap_or(0);
+        let peak = plan.unique().filter_map(|s| s.estimate.peak_memory_bytes).max();
         println!(
-            "estimated compute: {:.3e} FLOP in all ({:.1} GPU-hours at 100 TFLOP/s sustained); largest stage peak memory {}",
+            "estimated compute: {:.3e} FLOP in all, about {:.0} GPU-hours at 100 TFLOP/s sustained (UNet only; a lower bound){}",
             flops,
             flops / 1e14 / 3600.0,
-            super::format_bytes(peak)
+            peak.map(|p| format!("; largest stage peak memory {}", super::format_bytes(p))).unwrap_or_default()
         );
     }
 }
@@ -298,6 +328,7 @@ fn plan_json(plan: &Plan) -> serde_json::Value {
                 "meta": s.stage.meta,
                 "params": s.stage.params,
                 "inputs": s.stage.inputs,
+                "missing_files": s.stage.missing_files,
                 "peak_memory_bytes": s.estimate.peak_memory_bytes,
                 "flops": s.estimate.flops,
             })
@@ -387,4 +418,23 @@ pub fn exec_stage(args: ExecStageArgs) -> anyhow::Result<i32> {
             Ok(1)
         }
     }
+}
+
+pub fn export(args: ExportArgs) -> anyhow::Result<i32> {
+    let registry = registry();
+    let pipeline = resolve(&args.pipeline, &registry)?;
+    let cache = Cache::new(&args.cache.cache);
+    let plan = make_plan(&pipeline, &registry, &cache, &ril_pipe::exec::filehash::FileHasher::ephemeral())?;
+    let stage = plan
+        .stages
+        .iter()
+        .find(|s| s.stage.id == args.stage)
+        .with_context(|| format!("the pipeline has no stage `{}`", args.stage))?;
+    if stage.status != Status::Hit {
+        anyhow::bail!("stage `{}` is not in the cache ({}); run the pipeline first", args.stage, stage.why.join("; "));
+    }
+    let object = cache.object_dir(&stage.key)?;
+    let n = ril_pipe::exec::publish(&object, &args.to).with_context(|| format!("cannot write {}", args.to.display()))?;
+    eprintln!("exported {} ({n} files) to {}", args.stage, args.to.display());
+    Ok(0)
 }

@@ -9,6 +9,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// Input name -> (stage id, labels) of each upstream stage.
+pub type InputLabels = BTreeMap<String, Vec<(String, BTreeMap<String, String>)>>;
+
 /// What a key is computed from; kept in manifests and the journal to explain cache misses.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ingredients {
@@ -21,7 +24,7 @@ pub struct Ingredients {
     /// Input name -> ids and labels of the upstream stages, for kinds whose outputs depend on
     /// them (reports); `None` for other kinds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub input_labels: Option<BTreeMap<String, Vec<(String, BTreeMap<String, String>)>>>,
+    pub input_labels: Option<InputLabels>,
     /// Absolute path -> content hash of each external file or folder.
     pub files: BTreeMap<String, String>,
 }

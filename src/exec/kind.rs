@@ -33,8 +33,9 @@ pub trait StageKind: Send + Sync {
     /// Runs the stage: reads `ctx.inputs`, writes its outputs under `ctx.out_dir()`.
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError>;
 
-    /// Compute and memory estimates for `plan`; kinds that can say nothing return the default.
-    fn estimate(&self, _stage: &ResolvedStage) -> Estimate {
+    /// Compute and memory estimates for `plan` (the whole pipeline is given so a stage can look
+    /// at its upstream stages); kinds that can say nothing return the default.
+    fn estimate(&self, _stage: &ResolvedStage, _pipeline: &crate::pipeline::ResolvedPipeline) -> Estimate {
         Estimate::default()
     }
 }

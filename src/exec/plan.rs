@@ -95,6 +95,9 @@ pub fn plan(pipeline: &ResolvedPipeline, registry: &Registry, cache: &Cache, has
         })?;
         let schema = kind.schema();
         let mut files = BTreeMap::new();
+        for missing in &stage.missing_files {
+            files.insert(missing.path.to_string_lossy().into_owned(), "missing".to_string());
+        }
         for path in &stage.files {
             let hash = hasher.hash(path).map_err(|source| PlanError::File {
                 stage: stage.id.clone(),
@@ -164,7 +167,7 @@ pub fn plan(pipeline: &ResolvedPipeline, registry: &Registry, cache: &Cache, has
                 }
             },
         };
-        let estimate = kind.estimate(stage);
+        let estimate = kind.estimate(stage, pipeline);
         planned.push(PlannedStage {
             stage: stage.clone(),
             key,

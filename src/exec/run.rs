@@ -527,10 +527,9 @@ pub fn execute_object(
     for (name, list) in &frozen.inputs {
         let mut objects = Vec::new();
         for (upstream, key) in list {
-            let manifest = match cache.lookup(key) {
-                Ok(ObjectState::Done(m)) => *m,
-                Ok(other) => return (failed(format!("input {upstream} is not usable in the cache ({other:?})")), note),
-                Err(e) => return (failed(e.to_string()), note),
+            let manifest = match checked_input(cache, upstream, key) {
+                Ok(m) => m,
+                Err(error) => return (failed(error), note),
             };
             let dir = match cache.object_dir(key) {
                 Ok(d) => d,
@@ -602,6 +601,31 @@ pub fn execute_object(
             cache.discard(&tmp);
             (Outcome::Failed { error: e.to_string(), log }, note)
         }
+    }
+}
+
+/// The manifest of an input object after checking every file's hash: a stage never reads a
+/// damaged input. A damaged input is removed (so the next run recomputes it) and named.
+fn checked_input(cache: &Cache, upstream: &str, key: &str) -> Result<super::cache::Manifest, String> {
+    match cache.verify(key) {
+        Ok(Ok(manifest)) => Ok(manifest),
+        Ok(Err(_)) if matches!(cache.lookup(key), Ok(ObjectState::Missing)) => Err(format!("input {upstream} ({}) is not in the cache", short_key(key))),
+        Ok(Err(reason)) => {
+            // Under the object's lock, so that a process recomputing it right now is not undone.
+            let removed = cache.lock_object(key, &mut || {}).and_then(|_lock| match cache.verify(key)? {
+                Ok(manifest) => Ok(Some(manifest)),
+                Err(_) => cache.remove_object(key).map(|()| None),
+            });
+            match removed {
+                Ok(Some(manifest)) => Ok(manifest),
+                Ok(None) => Err(format!(
+                    "input {upstream} ({}) is damaged in the cache: {reason}; it was removed, run again to recompute it",
+                    short_key(key)
+                )),
+                Err(e) => Err(format!("input {upstream} ({}) is damaged in the cache: {reason}; cannot remove it: {e}", short_key(key))),
+            }
+        }
+        Err(e) => Err(e.to_string()),
     }
 }
 

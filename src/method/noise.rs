@@ -1,10 +1,16 @@
 //! Deterministic Gaussian noise from a seed, independent of libtorch's global generator, so
 //! results do not depend on which other stages run in the same process at the same time.
+//!
+//! The samples are drawn on the CPU (ChaCha20 + Box-Muller in f64, rounded to f32) and only then
+//! moved to the requested device, so a seed gives bit-identical noise on the CPU and on every
+//! GPU, whatever the stage's precision (noise and latents are always fp32): runs on different
+//! devices differ only by the devices' arithmetic, never by their random numbers.
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use tch::{Device, Kind, Tensor};
 
-/// Standard normal samples of `shape`, from stream `stream` of `seed` (Box-Muller on ChaCha20).
+/// Standard normal fp32 samples of `shape` on `device`, from stream `stream` of `seed`
+/// (Box-Muller on ChaCha20, computed on the CPU: the same values on every device).
 pub fn gaussian(seed: u64, stream: u64, shape: &[i64], device: Device) -> Tensor {
     let n: usize = shape.iter().map(|&d| d.max(0) as usize).product();
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
@@ -41,5 +47,17 @@ mod tests {
         let std = a.std(true).double_value(&[]);
         assert!(mean.abs() < 0.05 && (std - 1.0).abs() < 0.05, "{mean} {std}");
         assert_eq!(gaussian(1, 0, &[3], Device::Cpu).size(), vec![3]);
+    }
+
+    #[test]
+    fn the_noise_is_the_same_on_every_device() {
+        let cpu = gaussian(11, 3, &[2, 4, 8, 8], Device::Cpu);
+        assert_eq!(cpu.kind(), Kind::Float);
+        // On a machine without CUDA only the CPU is checked; with one, each GPU too.
+        for i in 0..tch::Cuda::device_count().max(0) as usize {
+            let gpu = gaussian(11, 3, &[2, 4, 8, 8], Device::Cuda(i));
+            assert_eq!(gpu.device(), Device::Cuda(i));
+            assert!(gpu.to_device(Device::Cpu).equal(&cpu), "cuda:{i} noise differs from the CPU's");
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! DDIM sampling with classifier-free guidance, split the way truncated backprop needs it:
 //! steps N..2 without gradient, the last step (z_1 -> z_0) in the graph.
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::models::ddim::{Ddim, DdimError};
 use crate::models::unet::UNet2DConditionModel;
@@ -16,6 +16,20 @@ pub trait EpsModel {
 impl EpsModel for UNet2DConditionModel {
     fn eps(&self, latents: &Tensor, timesteps: &Tensor, context: &Tensor) -> Tensor {
         self.forward(latents, timesteps, context)
+    }
+}
+
+/// A UNet whose frozen weights are in `compute` (fp16, bf16 or fp32): the latents and the
+/// context are cast to it, the prediction back to the latents' dtype, so the sampler's updates
+/// (and the last step's graph) stay in fp32. With `compute` fp32 every cast is a no-op.
+pub struct CastUnet<'a> {
+    pub unet: &'a UNet2DConditionModel,
+    pub compute: Kind,
+}
+
+impl EpsModel for CastUnet<'_> {
+    fn eps(&self, latents: &Tensor, timesteps: &Tensor, context: &Tensor) -> Tensor {
+        self.unet.forward(&latents.to_kind(self.compute), timesteps, &context.to_kind(self.compute)).to_kind(latents.kind())
     }
 }
 

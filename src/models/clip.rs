@@ -5,13 +5,14 @@
 //! transformers' `CLIPModel`/`CLIPTextModel`/`CLIPVisionModelWithProjection` checkpoints and
 //! open_clip's `CLIP` state dicts load as they are. Configs are read from transformers'
 //! `config.json` or open_clip's model-config JSON; small configs (the tiny world) use the same code.
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Deserialize;
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
-use super::weights::{self, Extra, TensorMap, WeightsError};
+use super::weights::{self, Extra, WeightsError};
 
 /// CLIP's image normalisation (OpenAI statistics).
 pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
@@ -950,7 +951,8 @@ impl Clip {
 /// transformers 5 saves a bare `CLIPTextModel` / `CLIPVisionModel` without the `text_model.` /
 /// `vision_model.` prefix that transformers 4 wrote (and SD1.5's `text_encoder` has); this adds
 /// it back so that both load under the one set of names.
-pub fn canonical_names(config: &ClipConfig, tensors: TensorMap) -> TensorMap {
+/// Generic in the value so that name listings (without tensor data) go through the same rules.
+pub fn canonical_names<T>(config: &ClipConfig, tensors: BTreeMap<String, T>) -> BTreeMap<String, T> {
     if config.layout != Layout::Transformers {
         return tensors;
     }

@@ -385,7 +385,7 @@ impl Ddim {
                     sample.size()
                 )));
             }
-            prev = prev + sigma * z;
+            prev += sigma * z;
         }
         Ok(DdimStep { prev_sample: prev, pred_original_sample: x0 })
     }

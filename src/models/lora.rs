@@ -3,7 +3,8 @@
 //! Every adapted layer computes `W x + b + sum_i s_i B_i (A_i x)`. Task `t` adds pair `t`
 //! (`A_t [r, in]` random, `B_t [out, r]` zero), which becomes the only trainable one: the base
 //! `W, b` and the earlier pairs are frozen. The adapter tensors live in the group, outside the base
-//! model's `VarStore`, so base checkpoints load strictly and adapters are saved on their own.
+//! model's `VarStore`, so base checkpoints load strictly and adapters are saved on their own;
+//! freeze that `VarStore` (`vs.freeze()`) before training so only the adapter gets gradients.
 //!
 //! RID's EMA teacher (Eq. 6) is a copy of the newest pair kept beside it; a switch makes the
 //! same model run with the teacher's copy. A model soup is a group holding the adapters of several
@@ -284,14 +285,27 @@ impl LoraGroup {
     }
 
     /// The newest adapter's `A` and `B` of every layer (sorted by layer name, A before B): the
-    /// parameters to hand to the optimizer.
+    /// parameters to hand to the optimizer. They share storage and gradients with the group's.
     pub fn trainable_tensors(&self) -> Vec<Tensor> {
+        self.trainable_named_tensors().into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// [`Self::trainable_tensors`] with their file names (`<layer>.lora_A.<i>.weight`, ...).
+    pub fn trainable_named_tensors(&self) -> Vec<(String, Tensor)> {
         let state = self.state();
+        let Some(newest) = state.num_adapters().checked_sub(1) else {
+            return Vec::new();
+        };
         state
             .layers
-            .values()
-            .filter_map(|l| l.adapters.last())
-            .flat_map(|p| [p.a.shallow_clone(), p.b.shallow_clone()])
+            .iter()
+            .flat_map(|(name, l)| {
+                let pair = &l.adapters[newest];
+                [
+                    (format!("{name}.lora_A.{newest}.weight"), pair.a.shallow_clone()),
+                    (format!("{name}.lora_B.{newest}.weight"), pair.b.shallow_clone()),
+                ]
+            })
             .collect()
     }
 
@@ -328,8 +342,7 @@ impl LoraGroup {
         let file_err = |reason: String| LoraError::File { path: path.to_path_buf(), reason };
         let tensors: BTreeMap<String, Tensor> =
             Tensor::read_safetensors(path).map_err(|e| file_err(e.to_string()))?.into_iter().collect();
-        let scales_tensor =
-            tensors.get(SCALES_NAME).ok_or_else(|| file_err(format!("no `{SCALES_NAME}` tensor")))?;
+        let scales_tensor = tensors.get(SCALES_NAME).ok_or_else(|| file_err(format!("no `{SCALES_NAME}` tensor")))?;
         let scales: Vec<f64> = Vec::<f64>::try_from(&scales_tensor.to_kind(Kind::Double).flatten(0, -1))
             .map_err(|e| file_err(e.to_string()))?;
         let count = scales.len();
@@ -339,7 +352,8 @@ impl LoraGroup {
             if key == SCALES_NAME {
                 continue;
             }
-            let (layer, slot) = parse_adapter_name(key).ok_or_else(|| file_err(format!("unexpected tensor `{key}`")))?;
+            let (layer, slot) =
+                parse_adapter_name(key).ok_or_else(|| file_err(format!("unexpected tensor `{key}`")))?;
             let entry = parsed.entry(layer.to_string()).or_insert_with(|| FileLayer::new(count));
             let target = match slot {
                 Slot::A(i) if i < count => &mut entry.a[i],
@@ -379,7 +393,11 @@ impl LoraGroup {
                     _ => return Err(file_err(format!("layer `{name}`: adapter {i} lacks lora_A or lora_B"))),
                 };
                 let pair_dims = pair_dims(&a, &b).ok_or_else(|| {
-                    file_err(format!("layer `{name}` adapter {i}: A {:?} and B {:?} are not [r, in] and [out, r]", a.size(), b.size()))
+                    file_err(format!(
+                        "layer `{name}` adapter {i}: A {:?} and B {:?} are not [r, in] and [out, r]",
+                        a.size(),
+                        b.size()
+                    ))
                 })?;
                 if dims.is_some_and(|d| d != pair_dims) {
                     return Err(file_err(format!("layer `{name}`: adapters of different shapes")));
@@ -389,7 +407,8 @@ impl LoraGroup {
             }
             let teacher = match (teacher_a, teacher_b) {
                 (Some(a), Some(b)) => {
-                    let newest = adapters.last().ok_or_else(|| file_err(format!("layer `{name}`: teacher without adapters")))?;
+                    let newest =
+                        adapters.last().ok_or_else(|| file_err(format!("layer `{name}`: teacher without adapters")))?;
                     if a.size() != newest.a.size() || b.size() != newest.b.size() {
                         return Err(file_err(format!("layer `{name}`: teacher shape differs from the newest adapter")));
                     }
@@ -528,9 +547,10 @@ impl LoraGroup {
         for (k, (member, coefficient)) in members.iter().enumerate() {
             let member = member.state();
             let same_layers = member.layers.len() == layers.len()
-                && member.layers.iter().all(|(n, l)| {
-                    layers.get(n).is_some_and(|m| (m.in_dim, m.out_dim) == (l.in_dim, l.out_dim))
-                });
+                && member
+                    .layers
+                    .iter()
+                    .all(|(n, l)| layers.get(n).is_some_and(|m| (m.in_dim, m.out_dim) == (l.in_dim, l.out_dim)));
             if !same_layers {
                 return Err(LoraError::Soup(format!("member {k} adapts other layers than member 0")));
             }
@@ -544,13 +564,7 @@ impl LoraGroup {
             }
             scales.extend(member.scales.iter().map(|s| s * coefficient));
         }
-        let mut state = State {
-            targets,
-            layers,
-            slots: Vec::new(),
-            scales,
-            use_teacher: false,
-        };
+        let mut state = State { targets, layers, slots: Vec::new(), scales, use_teacher: false };
         state.refresh_trainable();
         Ok(LoraGroup(Arc::new(Mutex::new(state))))
     }
@@ -596,7 +610,12 @@ struct FileLayer {
 
 impl FileLayer {
     fn new(count: usize) -> Self {
-        Self { a: (0..count).map(|_| None).collect(), b: (0..count).map(|_| None).collect(), teacher_a: None, teacher_b: None }
+        Self {
+            a: (0..count).map(|_| None).collect(),
+            b: (0..count).map(|_| None).collect(),
+            teacher_a: None,
+            teacher_b: None,
+        }
     }
 }
 
@@ -645,7 +664,13 @@ pub struct Linear {
 }
 
 /// Creates the linear layer at `path` and registers it with `lora` (if it is a target there).
-pub fn linear(path: nn::Path, in_dim: i64, out_dim: i64, bias: bool, lora: Option<&LoraGroup>) -> Result<Linear, LoraError> {
+pub fn linear(
+    path: nn::Path,
+    in_dim: i64,
+    out_dim: i64,
+    bias: bool,
+    lora: Option<&LoraGroup>,
+) -> Result<Linear, LoraError> {
     let base = nn::linear(&path, in_dim, out_dim, nn::LinearConfig { bias, ..Default::default() });
     let adapter = match lora {
         Some(group) => {
@@ -693,7 +718,8 @@ mod tests {
                 let sorted: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
                 for (i, (_, mut var)) in sorted.into_iter().enumerate() {
                     let n = var.numel() as i64;
-                    let values = (Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.37 + (seed + i as i64) as f64).sin() * 0.5;
+                    let values =
+                        (Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.37 + (seed + i as i64) as f64).sin() * 0.5;
                     var.copy_(&values.view(var.size().as_slice()));
                 }
             });
@@ -926,9 +952,12 @@ mod tests {
         // The souped model equals a plain model with merged weights W + sum_k c_k dW_k.
         let xs = input();
         let merged = |layer: &Linear, name: &str, x: &Tensor| {
-            let delta = members.iter().zip(coefficients).fold(Tensor::zeros([1], (Kind::Float, Device::Cpu)), |acc, ((g, _), c)| {
-                acc + g.effective_delta(name).unwrap() * c
-            });
+            let delta = members
+                .iter()
+                .zip(coefficients)
+                .fold(Tensor::zeros([1], (Kind::Float, Device::Cpu)), |acc, ((g, _), c)| {
+                    acc + g.effective_delta(name).unwrap() * c
+                });
             x.linear(&(&layer.base.ws + delta), layer.base.bs.as_ref())
         };
         let hidden = merged(&toy.q, "blk.attn1.to_q", &xs);

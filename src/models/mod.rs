@@ -2,8 +2,10 @@
 //! are looked up under their upstream (diffusers / transformers / open_clip) names.
 pub mod aesthetic;
 pub mod clip;
+pub mod component;
 pub mod ddim;
 pub mod inception;
+pub mod inspect;
 pub mod lora;
 pub mod nn;
 pub mod pickle;

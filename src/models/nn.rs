@@ -9,7 +9,14 @@ use tch::Tensor;
 use super::lora::{self, LoraError, LoraGroup};
 
 /// A 2-D convolution with the diffusers defaults (bias, square kernel).
-pub fn conv2d(path: nn::Path, in_channels: i64, out_channels: i64, kernel: i64, stride: i64, padding: i64) -> nn::Conv2D {
+pub fn conv2d(
+    path: nn::Path,
+    in_channels: i64,
+    out_channels: i64,
+    kernel: i64,
+    stride: i64,
+    padding: i64,
+) -> nn::Conv2D {
     let config = nn::ConvConfig { stride, padding, ..Default::default() };
     nn::conv2d(path, in_channels, out_channels, kernel, config)
 }
@@ -122,7 +129,9 @@ impl Attention {
         let inner = cfg.heads * cfg.dim_head;
         let context_dim = cfg.cross_attention_dim.unwrap_or(cfg.query_dim);
         Ok(Self {
-            group_norm: cfg.group_norm.map(|(groups, eps)| group_norm(&path / "group_norm", groups, cfg.query_dim, eps)),
+            group_norm: cfg
+                .group_norm
+                .map(|(groups, eps)| group_norm(&path / "group_norm", groups, cfg.query_dim, eps)),
             to_q: lora::linear(&path / "to_q", cfg.query_dim, inner, cfg.qkv_bias, lora)?,
             to_k: lora::linear(&path / "to_k", context_dim, inner, cfg.qkv_bias, lora)?,
             to_v: lora::linear(&path / "to_v", context_dim, inner, cfg.qkv_bias, lora)?,

@@ -138,6 +138,17 @@ struct Machine<'a> {
     stack: Vec<Id>,
     marks: Vec<usize>,
     memo: HashMap<u64, Id>,
+    /// Position of each key in its dict, so that filling a dict of n entries costs O(n) (a
+    /// crafted file with millions of entries must not take hours).
+    dict_index: HashMap<(Id, DictKey), usize>,
+}
+
+/// Dict keys as Python compares them here: str and int by value, anything else by identity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum DictKey {
+    Str(String),
+    Int(i64),
+    Object(Id),
 }
 
 impl<'a> Machine<'a> {
@@ -261,30 +272,32 @@ impl<'a> Machine<'a> {
     }
 
     fn set_items(&mut self, dict: Id, items: &[Id]) -> Result<(), PickleError> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return self.err("odd number of items for a dict");
         }
-        let pairs: Vec<(Id, Id)> = items.chunks(2).map(|kv| (kv[0], kv[1])).collect();
-        for (k, v) in pairs {
-            let existing = match &self.objects[dict] {
-                Obj::Dict(entries) => entries.iter().position(|&(ek, _)| self.same_key(ek, k)),
-                other => return self.err(format!("SETITEM on a {}", other.type_name())),
-            };
-            if let Obj::Dict(entries) = &mut self.objects[dict] {
-                match existing {
-                    Some(i) => entries[i].1 = v,
-                    None => entries.push((k, v)),
+        if !matches!(self.objects[dict], Obj::Dict(_)) {
+            return self.err(format!("SETITEM on a {}", self.objects[dict].type_name()));
+        }
+        for kv in items.chunks(2) {
+            let (k, v) = (kv[0], kv[1]);
+            let index_key = (dict, self.dict_key(k));
+            let Obj::Dict(entries) = &mut self.objects[dict] else { continue };
+            match self.dict_index.get(&index_key) {
+                Some(&i) => entries[i].1 = v,
+                None => {
+                    self.dict_index.insert(index_key, entries.len());
+                    entries.push((k, v));
                 }
             }
         }
         Ok(())
     }
 
-    fn same_key(&self, a: Id, b: Id) -> bool {
-        match (&self.objects[a], &self.objects[b]) {
-            (Obj::Str(x), Obj::Str(y)) => x == y,
-            (Obj::Int(x), Obj::Int(y)) => x == y,
-            _ => a == b,
+    fn dict_key(&self, id: Id) -> DictKey {
+        match &self.objects[id] {
+            Obj::Str(s) => DictKey::Str(s.clone()),
+            Obj::Int(i) => DictKey::Int(*i),
+            _ => DictKey::Object(id),
         }
     }
 
@@ -550,6 +563,7 @@ fn unpickle(data: &[u8]) -> Result<Unpickled, PickleError> {
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
+        dict_index: HashMap::new(),
     };
     machine.run()
 }
@@ -558,6 +572,31 @@ fn unpickle(data: &[u8]) -> Result<Unpickled, PickleError> {
 /// a dict holding one under `state_dict`. Tensors keep their stored dtype; views (offsets,
 /// strides) are materialised as contiguous tensors.
 pub fn read_state_dict(path: &Path) -> Result<TensorMap, PickleError> {
+    let (mut archive, prefix, file_len, entries) = open_state_dict(path)?;
+    // Each tensor becomes a contiguous copy of its view. Views may share a storage (tied
+    // weights) or repeat elements (stride 0), so a small file could ask for terabytes: the
+    // copies may take at most a few times the file's size, checked before each is made.
+    let mut budget = file_len.saturating_mul(MAX_TENSOR_BYTES_PER_FILE_BYTE);
+    let mut storages: HashMap<String, (Kind, i64, Tensor)> = HashMap::new();
+    let mut out = TensorMap::new();
+    for (name, tensor) in entries {
+        let t = materialise(&mut archive, &prefix, file_len, &mut budget, &mut storages, &name, &tensor)?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// The dtype and shape of every tensor of a `torch.save` state dict, read from its pickle alone
+/// (the tensor data is not loaded).
+pub fn read_state_dict_shapes(path: &Path) -> Result<Vec<(String, Kind, Vec<i64>)>, PickleError> {
+    let (_, _, _, entries) = open_state_dict(path)?;
+    Ok(entries.into_iter().map(|(name, t)| (name, t.kind, t.size)).collect())
+}
+
+type OpenedStateDict = (zip::ZipArchive<File>, String, u64, Vec<(String, TensorRef)>);
+
+/// The archive, its folder prefix, the file length and the state dict's tensor references.
+fn open_state_dict(path: &Path) -> Result<OpenedStateDict, PickleError> {
     let mut file = File::open(path)?;
     let file_len = file.metadata()?.len();
     let mut magic = [0u8; 4];
@@ -585,14 +624,11 @@ pub fn read_state_dict(path: &Path) -> Result<TensorMap, PickleError> {
     let pickle_bytes = read_entry(&mut archive, pickle_name, None, file_len)?;
     let unpickled = unpickle(&pickle_bytes)?;
     let entries = state_dict_entries(&unpickled)?;
-    let mut storages: HashMap<String, (Kind, i64, Tensor)> = HashMap::new();
-    let mut out = TensorMap::new();
-    for (name, tensor) in entries {
-        let t = materialise(&mut archive, &prefix, file_len, &mut storages, &name, &tensor)?;
-        out.insert(name, t);
-    }
-    Ok(out)
+    Ok((archive, prefix, file_len, entries))
 }
+
+/// How many bytes of tensors a checkpoint may expand to per byte of file (see `read_state_dict`).
+const MAX_TENSOR_BYTES_PER_FILE_BYTE: u64 = 4;
 
 fn state_dict_entries(unpickled: &Unpickled) -> Result<Vec<(String, TensorRef)>, PickleError> {
     let objects = &unpickled.objects;
@@ -640,10 +676,13 @@ fn read_entry(
     Ok(bytes)
 }
 
+/// Makes the contiguous tensor of a view; `budget` is what the tensors made so far may still
+/// add (bytes), checked before anything is allocated.
 fn materialise(
     archive: &mut zip::ZipArchive<File>,
     prefix: &str,
     file_len: u64,
+    budget: &mut u64,
     storages: &mut HashMap<String, (Kind, i64, Tensor)>,
     name: &str,
     t: &TensorRef,
@@ -660,7 +699,9 @@ fn materialise(
     let end = if numel == 0 {
         Some(t.offset)
     } else {
-        t.size.iter().zip(&t.stride).try_fold(t.offset + 1, |acc, (&s, &st)| (s - 1).checked_mul(st).and_then(|x| acc.checked_add(x)))
+        t.offset.checked_add(1).and_then(|first| {
+            t.size.iter().zip(&t.stride).try_fold(first, |acc, (&s, &st)| (s - 1).checked_mul(st).and_then(|x| acc.checked_add(x)))
+        })
     };
     match end {
         Some(end) if end <= t.storage_numel => {}
@@ -671,6 +712,12 @@ fn materialise(
             )))
         }
     }
+    let bytes = (numel as u64).saturating_mul(t.kind.elt_size_in_bytes() as u64);
+    *budget = budget.checked_sub(bytes).ok_or_else(|| {
+        bad(format!(
+            "the tensors would take more than {MAX_TENSOR_BYTES_PER_FILE_BYTE} times the file's {file_len} bytes (views that repeat their storage?)"
+        ))
+    })?;
     if !storages.contains_key(&t.key) {
         let elt = t.kind.elt_size_in_bytes() as u64;
         let nbytes = (t.storage_numel as u64)

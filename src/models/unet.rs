@@ -123,7 +123,12 @@ impl Default for UNet2DConditionConfig {
             center_input_sample: false,
             flip_sin_to_cos: true,
             freq_shift: 0.0,
-            down_block_types: strings(&["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]),
+            down_block_types: strings(&[
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ]),
             mid_block_type: Some("UNetMidBlock2DCrossAttn".to_string()),
             up_block_types: strings(&["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
             only_cross_attention: BoolPerBlock::All(false),
@@ -167,14 +172,15 @@ impl Default for UNet2DConditionConfig {
     }
 }
 
-/// The per-block numbers the model is built from, after validation.
+/// The per-block numbers the model is built from, after validation (the builder and the memory
+/// estimate walk them).
 #[derive(Debug, Clone)]
-struct BlockPlan {
-    cross_attention: Vec<bool>,
-    layers: Vec<i64>,
-    heads: Vec<i64>,
-    transformer_layers: Vec<i64>,
-    groups: i64,
+pub struct BlockPlan {
+    pub cross_attention: Vec<bool>,
+    pub layers: Vec<i64>,
+    pub heads: Vec<i64>,
+    pub transformer_layers: Vec<i64>,
+    pub groups: i64,
 }
 
 impl UNet2DConditionConfig {
@@ -197,7 +203,8 @@ impl UNet2DConditionConfig {
         self.plan().map(|_| ())
     }
 
-    fn plan(&self) -> Result<BlockPlan, UnetError> {
+    /// Validates the config and expands its per-block lists.
+    pub fn plan(&self) -> Result<BlockPlan, UnetError> {
         let unsupported = |what: &str| Err(UnetError::Unsupported(what.to_string()));
         let set = |name: &str, value: &dyn std::fmt::Debug| format!("`{name}` = {value:?} (only null is supported)");
         let optional_fields: [(&str, bool, &dyn std::fmt::Debug); 13] = [
@@ -404,14 +411,21 @@ impl UNet2DConditionModel {
             Transformer2DModel::new(path, tc, lora)
         };
 
-        let conv_in = conv2d(&path / "conv_in", cfg.in_channels, channels[0], cfg.conv_in_kernel, 1, (cfg.conv_in_kernel - 1) / 2);
+        let conv_in = conv2d(
+            &path / "conv_in",
+            cfg.in_channels,
+            channels[0],
+            cfg.conv_in_kernel,
+            1,
+            (cfg.conv_in_kernel - 1) / 2,
+        );
         let time_embedding = TimestepEmbedding::new(&path / "time_embedding", channels[0], temb_dim, lora)?;
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut output_channel = channels[0];
-        for i in 0..n {
+        for (i, &channel) in channels.iter().enumerate() {
             let input_channel = output_channel;
-            output_channel = channels[i];
+            output_channel = channel;
             let block_path = &path / "down_blocks" / i;
             let mut resnets = Vec::new();
             let mut attentions = Vec::new();
@@ -436,17 +450,22 @@ impl UNet2DConditionModel {
         let mid_channels = channels[n - 1];
         let mid_block = MidBlock {
             resnet_in: resnet(&mid_path / "resnets" / 0, mid_channels, mid_channels, cfg.mid_block_scale_factor)?,
-            attention: transformer(&mid_path / "attentions" / 0, mid_channels, plan.heads[n - 1], plan.transformer_layers[n - 1])?,
+            attention: transformer(
+                &mid_path / "attentions" / 0,
+                mid_channels,
+                plan.heads[n - 1],
+                plan.transformer_layers[n - 1],
+            )?,
             resnet_out: resnet(&mid_path / "resnets" / 1, mid_channels, mid_channels, cfg.mid_block_scale_factor)?,
         };
 
         let mut up_blocks = Vec::with_capacity(n);
         let reversed: Vec<i64> = channels.iter().rev().copied().collect();
         let mut output_channel = reversed[0];
-        for i in 0..n {
+        for (i, &channel) in reversed.iter().enumerate() {
             let down_index = n - 1 - i;
             let prev_output_channel = output_channel;
-            output_channel = reversed[i];
+            output_channel = channel;
             let input_channel = reversed[(i + 1).min(n - 1)];
             let block_path = &path / "up_blocks" / i;
             let num_layers = plan.layers[down_index] + 1;
@@ -470,7 +489,14 @@ impl UNet2DConditionModel {
         }
 
         let conv_norm_out = group_norm(&path / "conv_norm_out", plan.groups, channels[0], eps);
-        let conv_out = conv2d(&path / "conv_out", channels[0], cfg.out_channels, cfg.conv_out_kernel, 1, (cfg.conv_out_kernel - 1) / 2);
+        let conv_out = conv2d(
+            &path / "conv_out",
+            channels[0],
+            cfg.out_channels,
+            cfg.conv_out_kernel,
+            1,
+            (cfg.conv_out_kernel - 1) / 2,
+        );
         if let Some(group) = lora {
             group.check_bound()?;
         }
@@ -496,7 +522,12 @@ impl UNet2DConditionModel {
         let batch = sample.size()[0];
         let sample = if self.config.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
         let timesteps = timesteps.to_device(sample.device()).reshape([-1]).expand([batch], false);
-        let t_emb = timestep_embedding(&timesteps, self.config.block_out_channels[0], self.config.flip_sin_to_cos, self.config.freq_shift);
+        let t_emb = timestep_embedding(
+            &timesteps,
+            self.config.block_out_channels[0],
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+        );
         let emb = self.time_embedding.forward(&t_emb.to_kind(sample.kind()));
         let context = encoder_hidden_states;
 

@@ -3,6 +3,7 @@
 //! `encode` gives the parameters of the diagonal Gaussian posterior, `decode` maps latents back to
 //! images in [-1, 1]. Latents are unscaled: the diffusion model works on `scaling_factor * z`,
 //! so callers multiply after encoding and divide before decoding.
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use tch::nn::{self, Module};
@@ -12,7 +13,7 @@ use super::lora::LoraError;
 use super::nn::{
     conv2d, group_norm, Attention, AttentionConfig, Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D,
 };
-use super::weights::{self, TensorMap, WeightsError};
+use super::weights::{self, WeightsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VaeError {
@@ -114,7 +115,10 @@ impl AutoencoderKLConfig {
             return unsupported("non-positive layers_per_block or latent_channels".to_string());
         }
         if let Some(c) = self.block_out_channels.iter().find(|c| **c <= 0 || **c % self.norm_num_groups != 0) {
-            return unsupported(format!("{c} channels are not a positive multiple of norm_num_groups {}", self.norm_num_groups));
+            return unsupported(format!(
+                "{c} channels are not a positive multiple of norm_num_groups {}",
+                self.norm_num_groups
+            ));
         }
         Ok(())
     }
@@ -151,7 +155,11 @@ impl MidBlock {
         };
         Ok(Self {
             resnet_in: ResnetBlock2D::new(&path / "resnets" / 0, rc, None)?,
-            attention: if add_attention { Some(Attention::new(&path / "attentions" / 0, attention, None)?) } else { None },
+            attention: if add_attention {
+                Some(Attention::new(&path / "attentions" / 0, attention, None)?)
+            } else {
+                None
+            },
             resnet_out: ResnetBlock2D::new(&path / "resnets" / 1, rc, None)?,
         })
     }
@@ -167,7 +175,14 @@ impl MidBlock {
 }
 
 fn resnet(path: nn::Path, in_channels: i64, out_channels: i64, groups: i64) -> Result<ResnetBlock2D, LoraError> {
-    let rc = ResnetBlock2DConfig { in_channels, out_channels, temb_channels: None, groups, eps: 1e-6, output_scale_factor: 1.0 };
+    let rc = ResnetBlock2DConfig {
+        in_channels,
+        out_channels,
+        temb_channels: None,
+        groups,
+        eps: 1e-6,
+        output_scale_factor: 1.0,
+    };
     ResnetBlock2D::new(path, rc, None)
 }
 
@@ -295,7 +310,9 @@ impl AutoencoderKL {
             encoder: Encoder::new(&path / "encoder", cfg)?,
             decoder: Decoder::new(&path / "decoder", cfg)?,
             quant_conv: cfg.use_quant_conv.then(|| conv2d(&path / "quant_conv", 2 * latent, 2 * latent, 1, 1, 0)),
-            post_quant_conv: cfg.use_post_quant_conv.then(|| conv2d(&path / "post_quant_conv", latent, latent, 1, 1, 0)),
+            post_quant_conv: cfg
+                .use_post_quant_conv
+                .then(|| conv2d(&path / "post_quant_conv", latent, latent, 1, 1, 0)),
         })
     }
 
@@ -328,17 +345,19 @@ impl AutoencoderKL {
 /// Renames the mid-block attention tensors of old checkpoints (`query`, `key`, `value`,
 /// `proj_attn`) to the current names (`to_q`, `to_k`, `to_v`, `to_out.0`), as diffusers'
 /// `_convert_deprecated_attention_blocks` does. Current names pass through unchanged.
-pub fn rename_legacy_attention(tensors: TensorMap) -> TensorMap {
+/// Generic in the value so that name listings (without tensor data) go through the same rules.
+pub fn rename_legacy_attention<T>(tensors: BTreeMap<String, T>) -> BTreeMap<String, T> {
     const RENAMES: [(&str, &str); 4] = [("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0")];
     tensors
         .into_iter()
         .map(|(name, tensor)| {
-            let renamed = ["encoder.mid_block.attentions.0.", "decoder.mid_block.attentions.0."].iter().find_map(|block| {
-                let rest = name.strip_prefix(block)?;
-                let (old, param) = rest.split_once('.')?;
-                let new = RENAMES.iter().find(|(from, _)| *from == old)?.1;
-                Some(format!("{block}{new}.{param}"))
-            });
+            let renamed =
+                ["encoder.mid_block.attentions.0.", "decoder.mid_block.attentions.0."].iter().find_map(|block| {
+                    let rest = name.strip_prefix(block)?;
+                    let (old, param) = rest.split_once('.')?;
+                    let new = RENAMES.iter().find(|(from, _)| *from == old)?.1;
+                    Some(format!("{block}{new}.{param}"))
+                });
             (renamed.unwrap_or(name), tensor)
         })
         .collect()
@@ -353,6 +372,7 @@ pub fn load_weights(vs: &nn::VarStore, file: &Path) -> Result<(), WeightsError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::weights::TensorMap;
     use tch::{Device, Kind};
 
     #[test]

@@ -28,6 +28,8 @@ pub enum WeightsError {
     UnknownFormat { path: PathBuf },
     #[error("{path}: sharded checkpoint: {reason}")]
     Shards { path: PathBuf, reason: String },
+    #[error("{path}: tensor `{name}` is stored as {found:?}; the model needs floating-point weights")]
+    Dtype { path: PathBuf, name: String, found: Kind },
     #[error("{path}: unexpected tensor `{name}` (not part of this model; first of {count})")]
     Unexpected { path: PathBuf, name: String, count: usize },
 }
@@ -54,7 +56,13 @@ pub fn read_safetensors(path: &Path) -> Result<TensorMap, WeightsError> {
             Dtype::BOOL => Kind::Bool,
             other => return Err(read_err(format!("tensor `{name}` has unsupported dtype {other:?}"))),
         };
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        // The reader checked that the sizes match the data; a zero-sized tensor can still
+        // declare dimensions beyond what libtorch takes.
+        let shape: Vec<i64> = view
+            .shape()
+            .iter()
+            .map(|&d| i64::try_from(d).map_err(|_| read_err(format!("tensor `{name}` has a dimension of {d}"))))
+            .collect::<Result<_, _>>()?;
         let tensor = Tensor::f_from_data_size(view.data(), &shape, kind)
             .map_err(|e| read_err(format!("tensor `{name}`: {e}")))?;
         out.insert(name, tensor);
@@ -77,16 +85,21 @@ const FOLDER_FILES: &[&str] = &[
     "pytorch_model.bin.index.json",
 ];
 
+/// The weight file of a component folder (the first of the usual names that exists).
+pub fn find_weight_file(dir: &Path) -> Result<PathBuf, WeightsError> {
+    FOLDER_FILES.iter().map(|f| dir.join(f)).find(|p| p.is_file()).ok_or_else(|| WeightsError::NoWeights {
+        path: dir.to_path_buf(),
+        looked_for: FOLDER_FILES.join(", "),
+    })
+}
+
 /// Reads the tensors of a checkpoint: a `.safetensors` file, a PyTorch zip-pickle
 /// (`.pt`, `.pth`, `.bin`, `.ckpt`; a state dict, possibly under `state_dict`), a shard index
 /// (`*.index.json`), or a component folder holding one of these under its usual name.
 /// Tensors keep their stored dtype.
 pub fn load_weights(path: &Path) -> Result<TensorMap, WeightsError> {
     if path.is_dir() {
-        let Some(file) = FOLDER_FILES.iter().map(|f| path.join(f)).find(|p| p.is_file()) else {
-            return Err(WeightsError::NoWeights { path: path.to_path_buf(), looked_for: FOLDER_FILES.join(", ") });
-        };
-        return load_weights(&file);
+        return load_weights(&find_weight_file(path)?);
     }
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if name.ends_with(".index.json") {
@@ -173,6 +186,14 @@ pub fn assign(vs: &VarStore, tensors: &TensorMap, extra: Extra, source: &Path) -
                     name,
                     found: src.size(),
                     expected: var.size(),
+                });
+            }
+            // Integers or booleans where the model has floats are a wrong file, not a conversion.
+            if var.is_floating_point() && !src.is_floating_point() {
+                return Err(WeightsError::Dtype {
+                    path: source.to_path_buf(),
+                    name,
+                    found: src.kind(),
                 });
             }
             var.copy_(&src.to_device(var.device()).to_kind(var.kind()));

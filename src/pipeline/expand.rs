@@ -90,12 +90,27 @@ impl Override {
 /// The kinds the pipeline may use, by name.
 pub type Schemas = BTreeMap<String, KindSchema>;
 
-/// Expands and validates a parsed pipeline. Nothing is run and nothing is written.
+/// Whether files named by `Path` parameters must exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileCheck {
+    /// To run: a missing file is an error.
+    Require,
+    /// To plan: missing files are recorded in the stage (`missing_files`) and reported.
+    Record,
+}
+
+/// Expands and validates a parsed pipeline, to run it. Nothing is run and nothing is written.
 pub fn resolve(spec: &PipelineSpec, schemas: &Schemas, overrides: &[Override], env: &dyn Env) -> Result<ResolvedPipeline, PipelineError> {
+    resolve_with(spec, schemas, overrides, env, FileCheck::Require)
+}
+
+/// [`resolve`], choosing how missing files are treated.
+pub fn resolve_with(spec: &PipelineSpec, schemas: &Schemas, overrides: &[Override], env: &dyn Env, file_check: FileCheck) -> Result<ResolvedPipeline, PipelineError> {
     let mut spec = spec.clone();
     apply_spec_overrides(&mut spec, schemas, overrides)?;
     let mut diags = Vec::new();
     let scope = resolve_vars(&spec, env, &mut diags);
+    interpolate_defaults(&mut spec, overrides, &scope, env, &mut diags);
     check_defaults(&spec, schemas, &mut diags);
     let mut raw = Vec::new();
     if diags.is_empty() {
@@ -106,7 +121,7 @@ pub fn resolve(spec: &PipelineSpec, schemas: &Schemas, overrides: &[Override], e
     }
     apply_stage_overrides(&mut raw, schemas, overrides)?;
     let base_dir = spec.file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let stages = finish_stages(&spec, &raw, schemas, &base_dir, &mut diags);
+    let stages = finish_stages(&spec, &raw, schemas, &base_dir, file_check, &mut diags);
     if !diags.is_empty() {
         return Err(PipelineError::invalid(spec.file.clone(), &spec.source, diags));
     }
@@ -170,17 +185,39 @@ fn set_var(map: &mut Map<String, Value>, segs: &[String], depth: usize, value: &
 
 /// Variables are resolved in the order written; each may use the ones before it and `env`.
 fn resolve_vars(spec: &PipelineSpec, env: &dyn Env, diags: &mut Vec<Diagnostic>) -> Scope {
-    let mut resolved = Map::new();
+    let mut scope = Scope::new(Map::new());
     for (name, value) in &spec.vars {
-        let scope = Scope::new(resolved.clone());
         match interpolate(value, &scope, env) {
-            Ok(v) => {
-                resolved.insert(name.clone(), v);
-            }
+            Ok(v) => scope.set(name.clone(), v),
             Err(e) => diags.push(Diagnostic::new(YamlPath::root().key("vars").key(name), e)),
         }
+        if scope.exhausted() {
+            break;
+        }
     }
-    Scope::new(resolved)
+    scope
+}
+
+/// `defaults:` values may use `${...}` like stage values, with the pipeline's variables and the
+/// environment (a default is shared by every stage of its kind, so matrix and chain variables
+/// are not visible). Values given with `--set defaults.KIND.PARAM=V` are taken as they are, as
+/// are all `--set` values.
+fn interpolate_defaults(spec: &mut PipelineSpec, overrides: &[Override], scope: &Scope, env: &dyn Env, diags: &mut Vec<Diagnostic>) {
+    let from_command_line = |kind: &str, param: &str| {
+        overrides.iter().any(|o| matches!(&o.target, OverrideTarget::Default { kind: k, param: p } if k == kind && p == param))
+    };
+    for (kind, params) in spec.defaults.iter_mut() {
+        let Value::Object(params) = params else { continue };
+        for (name, value) in params.iter_mut() {
+            if from_command_line(kind, name) {
+                continue;
+            }
+            match interpolate(value, scope, env) {
+                Ok(v) => *value = v,
+                Err(e) => diags.push(Diagnostic::new(YamlPath::root().key("defaults").key(kind).key(name), e)),
+            }
+        }
+    }
 }
 
 fn check_defaults(spec: &PipelineSpec, schemas: &Schemas, diags: &mut Vec<Diagnostic>) {
@@ -253,6 +290,10 @@ fn expand_all(spec: &PipelineSpec, scope: &Scope, env: &dyn Env, raw: &mut Vec<R
                         diags.push(Diagnostic::new(path.key("chain").key("over"), "`chain.over` is empty"));
                         continue;
                     }
+                    if raw.len() + elements.len() > MAX_STAGES {
+                        diags.push(Diagnostic::new(path.key("chain").key("over"), format!("the pipeline expands to more than {MAX_STAGES} stages (this chain has {} elements)", elements.len())));
+                        return;
+                    }
                     let mut prev = match interpolate_str(&chain.first, &combo_scope, env) {
                         Ok(Value::String(s)) => s,
                         Ok(other) => {
@@ -264,7 +305,7 @@ fn expand_all(spec: &PipelineSpec, scope: &Scope, env: &dyn Env, raw: &mut Vec<R
                             continue;
                         }
                     };
-                    if template.inputs.contains_key(&chain.link) {
+                    if template.inputs.get(&chain.link).is_some() {
                         diags.push(Diagnostic::new(path.key("inputs").key_name(&chain.link), format!("input `{}` is set by the chain (`chain.link`); remove it here", chain.link)));
                         continue;
                     }
@@ -289,6 +330,9 @@ fn expand_all(spec: &PipelineSpec, scope: &Scope, env: &dyn Env, raw: &mut Vec<R
             }
             if raw.len() > MAX_STAGES {
                 diags.push(Diagnostic::new(path.clone(), format!("the pipeline expands to more than {MAX_STAGES} stages; check the matrices")));
+                return;
+            }
+            if scope.exhausted() {
                 return;
             }
         }
@@ -335,6 +379,13 @@ fn matrix_combos(template: &StageTemplate, scope: &Scope, env: &dyn Env) -> Resu
         }
         lists.push((name.clone(), values));
     }
+    // Every combination holds a copy of one value of each axis: count them before they exist.
+    for (name, values) in &lists {
+        let copies = total / values.len();
+        for v in values {
+            scope.charge_copies(v, 1, copies).map_err(|e| Diagnostic::new(path.key(name), e))?;
+        }
+    }
     let mut combos = vec![Map::new()];
     for (name, values) in &lists {
         let mut next = Vec::with_capacity(combos.len() * values.len());
@@ -374,15 +425,24 @@ fn expand_one(
 ) {
     let path = template.path();
     let before = diags.len();
-    let mut field = |value: &Map<String, Value>, key: &str| -> Map<String, Value> {
+    let mut field = |value: &Value, key: &str| -> Map<String, Value> {
         let mut out = Map::new();
-        for (k, v) in value {
-            match interpolate(v, scope, env) {
-                Ok(v) => {
-                    out.insert(k.clone(), v);
+        match value {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    match interpolate(v, scope, env) {
+                        Ok(v) => {
+                            out.insert(k.clone(), v);
+                        }
+                        Err(e) => diags.push(Diagnostic::new(path.key(key).key(k), e)),
+                    }
                 }
-                Err(e) => diags.push(Diagnostic::new(path.key(key).key(k), e)),
             }
+            other => match interpolate(other, scope, env) {
+                Ok(Value::Object(map)) => out = map,
+                Ok(v) => diags.push(Diagnostic::new(path.key(key), format!("`{key}` must give a mapping, `{other}` gives a {}", type_name(&v)))),
+                Err(e) => diags.push(Diagnostic::new(path.key(key), e)),
+            },
         }
         out
     };
@@ -466,7 +526,7 @@ fn apply_stage_overrides(raw: &mut [RawStage], schemas: &Schemas, overrides: &[O
     Ok(())
 }
 
-fn finish_stages(spec: &PipelineSpec, raw: &[RawStage], schemas: &Schemas, base_dir: &Path, diags: &mut Vec<Diagnostic>) -> Vec<ResolvedStage> {
+fn finish_stages(spec: &PipelineSpec, raw: &[RawStage], schemas: &Schemas, base_dir: &Path, file_check: FileCheck, diags: &mut Vec<Diagnostic>) -> Vec<ResolvedStage> {
     let ids: Vec<&str> = raw.iter().map(|s| s.id.as_str()).collect();
     let mut stages = Vec::with_capacity(raw.len());
     // One message per template and problem is enough: a matrix repeats its mistakes.
@@ -482,8 +542,12 @@ fn finish_stages(spec: &PipelineSpec, raw: &[RawStage], schemas: &Schemas, base_
             continue;
         };
         let mut local = Vec::new();
-        let mut files = Vec::new();
-        let params = type_params(spec, stage, schema, base_dir, &mut files, &mut local);
+        let mut files = FileSink {
+            check: file_check,
+            ..FileSink::default()
+        };
+        let mut missing_files = Vec::new();
+        let params = type_params(spec, stage, schema, base_dir, &mut files, &mut missing_files, &mut local);
         let inputs = resolve_inputs(stage, schema, &ids, &mut local);
         let resources = parse_resources(&stage.resources, &stage.path.key("resources"), &mut local);
         let failed = !local.is_empty();
@@ -493,6 +557,7 @@ fn finish_stages(spec: &PipelineSpec, raw: &[RawStage], schemas: &Schemas, base_
         if failed {
             continue;
         }
+        let mut files = files.found;
         files.sort();
         files.dedup();
         stages.push(ResolvedStage {
@@ -501,6 +566,7 @@ fn finish_stages(spec: &PipelineSpec, raw: &[RawStage], schemas: &Schemas, base_
             params,
             inputs,
             files,
+            missing_files,
             meta: stage.meta.clone(),
             resources,
         });
@@ -508,7 +574,35 @@ fn finish_stages(spec: &PipelineSpec, raw: &[RawStage], schemas: &Schemas, base_
     stages
 }
 
-fn type_params(spec: &PipelineSpec, stage: &RawStage, schema: &KindSchema, base_dir: &Path, files: &mut Vec<std::path::PathBuf>, diags: &mut Vec<Diagnostic>) -> Map<String, Value> {
+/// Where [`check_type`] puts the files of `Path` parameters.
+#[derive(Debug)]
+pub struct FileSink {
+    pub check: FileCheck,
+    /// Existing files, absolute.
+    pub found: Vec<std::path::PathBuf>,
+    /// Files that do not exist (with [`FileCheck::Record`]).
+    pub missing: Vec<std::path::PathBuf>,
+}
+
+impl Default for FileSink {
+    fn default() -> Self {
+        FileSink {
+            check: FileCheck::Require,
+            found: Vec::new(),
+            missing: Vec::new(),
+        }
+    }
+}
+
+fn type_params(
+    spec: &PipelineSpec,
+    stage: &RawStage,
+    schema: &KindSchema,
+    base_dir: &Path,
+    files: &mut FileSink,
+    missing_files: &mut Vec<super::resolved::MissingFile>,
+    diags: &mut Vec<Diagnostic>,
+) -> Map<String, Value> {
     let path = stage.path.key("params");
     let names: Vec<&str> = schema.params.iter().map(|p| p.name).collect();
     check_keys(&stage.params, &names, &path, &format!("the parameters of `{}`", schema.kind), diags);
@@ -532,11 +626,23 @@ fn type_params(spec: &PipelineSpec, stage: &RawStage, schema: &KindSchema, base_
             out.insert(p.name.to_string(), Value::Null);
             continue;
         }
+        let missing_before = files.missing.len();
         match check_type(&value, &p.ty, base_dir, files) {
             Ok(v) => {
+                for path in &files.missing[missing_before..] {
+                    missing_files.push(super::resolved::MissingFile {
+                        param: p.name.to_string(),
+                        path: path.clone(),
+                        doc: p.doc.to_string(),
+                    });
+                }
                 out.insert(p.name.to_string(), v);
             }
-            Err(e) => diags.push(Diagnostic::new(where_, format!("stage `{}`: parameter `{}`: {e}", stage.id, p.name))),
+            Err(e) => {
+                // For files, say what the file is and where it comes from (the parameter's doc).
+                let what = if matches!(p.ty, ParamType::Path) { format!("; this is {}", p.doc) } else { String::new() };
+                diags.push(Diagnostic::new(where_, format!("stage `{}`: parameter `{}`: {e}{what}", stage.id, p.name)));
+            }
         }
     }
     out
@@ -544,7 +650,7 @@ fn type_params(spec: &PipelineSpec, stage: &RawStage, schema: &KindSchema, base_
 
 /// Checks a value against a parameter type, converting where the conversion is lossless
 /// (an integer given for a float). `Path` values become absolute and are recorded in `files`.
-pub fn check_type(value: &Value, ty: &ParamType, base_dir: &Path, files: &mut Vec<std::path::PathBuf>) -> Result<Value, String> {
+pub fn check_type(value: &Value, ty: &ParamType, base_dir: &Path, files: &mut FileSink) -> Result<Value, String> {
     let found = || format!("found {} `{}`", type_name(value), short(value));
     match ty {
         ParamType::Bool => value.as_bool().map(Value::Bool).ok_or_else(|| format!("expected true or false, {}", found())),
@@ -578,9 +684,15 @@ pub fn check_type(value: &Value, ty: &ParamType, base_dir: &Path, files: &mut Ve
             let candidate = Path::new(s);
             let full = if candidate.is_absolute() { candidate.to_path_buf() } else { base_dir.join(candidate) };
             match full.canonicalize() {
+                // A device or a pipe would be read (hashed) forever.
+                Ok(abs) if !(abs.is_file() || abs.is_dir()) => Err(format!("{} is not a regular file or folder", abs.display())),
                 Ok(abs) => {
-                    files.push(abs.clone());
+                    files.found.push(abs.clone());
                     Ok(Value::String(abs.to_string_lossy().into_owned()))
+                }
+                Err(_) if files.check == FileCheck::Record => {
+                    files.missing.push(full.clone());
+                    Ok(Value::String(full.to_string_lossy().into_owned()))
                 }
                 Err(e) => Err(format!("{} does not exist or cannot be read ({e}); relative paths are read from the pipeline's folder", full.display())),
             }

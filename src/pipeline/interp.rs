@@ -7,24 +7,90 @@
 //! - A string that is exactly one `${...}` takes the type of the value (a number, a list, a
 //!   map); anywhere else the value is spliced into the text, which needs a scalar.
 //! - `$${` writes a literal `${`.
+//!
+//! Variables may copy each other, so a small file could describe values that double at every
+//! step. Everything interpolation produces for one pipeline is therefore counted against one
+//! budget ([`MAX_EXPANDED_BYTES`]), values may nest only [`MAX_DEPTH`] deep, and `${` only
+//! [`MAX_NESTING`] deep.
+use std::cell::Cell;
+use std::rc::Rc;
+
 use serde_json::{Map, Value};
 
-/// Variables visible to an expression: layers searched from the innermost out.
-#[derive(Debug, Clone, Default)]
+/// What all values interpolated for one pipeline may add up to, in approximate bytes (a string
+/// counts its length, every other value [`NODE_BYTES`]).
+pub const MAX_EXPANDED_BYTES: usize = 256 << 20;
+/// The deepest a value may nest (lists and mappings inside each other) after interpolation.
+pub const MAX_DEPTH: usize = 64;
+/// The deepest `${` may nest inside `${`.
+pub const MAX_NESTING: usize = 16;
+const NODE_BYTES: usize = 32;
+
+/// Variables visible to an expression: layers searched from the innermost out. Children share
+/// their parent's layers (cheap to make) and its budget.
+#[derive(Debug, Clone)]
 pub struct Scope {
-    layers: Vec<Map<String, Value>>,
+    layers: Vec<Rc<Map<String, Value>>>,
+    /// Approximate bytes interpolation may still produce.
+    budget: Rc<Cell<usize>>,
 }
 
 impl Scope {
     pub fn new(vars: Map<String, Value>) -> Self {
-        Scope { layers: vec![vars] }
+        Scope {
+            layers: vec![Rc::new(vars)],
+            budget: Rc::new(Cell::new(MAX_EXPANDED_BYTES)),
+        }
     }
 
     /// A scope with `vars` shadowing this one.
     pub fn child(&self, vars: Map<String, Value>) -> Self {
         let mut layers = self.layers.clone();
-        layers.push(vars);
-        Scope { layers }
+        layers.push(Rc::new(vars));
+        Scope {
+            layers,
+            budget: self.budget.clone(),
+        }
+    }
+
+    /// Adds (or replaces) a variable of the innermost layer.
+    pub fn set(&mut self, name: String, value: Value) {
+        if let Some(last) = self.layers.last_mut() {
+            Rc::make_mut(last).insert(name, value);
+        }
+    }
+
+    /// Whether the expansion budget is spent: an interpolation failed for it, and every further
+    /// one fails too.
+    pub fn exhausted(&self) -> bool {
+        self.budget.get() == 0
+    }
+
+    /// Counts `bytes` against the budget.
+    pub fn charge(&self, bytes: usize) -> Result<(), String> {
+        match self.budget.get().checked_sub(bytes) {
+            Some(left) if left > 0 => {
+                self.budget.set(left);
+                Ok(())
+            }
+            _ => {
+                self.budget.set(0);
+                Err(format!(
+                    "the pipeline's values expand to more than {} MiB (variables that copy each other many times?)",
+                    MAX_EXPANDED_BYTES >> 20
+                ))
+            }
+        }
+    }
+
+    /// Counts `copies` copies of `value` placed `depth` levels deep against the budget and the
+    /// depth limit, before they are made.
+    pub fn charge_copies(&self, value: &Value, depth: usize, copies: usize) -> Result<(), String> {
+        match measure(value, depth, self.budget.get()) {
+            Ok(bytes) => self.charge(bytes.saturating_mul(copies)),
+            Err(Measure::TooDeep) => Err(too_deep()),
+            Err(Measure::TooLarge) => self.charge(usize::MAX),
+        }
     }
 
     fn get(&self, name: &str) -> Option<&Value> {
@@ -36,6 +102,49 @@ impl Scope {
         names.sort();
         names.dedup();
         names
+    }
+}
+
+enum Measure {
+    TooDeep,
+    TooLarge,
+}
+
+fn too_deep() -> String {
+    format!("values may nest at most {MAX_DEPTH} lists or mappings deep")
+}
+
+/// The approximate size of `value` placed `depth` levels deep; stops as soon as it exceeds
+/// `limit` or [`MAX_DEPTH`], so measuring costs no more than the budget allows.
+fn measure(value: &Value, depth: usize, limit: usize) -> Result<usize, Measure> {
+    if depth > MAX_DEPTH {
+        return Err(Measure::TooDeep);
+    }
+    let mut total = NODE_BYTES;
+    match value {
+        Value::String(s) => total = total.saturating_add(s.len()),
+        Value::Array(items) => {
+            for v in items {
+                total = total.saturating_add(measure(v, depth + 1, limit)?);
+                if total > limit {
+                    return Err(Measure::TooLarge);
+                }
+            }
+        }
+        Value::Object(map) => {
+            for (k, v) in map {
+                total = total.saturating_add(k.len()).saturating_add(measure(v, depth + 1, limit)?);
+                if total > limit {
+                    return Err(Measure::TooLarge);
+                }
+            }
+        }
+        _ => {}
+    }
+    if total > limit {
+        Err(Measure::TooLarge)
+    } else {
+        Ok(total)
     }
 }
 
@@ -62,11 +171,16 @@ enum Part {
 fn parse(s: &str) -> Result<Vec<Part>, String> {
     let chars: Vec<char> = s.chars().collect();
     let mut pos = 0;
-    let parts = parse_parts(&chars, &mut pos, false)?;
+    let parts = parse_parts(&chars, &mut pos, 0)?;
     Ok(parts)
 }
 
-fn parse_parts(chars: &[char], pos: &mut usize, inside: bool) -> Result<Vec<Part>, String> {
+/// `nesting`: how many `${` enclose this part (0 at the top).
+fn parse_parts(chars: &[char], pos: &mut usize, nesting: usize) -> Result<Vec<Part>, String> {
+    if nesting > MAX_NESTING {
+        return Err(format!("`${{` nests more than {MAX_NESTING} deep"));
+    }
+    let inside = nesting > 0;
     let mut parts = Vec::new();
     let mut text = String::new();
     while *pos < chars.len() {
@@ -79,7 +193,7 @@ fn parse_parts(chars: &[char], pos: &mut usize, inside: bool) -> Result<Vec<Part
                 parts.push(Part::Text(std::mem::take(&mut text)));
             }
             *pos += 2;
-            let inner = parse_parts(chars, pos, true)?;
+            let inner = parse_parts(chars, pos, nesting + 1)?;
             parts.push(Part::Expr(inner));
         } else if c == '}' && inside {
             *pos += 1;
@@ -103,33 +217,54 @@ fn parse_parts(chars: &[char], pos: &mut usize, inside: bool) -> Result<Vec<Part
 
 /// Interpolates every string inside `value`.
 pub fn interpolate(value: &Value, scope: &Scope, env: &dyn Env) -> Result<Value, String> {
+    interpolate_at(value, 0, scope, env)
+}
+
+/// [`interpolate`] for a value placed `depth` levels deep.
+fn interpolate_at(value: &Value, depth: usize, scope: &Scope, env: &dyn Env) -> Result<Value, String> {
+    if depth > MAX_DEPTH {
+        return Err(too_deep());
+    }
     match value {
-        Value::String(s) => interpolate_str(s, scope, env),
-        Value::Array(items) => items
-            .iter()
-            .map(|v| interpolate(v, scope, env))
-            .collect::<Result<Vec<_>, _>>()
-            .map(Value::Array),
+        Value::String(s) => interpolate_str_at(s, depth, scope, env),
+        Value::Array(items) => {
+            scope.charge(NODE_BYTES)?;
+            items
+                .iter()
+                .map(|v| interpolate_at(v, depth + 1, scope, env))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Value::Array)
+        }
         Value::Object(map) => {
+            scope.charge(NODE_BYTES)?;
             let mut out = Map::new();
             for (k, v) in map {
-                out.insert(k.clone(), interpolate(v, scope, env)?);
+                scope.charge(k.len())?;
+                out.insert(k.clone(), interpolate_at(v, depth + 1, scope, env)?);
             }
             Ok(Value::Object(out))
         }
-        other => Ok(other.clone()),
+        other => {
+            scope.charge(NODE_BYTES)?;
+            Ok(other.clone())
+        }
     }
 }
 
 /// Interpolates one string; see the module documentation.
 pub fn interpolate_str(s: &str, scope: &Scope, env: &dyn Env) -> Result<Value, String> {
+    interpolate_str_at(s, 0, scope, env)
+}
+
+fn interpolate_str_at(s: &str, depth: usize, scope: &Scope, env: &dyn Env) -> Result<Value, String> {
     if !s.contains('$') {
+        scope.charge(NODE_BYTES + s.len())?;
         return Ok(Value::String(s.to_string()));
     }
     let parts = parse(s)?;
     if let [Part::Expr(inner)] = parts.as_slice() {
         let expr = render(inner, scope, env)?;
-        return evaluate(&expr, scope, env);
+        return evaluate(&expr, depth, scope, env);
     }
     render(&parts, scope, env).map(Value::String)
 }
@@ -138,10 +273,13 @@ fn render(parts: &[Part], scope: &Scope, env: &dyn Env) -> Result<String, String
     let mut out = String::new();
     for part in parts {
         match part {
-            Part::Text(t) => out.push_str(t),
+            Part::Text(t) => {
+                scope.charge(t.len())?;
+                out.push_str(t);
+            }
             Part::Expr(inner) => {
                 let expr = render(inner, scope, env)?;
-                let value = evaluate(&expr, scope, env)?;
+                let value = evaluate(&expr, 0, scope, env)?;
                 out.push_str(&scalar_to_text(&value).ok_or_else(|| {
                     format!("`${{{expr}}}` is a {} and cannot be spliced into text", type_name(&value))
                 })?);
@@ -179,7 +317,7 @@ enum Step {
     Index(usize),
 }
 
-fn evaluate(expr: &str, scope: &Scope, env: &dyn Env) -> Result<Value, String> {
+fn evaluate(expr: &str, depth: usize, scope: &Scope, env: &dyn Env) -> Result<Value, String> {
     let expr = expr.trim();
     if let Some(rest) = expr.strip_prefix("env.") {
         let (name, default) = match rest.split_once(":-") {
@@ -189,11 +327,13 @@ fn evaluate(expr: &str, scope: &Scope, env: &dyn Env) -> Result<Value, String> {
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(format!("`${{{expr}}}`: `{name}` is not an environment variable name"));
         }
-        return match (env.var(name), default) {
-            (Some(v), _) if !v.is_empty() => Ok(Value::String(v)),
-            (_, Some(d)) => Ok(Value::String(d.to_string())),
-            (_, None) => Err(format!("environment variable `{name}` is not set (write `${{env.{name}:-default}}` to give a default)")),
+        let text = match (env.var(name), default) {
+            (Some(v), _) if !v.is_empty() => v,
+            (_, Some(d)) => d.to_string(),
+            (_, None) => return Err(format!("environment variable `{name}` is not set (write `${{env.{name}:-default}}` to give a default)")),
         };
+        scope.charge(NODE_BYTES + text.len())?;
+        return Ok(Value::String(text));
     }
     let (name, steps) = parse_reference(expr)?;
     let mut value = scope.get(&name).ok_or_else(|| {
@@ -213,6 +353,7 @@ fn evaluate(expr: &str, scope: &Scope, env: &dyn Env) -> Result<Value, String> {
             (Step::Index(i), Value::String(s)) => {
                 // Indexing a string picks a character: `${order[0]}` of "AHC" is "A".
                 let c = s.chars().nth(*i).ok_or_else(|| format!("`{walked}` has {} characters, index {i} is out of range", s.chars().count()))?;
+                scope.charge(NODE_BYTES + c.len_utf8())?;
                 return Ok(Value::String(c.to_string()));
             }
             (Step::Key(k), other) => return Err(format!("`{walked}` is a {}, not a mapping: cannot take key `{k}`", type_name(other))),
@@ -223,6 +364,7 @@ fn evaluate(expr: &str, scope: &Scope, env: &dyn Env) -> Result<Value, String> {
             Step::Index(i) => walked = format!("{walked}[{i}]"),
         }
     }
+    scope.charge_copies(value, depth, 1)?;
     Ok(value.clone())
 }
 

@@ -13,12 +13,18 @@ pub mod schema;
 pub mod spec;
 
 pub use error::{Diagnostic, PipelineError};
-pub use expand::{resolve, Override, Schemas};
+pub use expand::{resolve, resolve_with, FileCheck, Override, Schemas};
 pub use resolved::{ResolvedPipeline, ResolvedStage};
 pub use spec::{load, PipelineSpec};
 
-/// Reads, expands and validates a pipeline file in one step.
+/// Reads, expands and validates a pipeline file in one step, to run it (every file must exist).
 pub fn load_resolved(file: &std::path::Path, schemas: &Schemas, overrides: &[Override]) -> Result<ResolvedPipeline, PipelineError> {
     let spec = load(file)?;
     resolve(&spec, schemas, overrides, &interp::ProcessEnv)
+}
+
+/// [`load_resolved`] for planning: missing files are recorded in the stages, not refused.
+pub fn load_for_plan(file: &std::path::Path, schemas: &Schemas, overrides: &[Override]) -> Result<ResolvedPipeline, PipelineError> {
+    let spec = load(file)?;
+    resolve_with(&spec, schemas, overrides, &interp::ProcessEnv, FileCheck::Record)
 }

@@ -18,6 +18,15 @@ pub struct Resources {
     pub partition: Option<String>,
 }
 
+/// A file a stage needs that is not there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MissingFile {
+    pub param: String,
+    pub path: PathBuf,
+    /// What the file is and where its public original lives (the parameter's doc).
+    pub doc: String,
+}
+
 /// One stage, fully resolved.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResolvedStage {
@@ -29,6 +38,10 @@ pub struct ResolvedStage {
     pub inputs: BTreeMap<String, Vec<String>>,
     /// External files and folders the stage reads (the `Path` parameters, made absolute).
     pub files: Vec<PathBuf>,
+    /// `Path` parameters whose file does not exist (only when resolved for planning; a pipeline
+    /// resolved to run refuses them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_files: Vec<MissingFile>,
     /// Free-form labels (matrix values, task, order...) for reports; not part of the cache key.
     pub meta: BTreeMap<String, String>,
     pub resources: Resources,

@@ -43,13 +43,15 @@ pub struct StageTemplate {
     pub index: usize,
     pub id: String,
     pub kind: String,
-    pub params: Map<String, Value>,
-    pub inputs: Map<String, Value>,
+    /// A mapping, or a `${...}` string that evaluates to one (as for `inputs`, `resources`,
+    /// `meta`).
+    pub params: Value,
+    pub inputs: Value,
     pub matrix: Option<Value>,
     pub exclude: Vec<Value>,
     pub chain: Option<ChainSpec>,
-    pub resources: Map<String, Value>,
-    pub meta: Map<String, Value>,
+    pub resources: Value,
+    pub meta: Value,
 }
 
 impl StageTemplate {
@@ -115,6 +117,14 @@ fn parse_yaml(file: &Path, source: &str) -> Result<Value, PipelineError> {
             message: e.to_string(),
         }
     };
+    if let Some((line, column)) = deep_flow_nesting(source) {
+        return Err(PipelineError::Syntax {
+            file: file.to_path_buf(),
+            line,
+            column,
+            message: format!("`[` and `{{` nest more than {MAX_FLOW_DEPTH} deep"),
+        });
+    }
     let mut value: yaml_serde::Value = yaml_serde::from_str(source).map_err(syntax)?;
     value.apply_merge().map_err(syntax)?;
     let mut diags = Vec::new();
@@ -123,6 +133,47 @@ fn parse_yaml(file: &Path, source: &str) -> Result<Value, PipelineError> {
         return Err(PipelineError::invalid(file.to_path_buf(), source, diags));
     }
     Ok(json)
+}
+
+/// The YAML parser refuses documents nested deeper than 128 levels, but only after reading
+/// them, in time that grows with the square of the depth (hours for a 4 MB file of `[`).
+const MAX_FLOW_DEPTH: usize = 128;
+
+/// Where `[` or `{` first nest deeper than [`MAX_FLOW_DEPTH`] (outside quotes and comments), as
+/// 1-based line and column.
+fn deep_flow_nesting(source: &str) -> Option<(usize, usize)> {
+    let (mut depth, mut line, mut column) = (0usize, 1usize, 0usize);
+    let (mut single, mut double, mut comment, mut escaped) = (false, false, false, false);
+    let mut previous = '\n';
+    for c in source.chars() {
+        column += 1;
+        if c == '\n' {
+            (line, column, comment) = (line + 1, 0, false);
+        } else if double {
+            double = escaped || c != '"';
+            escaped = !escaped && c == '\\';
+        } else if single {
+            single = c != '\'';
+        } else if !comment {
+            // Quotes open a scalar only where one can start (`don't` is plain text).
+            let at_start = previous.is_whitespace() || matches!(previous, '[' | '{' | ',' | ':');
+            match c {
+                '"' if at_start => double = true,
+                '\'' if at_start => single = true,
+                '#' if previous.is_whitespace() => comment = true,
+                '[' | '{' => {
+                    depth += 1;
+                    if depth > MAX_FLOW_DEPTH {
+                        return Some((line, column));
+                    }
+                }
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        previous = c;
+    }
+    None
 }
 
 /// Converts a YAML value, reporting what JSON cannot hold (non-string keys, tags, NaN).
@@ -227,6 +278,19 @@ fn as_map(value: &Value, path: &YamlPath, what: &str, diags: &mut Vec<Diagnostic
     }
 }
 
+/// A mapping, or a string (a `${...}` that must evaluate to a mapping at expansion).
+fn map_or_expression(value: Option<&Value>, path: &YamlPath, what: &str, diags: &mut Vec<Diagnostic>) -> Value {
+    match value {
+        None | Some(Value::Null) => Value::Object(Map::new()),
+        Some(v @ Value::Object(_)) => v.clone(),
+        Some(v @ Value::String(s)) if s.contains("${") => v.clone(),
+        Some(other) => {
+            diags.push(Diagnostic::new(path.clone(), format!("{what} must be a mapping (or a ${{...}} that gives one), found a {}", super::interp::type_name(other))));
+            Value::Object(Map::new())
+        }
+    }
+}
+
 fn as_string(value: Option<&Value>, path: &YamlPath, what: &str, diags: &mut Vec<Diagnostic>) -> Option<String> {
     match value {
         Some(Value::String(s)) if !s.trim().is_empty() => Some(s.clone()),
@@ -312,10 +376,10 @@ fn build_stage(index: usize, item: &Value, diags: &mut Vec<Diagnostic>) -> Optio
     if map.get("kind").is_none() {
         diags.push(Diagnostic::new(path.clone(), "stage without `kind`"));
     }
-    let params = as_map(map.get("params").unwrap_or(&Value::Null), &path.key("params"), "`params`", diags);
-    let inputs = as_map(map.get("inputs").unwrap_or(&Value::Null), &path.key("inputs"), "`inputs`", diags);
-    let resources = as_map(map.get("resources").unwrap_or(&Value::Null), &path.key("resources"), "`resources`", diags);
-    let meta = as_map(map.get("meta").unwrap_or(&Value::Null), &path.key("meta"), "`meta`", diags);
+    let params = map_or_expression(map.get("params"), &path.key("params"), "`params`", diags);
+    let inputs = map_or_expression(map.get("inputs"), &path.key("inputs"), "`inputs`", diags);
+    let resources = map_or_expression(map.get("resources"), &path.key("resources"), "`resources`", diags);
+    let meta = map_or_expression(map.get("meta"), &path.key("meta"), "`meta`", diags);
     let exclude = match map.get("exclude") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(items)) => items.clone(),

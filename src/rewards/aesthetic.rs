@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use tch::nn::VarStore;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::models::aesthetic::{AestheticConfig, AestheticHead};
 use crate::models::weights::{self, Extra};
@@ -13,6 +13,8 @@ use super::clip_loader::{ClipFiles, ClipLoadError, FrozenClip};
 pub struct AestheticReward {
     clip: FrozenClip,
     head: AestheticHead,
+    /// Dtype of the head's weights.
+    kind: Kind,
     _vs: VarStore,
 }
 
@@ -45,23 +47,27 @@ fn head_config(tensors: &weights::TensorMap, path: &Path) -> Result<AestheticCon
 }
 
 impl AestheticReward {
-    pub fn load(clip: &ClipFiles, head: &Path, device: Device) -> Result<Self, ClipLoadError> {
-        let clip = FrozenClip::load(clip, device)?;
+    /// Loads the CLIP and the head on `device` with their weights in `kind` (fp32, fp16, bf16).
+    pub fn load(clip: &ClipFiles, head: &Path, device: Device, kind: Kind) -> Result<Self, ClipLoadError> {
+        let clip = FrozenClip::load(clip, device, kind)?;
         let tensors = weights::load_weights(head).map_err(|e| fail(head, e))?;
         let config = head_config(&tensors, head)?;
-        let vs = VarStore::new(device);
+        let mut vs = VarStore::new(device);
+        if kind != Kind::Float {
+            vs.set_kind(kind);
+        }
         let model = AestheticHead::new(&vs.root(), &config).map_err(|e| fail(head, e))?;
         weights::assign(&vs, &tensors, Extra::Reject, head).map_err(|e| fail(head, e))?;
         for (_, mut v) in vs.variables() {
             let _ = v.requires_grad_(false);
         }
-        Ok(AestheticReward { clip, head: model, _vs: vs })
+        Ok(AestheticReward { clip, head: model, kind, _vs: vs })
     }
 
-    /// Scores `[B]` of images `[B, 3, H, W]` in [0, 1], differentiable in the images.
+    /// fp32 scores `[B]` of images `[B, 3, H, W]` in [0, 1], differentiable in the images.
     pub fn score(&self, images: &Tensor) -> Result<Tensor, ClipLoadError> {
         let emb = self.clip.image_embeddings(images)?;
-        let out = self.head.forward(&emb).map_err(|e| fail(Path::new("aesthetic head"), e))?;
-        Ok(out.squeeze_dim(-1))
+        let out = self.head.forward(&emb.to_kind(self.kind)).map_err(|e| fail(Path::new("aesthetic head"), e))?;
+        Ok(out.squeeze_dim(-1).to_kind(Kind::Float))
     }
 }

@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::models::clip::{normalize, preprocess, Clip, ClipConfig};
 use crate::models::tokenizer::{ClipTokenizer, Padding};
@@ -39,7 +39,8 @@ pub enum ClipLoadError {
     Load { path: PathBuf, reason: String },
 }
 
-/// A frozen CLIP with its tokenizer.
+/// A frozen CLIP with its tokenizer. Its weights may be half precision; the embeddings it
+/// returns are fp32.
 pub struct FrozenClip {
     pub clip: Clip,
     pub tokenizer: ClipTokenizer,
@@ -49,7 +50,8 @@ pub struct FrozenClip {
 }
 
 impl FrozenClip {
-    pub fn load(files: &ClipFiles, device: Device) -> Result<Self, ClipLoadError> {
+    /// Loads the model on `device` with its floating-point weights in `kind` (fp32, fp16, bf16).
+    pub fn load(files: &ClipFiles, device: Device, kind: Kind) -> Result<Self, ClipLoadError> {
         let fail = |path: &Path, reason: String| ClipLoadError::Load {
             path: path.to_path_buf(),
             reason,
@@ -62,9 +64,18 @@ impl FrozenClip {
             }
         }
         .map_err(|e| fail(&files.weights, e.to_string()))?;
-        let vs = VarStore::new(device);
+        let mut vs = VarStore::new(device);
+        if kind != Kind::Float {
+            vs.set_kind(kind);
+        }
         // HPSv2 and CLIPModel checkpoints carry tensors (logit bias, position ids) no tower uses.
         let clip = Clip::load(&vs, &config, &files.weights, Extra::Ignore).map_err(|e| fail(&files.weights, e.to_string()))?;
+        // Variables a constructor made with an explicit dtype follow too.
+        tch::no_grad(|| match kind {
+            Kind::Half => vs.half(),
+            Kind::BFloat16 => vs.bfloat16(),
+            _ => {}
+        });
         for (_, mut v) in vs.variables() {
             let _ = v.requires_grad_(false);
         }
@@ -94,7 +105,7 @@ impl FrozenClip {
         }
     }
 
-    /// L2-normalised image embeddings `[B, E]` of images `[B, 3, H, W]` in [0, 1]
+    /// L2-normalised fp32 image embeddings `[B, E]` of images `[B, 3, H, W]` in [0, 1]
     /// (differentiable in the images).
     pub fn image_embeddings(&self, images: &Tensor) -> Result<Tensor, ClipLoadError> {
         let vision = self.clip.vision.as_ref().ok_or_else(|| self.missing("vision"))?;
@@ -102,10 +113,10 @@ impl FrozenClip {
         let pixels = preprocess(images, size).map_err(|e| ClipLoadError::Load { path: PathBuf::new(), reason: e.to_string() })?;
         let out = vision.forward(&pixels).map_err(|e| ClipLoadError::Load { path: PathBuf::new(), reason: e.to_string() })?;
         let embeds = out.embeds.ok_or_else(|| self.missing("vision"))?;
-        Ok(normalize(&embeds))
+        Ok(normalize(&embeds.to_kind(Kind::Float)))
     }
 
-    /// L2-normalised text embeddings `[B, E]` (no graph: prompts are fixed).
+    /// L2-normalised fp32 text embeddings `[B, E]` (no graph: prompts are fixed).
     pub fn text_embeddings(&self, prompts: &[String]) -> Result<Tensor, ClipLoadError> {
         let text = self.clip.text.as_ref().ok_or_else(|| self.missing("text"))?;
         let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
@@ -113,6 +124,6 @@ impl FrozenClip {
         let ids = self.tokenizer.tokenize(&refs, text.config().context_length as usize, self.padding).map_err(|e| err(e.to_string()))?;
         let out = tch::no_grad(|| text.forward(&ids.to_device(self.device))).map_err(|e| err(e.to_string()))?;
         let embeds = out.embeds.ok_or_else(|| self.missing("text"))?;
-        Ok(normalize(&embeds))
+        Ok(normalize(&embeds.to_kind(Kind::Float)))
     }
 }

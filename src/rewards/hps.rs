@@ -9,13 +9,14 @@ pub struct HpsReward {
 }
 
 impl HpsReward {
-    pub fn load(files: &ClipFiles, device: Device) -> Result<Self, ClipLoadError> {
+    /// Loads the model on `device` with its weights in `kind` (fp32, fp16, bf16).
+    pub fn load(files: &ClipFiles, device: Device, kind: Kind) -> Result<Self, ClipLoadError> {
         Ok(HpsReward {
-            clip: FrozenClip::load(files, device)?,
+            clip: FrozenClip::load(files, device, kind)?,
         })
     }
 
-    /// Scores `[B]`: image `i` against prompt `i`, differentiable in the images.
+    /// fp32 scores `[B]`: image `i` against prompt `i`, differentiable in the images.
     pub fn score(&self, images: &Tensor, prompts: &[String]) -> Result<Tensor, ClipLoadError> {
         let img = self.clip.image_embeddings(images)?;
         let txt = self.clip.text_embeddings(prompts)?;

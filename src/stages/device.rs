@@ -56,3 +56,121 @@ pub fn tch_device(device: &str) -> tch::Device {
         None => tch::Device::Cpu,
     }
 }
+
+/// Free and total memory of CUDA device `index` in bytes, as `cudaMemGetInfo` reports it (the
+/// CUDA runtime that libtorch loaded), else as `nvidia-smi` does; `Err` says why neither could.
+pub fn cuda_memory(index: usize) -> Result<(u64, u64), String> {
+    match cudart::mem_get_info(index) {
+        Ok(info) => Ok(info),
+        Err(runtime) => nvidia_smi_memory(index).map_err(|smi| format!("{runtime}; {smi}")),
+    }
+}
+
+/// `nvidia-smi` numbers GPUs by PCI order and ignores `CUDA_VISIBLE_DEVICES`: device `index` of
+/// this process is the `index`-th entry of that list (an index or a UUID) when it is set.
+fn nvidia_smi_memory(index: usize) -> Result<(u64, u64), String> {
+    let id = match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(list) if !list.trim().is_empty() => list
+            .split(',')
+            .nth(index)
+            .map(|s| s.trim().to_string())
+            .ok_or_else(|| format!("CUDA_VISIBLE_DEVICES={list} has no device {index}"))?,
+        _ => index.to_string(),
+    };
+    let output = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=memory.free,memory.total", "--format=csv,noheader,nounits", "-i", &id])
+        .output()
+        .map_err(|e| format!("nvidia-smi: {e}"))?;
+    if !output.status.success() {
+        return Err(format!("nvidia-smi -i {id}: {}", String::from_utf8_lossy(&output.stderr).trim()));
+    }
+    parse_smi_memory(&String::from_utf8_lossy(&output.stdout)).ok_or_else(|| format!("nvidia-smi -i {id}: unexpected output"))
+}
+
+/// `free, total` in MiB (one line of `--format=csv,noheader,nounits`) to bytes.
+fn parse_smi_memory(text: &str) -> Option<(u64, u64)> {
+    let line = text.lines().next()?;
+    let (free, total) = line.split_once(',')?;
+    let mib = |s: &str| s.trim().parse::<u64>().ok().map(|v| v << 20);
+    Some((mib(free)?, mib(total)?))
+}
+
+/// `cudaMemGetInfo` of the CUDA runtime libtorch_cuda links (looked up in the process, so a
+/// binary without CUDA libraries simply reports it missing).
+mod cudart {
+    use std::ffi::{c_char, c_int, c_void, CStr};
+
+    extern "C" {
+        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+    }
+
+    type GetDevice = unsafe extern "C" fn(*mut c_int) -> c_int;
+    type SetDevice = unsafe extern "C" fn(c_int) -> c_int;
+    type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> c_int;
+
+    fn symbol(name: &CStr) -> Result<*mut c_void, String> {
+        // SAFETY: dlsym with RTLD_DEFAULT (a null handle on glibc) only looks the name up.
+        let ptr = unsafe { dlsym(std::ptr::null_mut(), name.as_ptr()) };
+        if ptr.is_null() {
+            Err(format!("the CUDA runtime is not loaded ({} not found)", name.to_string_lossy()))
+        } else {
+            Ok(ptr)
+        }
+    }
+
+    pub fn mem_get_info(index: usize) -> Result<(u64, u64), String> {
+        let get_device = symbol(c"cudaGetDevice")?;
+        let set_device = symbol(c"cudaSetDevice")?;
+        let mem_get_info = symbol(c"cudaMemGetInfo")?;
+        // SAFETY: the symbols are the CUDA runtime's functions of these signatures; the current
+        // device of the thread is restored before returning.
+        unsafe {
+            let get_device: GetDevice = std::mem::transmute(get_device);
+            let set_device: SetDevice = std::mem::transmute(set_device);
+            let mem_get_info: MemGetInfo = std::mem::transmute(mem_get_info);
+            let mut previous: c_int = 0;
+            let had_device = get_device(&mut previous) == 0;
+            let status = set_device(index as c_int);
+            if status != 0 {
+                return Err(format!("cudaSetDevice({index}) failed with CUDA error {status}"));
+            }
+            let (mut free, mut total) = (0usize, 0usize);
+            let status = mem_get_info(&mut free, &mut total);
+            if had_device && previous != index as c_int {
+                set_device(previous);
+            }
+            if status != 0 {
+                return Err(format!("cudaMemGetInfo failed with CUDA error {status}"));
+            }
+            Ok((free as u64, total as u64))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nvidia_smi_lines_parse_to_bytes() {
+        assert_eq!(parse_smi_memory("81000, 81559\n"), Some((81000 << 20, 81559 << 20)));
+        assert_eq!(parse_smi_memory("[N/A], 81559"), None);
+        assert_eq!(parse_smi_memory(""), None);
+    }
+
+    #[test]
+    fn cuda_memory_is_read_or_refused_with_a_reason() {
+        match cuda_memory(0) {
+            Ok((free, total)) => assert!(tch::Cuda::is_available() && free <= total && total > 0),
+            Err(reason) => assert!(!reason.is_empty()),
+        }
+    }
+
+    #[test]
+    fn device_strings() {
+        assert_eq!(tch_device("cuda:1"), tch::Device::Cuda(1));
+        assert_eq!(tch_device("cpu"), tch::Device::Cpu);
+        assert!(matches!(gpus_for("gpu"), Err(DeviceError::Syntax(_))));
+        assert_eq!(gpus_for("cpu").unwrap(), Vec::<String>::new());
+    }
+}

@@ -6,6 +6,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::exec::StageError;
+use crate::method::sampling::CastUnet;
 use crate::models::clip::{Clip, ClipConfig, ClipTextTransformer};
 use crate::models::ddim::DdimConfig;
 use crate::models::lora::LoraGroup;
@@ -14,6 +15,7 @@ use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{rename_legacy_attention, AutoencoderKL, AutoencoderKLConfig};
 use crate::models::weights::{self, Extra};
 
+use super::precision::Precision;
 use super::world::ModelRecord;
 
 pub struct Diffusion {
@@ -24,6 +26,8 @@ pub struct Diffusion {
     pub ddim: DdimConfig,
     pub lora: LoraGroup,
     pub device: Device,
+    /// Dtype of the frozen UNet, VAE and text encoder (the adapters stay fp32).
+    pub precision: Precision,
     /// Latent `[C, h, w]` of one sample.
     pub latent_shape: [i64; 3],
     pub scaling_factor: f64,
@@ -38,15 +42,17 @@ fn failed(what: &str, path: &Path, e: impl std::fmt::Display) -> StageError {
 
 impl Diffusion {
     /// Loads the world's UNet, VAE, text encoder, tokenizer and scheduler config, and the adapter
-    /// group of `adapters` (none for the base model). The frozen weights are never trained.
-    pub fn load(record: &ModelRecord, adapters: Option<&Path>, device: Device) -> Result<Self, StageError> {
+    /// group of `adapters` (none for the base model). The frozen weights are never trained and
+    /// are held in `precision`; the adapter group stays fp32.
+    pub fn load(record: &ModelRecord, adapters: Option<&Path>, device: Device, precision: Precision) -> Result<Self, StageError> {
         let root = &record.world.diffusion;
         let lora = LoraGroup::new(record.lora_targets.clone());
 
         let unet_dir = root.join("unet");
         let unet_cfg = UNet2DConditionConfig::from_file(&unet_dir.join("config.json")).map_err(|e| failed("UNet config", &unet_dir, e))?;
-        let unet_vs = VarStore::new(device);
+        let mut unet_vs = precision.new_store(device);
         let unet = UNet2DConditionModel::new(unet_vs.root(), &unet_cfg, Some(&lora)).map_err(|e| failed("UNet", &unet_dir, e))?;
+        precision.cast_store(&mut unet_vs);
         let tensors = weights::load_weights(&unet_dir).map_err(StageError::failed)?;
         weights::assign(&unet_vs, &tensors, Extra::Reject, &unet_dir).map_err(StageError::failed)?;
         if let Some(path) = adapters {
@@ -55,16 +61,18 @@ impl Diffusion {
 
         let vae_dir = root.join("vae");
         let vae_cfg = AutoencoderKLConfig::from_file(&vae_dir.join("config.json")).map_err(|e| failed("VAE config", &vae_dir, e))?;
-        let vae_vs = VarStore::new(device);
+        let mut vae_vs = precision.new_store(device);
         let vae = AutoencoderKL::new(vae_vs.root(), &vae_cfg).map_err(|e| failed("VAE", &vae_dir, e))?;
+        precision.cast_store(&mut vae_vs);
         let tensors = rename_legacy_attention(weights::load_weights(&vae_dir).map_err(StageError::failed)?);
         weights::assign(&vae_vs, &tensors, Extra::Reject, &vae_dir).map_err(StageError::failed)?;
 
         let text_dir = root.join("text_encoder");
         let text_cfg = ClipConfig::from_transformers_json(&text_dir.join("config.json")).map_err(StageError::failed)?;
-        let text_vs = VarStore::new(device);
+        let mut text_vs = precision.new_store(device);
         // Older text encoders carry a `position_ids` buffer, which is not a weight.
         let clip = Clip::load(&text_vs, &text_cfg, &text_dir, Extra::Ignore).map_err(StageError::failed)?;
+        precision.cast_store(&mut text_vs);
         let text = clip.text.ok_or_else(|| failed("text encoder", &text_dir, "the config has no text tower"))?;
         let context_length = text.config().context_length as usize;
 
@@ -86,6 +94,7 @@ impl Diffusion {
             ddim,
             lora,
             device,
+            precision,
             latent_shape: [unet_cfg.in_channels, side, side],
             scaling_factor: vae_cfg.scaling_factor,
             context_length,
@@ -93,7 +102,13 @@ impl Diffusion {
         })
     }
 
-    /// Text-encoder hidden states `[B, L, D]` of prompts (the UNet's context), without graph.
+    /// The UNet as the sampler sees it: fp32 latents in, fp32 noise prediction out.
+    pub fn denoiser(&self) -> CastUnet<'_> {
+        CastUnet { unet: &self.unet, compute: self.precision.kind() }
+    }
+
+    /// Text-encoder hidden states `[B, L, D]` of prompts (the UNet's context, in the models'
+    /// precision), without graph. The token ids go to the models' device.
     pub fn encode_prompts(&self, prompts: &[String]) -> Result<Tensor, StageError> {
         let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
         let ids = self.tokenizer.tokenize(&refs, self.context_length, Padding::EndOfText).map_err(StageError::failed)?;
@@ -107,9 +122,11 @@ impl Diffusion {
         self.encode_prompts(&[String::new()])
     }
 
-    /// Latents to images in [0, 1] (differentiable): `(vae.decode(z / s) / 2 + 0.5).clamp(0, 1)`.
+    /// Latents to images in [0, 1] (differentiable): `(vae.decode(z / s) / 2 + 0.5).clamp(0, 1)`,
+    /// decoded in the models' precision, mapped and clamped in fp32.
     pub fn decode(&self, latents: &Tensor) -> Tensor {
-        (self.vae.decode(&(latents / self.scaling_factor)) / 2.0 + 0.5).clamp(0.0, 1.0).to_kind(Kind::Float)
+        let decoded = self.vae.decode(&(latents / self.scaling_factor).to_kind(self.precision.kind()));
+        (decoded.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0)
     }
 
     /// Number of frozen parameters (for logs).

@@ -1,9 +1,19 @@
 //! Stage kinds, one file per kind: the glue between the pipeline runner and the models.
 pub mod device;
 pub mod diffusion;
+pub mod estimate;
+pub mod evaluate;
+pub mod finetune;
 pub mod forgetting;
+pub mod joint;
+pub mod memory;
+pub mod precision;
 pub mod records;
+pub mod report;
+pub mod reward_set;
+pub mod soup;
 pub mod tiny_pretrain;
+pub mod train;
 pub mod world;
 
 use crate::exec::Registry;
@@ -11,9 +21,14 @@ use crate::exec::Registry;
 /// Every stage kind of the shipped binary.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register(forgetting::Forgetting);
     r.register(world::TinyWorld);
     r.register(world::Sd15World);
+    r.register(finetune::Finetune);
+    r.register(joint::Joint);
+    r.register(soup::Soup);
+    r.register(evaluate::Evaluate);
+    r.register(forgetting::Forgetting);
+    r.register(report::Report);
     r.register(tiny_pretrain::TinyPrompts);
     r.register(tiny_pretrain::TinyClip);
     r.register(tiny_pretrain::TinyVae);

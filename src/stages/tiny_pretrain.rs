@@ -18,7 +18,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::exec::{InputObject, Params, StageContext, StageError, StageKind};
 use crate::method::sampling::{initial_latents, Sampler, SamplerConfig};
@@ -40,6 +40,7 @@ use crate::tiny::{prompt_split, write_png_grid, write_prompts, IMAGE_SIZE};
 
 use super::device::tch_device;
 use super::diffusion::Diffusion;
+use super::precision::Precision as ComputePrecision;
 use super::world::{read_prompts, tiny_world_spec, ModelRecord};
 
 const TOKENIZER_DIR: &str = "tokenizer";
@@ -196,7 +197,7 @@ fn clip_files(dir: PathBuf, tokenizer: &Path) -> ClipFiles {
 }
 
 fn frozen_clip(files: &ClipFiles, device: Device) -> Result<FrozenClip, StageError> {
-    FrozenClip::load(files, device).map_err(StageError::failed)
+    FrozenClip::load(files, device, Kind::Float).map_err(StageError::failed)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -251,7 +252,7 @@ pub struct TinyClip;
 
 impl StageKind for TinyClip {
     fn schema(&self) -> KindSchema {
-        let mut params = schedule_params(800, 128, 1e-3, 100, 0.1);
+        let mut params = schedule_params(1200, 128, 1e-3, 100, 0.1);
         params.extend([
             int("text_width", 64, "text tower width (the UNet's cross-attention dimension)"),
             int("text_layers", 3, "text tower layers"),
@@ -261,7 +262,7 @@ impl StageKind for TinyClip {
             int("vision_heads", 4, "vision tower heads"),
             int("patch_size", 8, "ViT patch size (32 / patch_size patches a side)"),
             int("embed_dim", 64, "joint embedding size"),
-            float("alt_text", 0.75, "probability that a training text is the render's alt-text (caption + look words) rather than its caption"),
+            float("alt_text", 0.8, "probability that a training text is the render's alt-text (caption + look words) rather than its caption"),
             float("look_weight", 1.0, "weight of the look-grading loss (a linear probe per quality on the image embedding, not shipped)"),
             int("eval_sets", 4, "independent render sets of the test prompts for the retrieval gate"),
         ]);
@@ -330,7 +331,7 @@ pub struct TinyVae;
 
 impl StageKind for TinyVae {
     fn schema(&self) -> KindSchema {
-        let mut params = schedule_params(2500, 32, 1e-3, 100, 0.0);
+        let mut params = schedule_params(1500, 32, 1e-3, 100, 0.0);
         params.extend([
             ints("block_out_channels", &[16, 32, 32], "channels per block (3 blocks: 32x32 -> 8x8 latents)"),
             int("latent_channels", 4, "latent channels"),
@@ -428,7 +429,7 @@ impl StageKind for TinyAesthetic {
         taesthetic::save(&vs, &out.join(HEAD_FILE), Precision::F32).map_err(stage_error)?;
         write_json(&out.join(TRAIN_FILE), &json!({"summary": summary, "schedule": schedule, "dims": dims})).map_err(stage_error)?;
 
-        let reward = AestheticReward::load(&files, &out.join(HEAD_FILE), device).map_err(StageError::failed)?;
+        let reward = AestheticReward::load(&files, &out.join(HEAD_FILE), device, Kind::Float).map_err(StageError::failed)?;
         let mut report = GateReport::default();
         pearson_gate(&mut report, &reward, &prompts.test, usize_of(&p, "eval_renders")?.max(1), device)?;
         publish(ctx, &report)
@@ -479,9 +480,9 @@ impl StageKind for TinyPreference {
 
         let per_prompt = usize_of(&p, "eval_pairs")?.max(1);
         let mut report = GateReport::default();
-        let hps = HpsReward::load(&clip_files(out.join(HPS_DIR), &prompts.tokenizer_dir), device).map_err(StageError::failed)?;
+        let hps = HpsReward::load(&clip_files(out.join(HPS_DIR), &prompts.tokenizer_dir), device, Kind::Float).map_err(StageError::failed)?;
         preference_gate(&mut report, &hps, &prompts.test, per_prompt, device)?;
-        let base = HpsReward::load(&clip_files(clip_dir, &prompts.tokenizer_dir), device).map_err(StageError::failed)?;
+        let base = HpsReward::load(&clip_files(clip_dir, &prompts.tokenizer_dir), device, Kind::Float).map_err(StageError::failed)?;
         let score = |images: &Tensor, captions: &[String]| base.score(images, captions).map_err(TrainError::other);
         let before = tpreference::preference_accuracy(&score, &prompts.test, per_prompt, 1003, device).map_err(stage_error)?;
         report.measure("preference.base_clip_pairwise_accuracy", before);
@@ -505,7 +506,7 @@ impl StageKind for TinyUnet {
     fn schema(&self) -> KindSchema {
         let mut params = schedule_params(5000, 64, 1e-3, 200, 0.0);
         params.extend([
-            ints("block_out_channels", &[32, 64], "channels per block"),
+            ints("block_out_channels", &[24, 48], "channels per block"),
             int("layers_per_block", 1, "resnets per down block"),
             int("attention_heads", 1, "attention heads per block (diffusers' attention_head_dim; one wide head is several times faster on a CPU than several narrow ones)"),
             int("norm_num_groups", 8, "GroupNorm groups"),
@@ -583,8 +584,8 @@ impl StageKind for TinyExport {
             params: vec![
                 int("seed", 0, "seed of the samples and of the evaluation renders"),
                 int("sample_steps", 10, "DDIM steps of the sample gates (the study's)"),
-                float("guidance", 7.5, "classifier-free guidance of the sample gates"),
-                param("guidance_sweep", ParamType::List(Box::new(ParamType::Float)), json!([1.0, 3.0, 5.0]), "further guidance scales whose sample measurements gates.json records"),
+                float("guidance", 3.0, "classifier-free guidance of the sample gates (the study's, pipelines/all_orders.yaml)"),
+                param("guidance_sweep", ParamType::List(Box::new(ParamType::Float)), json!([1.0, 5.0, 7.5]), "further guidance scales whose sample measurements gates.json records"),
                 int("samples_per_prompt", 8, "samples of each test prompt for the sample gates"),
                 int("fid_renders", 40, "renders of each test prompt for the FID reference"),
                 int("grid_prompts", 10, "test prompts shown in samples.png"),
@@ -623,15 +624,15 @@ impl StageKind for TinyExport {
         // Everything below reads the bundle as a study does.
         let world = tiny_world_spec(&out)?;
         let record = ModelRecord { world: world.clone(), tasks: Vec::new(), origin: "base".into(), adapters: None, lora_targets: crate::models::lora::default_targets() };
-        let diffusion = Diffusion::load(&record, None, device)?;
+        let diffusion = Diffusion::load(&record, None, device, ComputePrecision::Fp32)?;
         let clip = frozen_clip(&world.clip_score, device)?;
         let mut report = GateReport::default();
         let count = |name: &str| usize_of(&p, name).map(|n| n.max(1));
         retrieval_gates(&mut report, &clip, &test, count("retrieval_sets")?)?;
         psnr_gate(&mut report, &diffusion.vae, &test, count("psnr_renders")?, device)?;
-        let aesthetic = AestheticReward::load(&world.aesthetic_clip, &world.aesthetic_head, device).map_err(StageError::failed)?;
+        let aesthetic = AestheticReward::load(&world.aesthetic_clip, &world.aesthetic_head, device, Kind::Float).map_err(StageError::failed)?;
         pearson_gate(&mut report, &aesthetic, &test, count("rating_renders")?, device)?;
-        let hps = HpsReward::load(&world.hps, device).map_err(StageError::failed)?;
+        let hps = HpsReward::load(&world.hps, device, Kind::Float).map_err(StageError::failed)?;
         preference_gate(&mut report, &hps, &test, count("preference_pairs")?, device)?;
         let reference = read_safetensors(&world.fid_reference).map_err(stage_error)?;
         let reference = (reference.get("mu").map(Tensor::shallow_clone), reference.get("sigma").map(Tensor::shallow_clone));
@@ -762,7 +763,7 @@ fn sample(diffusion: &Diffusion, prompts: &[String], settings: &SampleSettings) 
     for (k, chunk) in all.chunks(64).enumerate() {
         let cond = diffusion.encode_prompts(chunk)?;
         let z = initial_latents(settings.seed, (k * 64) as u64, chunk.len() as i64, diffusion.latent_shape, diffusion.device);
-        let z0 = sampler.sample(&diffusion.unet, &z, &cond, &uncond, settings.seed).map_err(StageError::failed)?;
+        let z0 = sampler.sample(&diffusion.denoiser(), &z, &cond, &uncond, settings.seed).map_err(StageError::failed)?;
         images.push(tch::no_grad(|| diffusion.decode(&z0)));
     }
     Ok(Tensor::cat(&images, 0))

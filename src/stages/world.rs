@@ -162,8 +162,7 @@ impl StageKind for TinyWorld {
     }
 }
 
-/// The world a tiny-world folder describes (its `world.json`, paths made absolute), every file
-/// checked to exist.
+/// The world a `tiny_world` stage with this `root` describes (its files must exist).
 pub fn tiny_world_spec(root: &Path) -> Result<WorldSpec, StageError> {
     let manifest_path = root.join("world.json");
     let bytes = std::fs::read(&manifest_path).map_err(|e| StageError::io(format!("cannot read {}", manifest_path.display()), e))?;
@@ -178,7 +177,7 @@ pub fn tiny_world_spec(root: &Path) -> Result<WorldSpec, StageError> {
             tokenizer: tokenizer.clone(),
         })
     };
-    Ok(WorldSpec {
+    let world = WorldSpec {
         name: "tiny".into(),
         diffusion: at(&m.diffusion, "diffusion model")?,
         resolution: m.resolution,
@@ -192,7 +191,8 @@ pub fn tiny_world_spec(root: &Path) -> Result<WorldSpec, StageError> {
         train_prompts: at(&m.train_prompts, "training prompts")?,
         test_prompts: at(&m.test_prompts, "test prompts")?,
         jpeg_quality: m.jpeg_quality,
-    })
+    };
+    Ok(world)
 }
 
 fn base_record(world: WorldSpec, lora_targets: Vec<String>) -> ModelRecord {
@@ -245,35 +245,7 @@ impl StageKind for Sd15World {
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let p = ctx.params().clone();
-        let path = |name: &str| -> Result<PathBuf, StageError> { Ok(PathBuf::from(p.str_of(name)?)) };
-        let clip_l14 = path("clip_l14")?;
-        let clip_l14_spec = ClipFiles {
-            layout: ClipLayout::Transformers,
-            weights: clip_l14.clone(),
-            config: None,
-            tokenizer: clip_l14.clone(),
-        };
-        let world = WorldSpec {
-            name: "sd15".into(),
-            diffusion: path("sd15")?,
-            resolution: p.i64_of("resolution")?,
-            aesthetic_clip: clip_l14_spec.clone(),
-            aesthetic_head: path("aesthetic_head")?,
-            hps: ClipFiles {
-                layout: ClipLayout::OpenClip,
-                weights: path("hpsv2")?,
-                config: Some(path("hpsv2_config")?),
-                tokenizer: path("bpe")?,
-            },
-            clip_score: clip_l14_spec,
-            fid_features: FidFeatures::Inception,
-            inception: Some(path("inception")?),
-            fid_reference: path("fid_reference")?,
-            train_prompts: path("train_prompts")?,
-            test_prompts: path("test_prompts")?,
-            jpeg_quality: p.f64_of("jpeg_quality")?,
-        };
+        let world = sd15_world_spec(ctx.params())?;
         for (what, dir) in [("sd15", &world.diffusion)] {
             for sub in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
                 if !dir.join(sub).is_dir() {
@@ -283,6 +255,39 @@ impl StageKind for Sd15World {
         }
         base_record(world, lora_targets(ctx)).write(ctx.out_dir())
     }
+}
+
+/// The world an `sd15_world` stage with these parameters describes.
+pub fn sd15_world_spec(p: &serde_json::Map<String, serde_json::Value>) -> Result<WorldSpec, StageError> {
+    let path = |name: &str| -> Result<PathBuf, StageError> { Ok(PathBuf::from(p.str_of(name)?)) };
+    let clip_l14 = path("clip_l14")?;
+    let clip_l14_spec = ClipFiles {
+        layout: ClipLayout::Transformers,
+        weights: clip_l14.clone(),
+        config: None,
+        tokenizer: clip_l14.clone(),
+    };
+    let world = WorldSpec {
+        name: "sd15".into(),
+        diffusion: path("sd15")?,
+        resolution: p.i64_of("resolution")?,
+        aesthetic_clip: clip_l14_spec.clone(),
+        aesthetic_head: path("aesthetic_head")?,
+        hps: ClipFiles {
+            layout: ClipLayout::OpenClip,
+            weights: path("hpsv2")?,
+            config: Some(path("hpsv2_config")?),
+            tokenizer: path("bpe")?,
+        },
+        clip_score: clip_l14_spec,
+        fid_features: FidFeatures::Inception,
+        inception: Some(path("inception")?),
+        fid_reference: path("fid_reference")?,
+        train_prompts: path("train_prompts")?,
+        test_prompts: path("test_prompts")?,
+        jpeg_quality: p.f64_of("jpeg_quality")?,
+    };
+    Ok(world)
 }
 
 /// Prompts of a file: one a line, blank lines dropped (AlignProp's file has two).

@@ -1,6 +1,6 @@
 //! Aesthetic head: the real LAION weights against the PyTorch MLP, and a small head.
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use ril_pipe::models::aesthetic::{AestheticConfig, AestheticHead};
 use ril_pipe::models::weights::{assign, load_weights, Extra};
@@ -8,7 +8,7 @@ use tch::{nn, Device, Tensor};
 
 use crate::common::{fixture_dir, max_abs_diff};
 
-fn check(weights: &PathBuf, config: &AestheticConfig, reference: &str) -> f64 {
+fn check(weights: &Path, config: &AestheticConfig, reference: &str) -> f64 {
     let vs = nn::VarStore::new(Device::Cpu);
     let head = AestheticHead::new(&vs.root(), config).unwrap();
     assign(&vs, &load_weights(weights).unwrap(), Extra::Reject, weights).unwrap();

@@ -75,7 +75,10 @@ fn unet_sd15_full_config() {
     let io = io(&dir);
     // Both sides must draw the same numbers from the same seeds.
     tch::manual_seed(0);
-    assert!(Tensor::randn([1000], (Kind::Float, Device::Cpu)).equal(&io["randn_check"]), "tch randn differs from torch");
+    assert!(
+        Tensor::randn([1000], (Kind::Float, Device::Cpu)).equal(&io["randn_check"]),
+        "tch randn differs from torch"
+    );
     tch::manual_seed(3);
     assert!(Tensor::randn([320, 4, 3, 3], (Kind::Float, Device::Cpu)).equal(&io["randn_check_4d"]));
 

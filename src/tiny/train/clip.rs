@@ -400,7 +400,7 @@ mod tests {
             config: None,
             tokenizer: dir.path().join("tokenizer"),
         };
-        let frozen = crate::rewards::clip_loader::FrozenClip::load(&files, Device::Cpu).unwrap();
+        let frozen = crate::rewards::clip_loader::FrozenClip::load(&files, Device::Cpu, Kind::Float).unwrap();
         let batch = scene_batch(9, 1, 0, 4, &excluded, Device::Cpu).unwrap();
         let ours = tch::no_grad(|| a.image_features(&batch.images).unwrap());
         let theirs = frozen.image_embeddings(&batch.images).unwrap();

@@ -43,7 +43,7 @@ pub struct TinyUnetConfig {
 
 impl Default for TinyUnetConfig {
     fn default() -> Self {
-        TinyUnetConfig { block_out_channels: vec![32, 64], layers_per_block: 1, attention_heads: 1, norm_num_groups: 8, cross_attention: vec![true, false] }
+        TinyUnetConfig { block_out_channels: vec![24, 48], layers_per_block: 1, attention_heads: 1, norm_num_groups: 8, cross_attention: vec![true, false] }
     }
 }
 

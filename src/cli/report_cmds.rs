@@ -1,0 +1,102 @@
+//! `report` (publish a pipeline's report to `reports/<name>/`) and `check` (the regression gate).
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::Args;
+use ril_pipe::exec::{atomic_write, Cache, Registry};
+use ril_pipe::pipeline::ResolvedPipeline;
+use ril_pipe::report::check::{compare, read_metrics, render, Baseline};
+use ril_pipe::report::publish::{cached_reports, ensure_reports, merged_metrics, publish, REPORT_KIND};
+use ril_pipe::report::INDEX_FILE;
+
+use super::pipeline_cmds::{registry, resolve};
+use super::{CacheArg, PipelineArgs};
+
+/// Reports are published under this folder of the working directory, and nowhere else.
+pub const REPORTS_DIR: &str = "reports";
+
+#[derive(Args)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    #[command(flatten)]
+    cache: CacheArg,
+}
+
+#[derive(Args)]
+pub struct CheckArgs {
+    /// The baseline file (JSON: per metric its value, direction and tolerances).
+    #[arg(long)]
+    baseline: PathBuf,
+    /// The pipeline whose (cached) report to check.
+    #[arg(required_unless_present = "metrics", conflicts_with = "metrics")]
+    pipeline: Option<PathBuf>,
+    /// Overrides for the pipeline, as for `run`.
+    #[arg(long = "set", value_name = "KEY=VALUE", requires = "pipeline")]
+    set: Vec<String>,
+    /// A report's flat metrics file instead of a pipeline (e.g. reports/<name>/metrics.json).
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+    /// Rewrite the baseline's values from this run (tolerances and directions are kept).
+    #[arg(long)]
+    update: bool,
+    #[command(flatten)]
+    cache: CacheArg,
+}
+
+/// Makes sure the report stages are computed and copies them to `reports/<name>/`.
+fn publish_pipeline(pipeline: &ResolvedPipeline, registry: &Registry, cache: &Cache) -> anyhow::Result<PathBuf> {
+    let reports = ensure_reports(pipeline, registry, cache)?;
+    let dest = publish(&reports, Path::new(REPORTS_DIR), &pipeline.name)?;
+    Ok(dest)
+}
+
+pub fn report(args: ReportArgs) -> anyhow::Result<i32> {
+    let registry = registry();
+    let pipeline = resolve(&args.pipeline, &registry)?;
+    let cache = Cache::new(&args.cache.cache);
+    let dest = publish_pipeline(&pipeline, &registry, &cache)?;
+    println!("report: {}", dest.join(INDEX_FILE).display());
+    Ok(0)
+}
+
+/// After a successful `run`: publishes the report when the pipeline has a report stage.
+pub fn publish_after_run(pipeline: &ResolvedPipeline, registry: &Registry, cache: &Cache) -> anyhow::Result<()> {
+    if pipeline.stages.iter().any(|s| s.kind == REPORT_KIND) {
+        let dest = publish_pipeline(pipeline, registry, cache)?;
+        eprintln!("report: {}", dest.join(INDEX_FILE).display());
+    }
+    Ok(())
+}
+
+pub fn check(args: CheckArgs) -> anyhow::Result<i32> {
+    let baseline = Baseline::read(&args.baseline)?;
+    let run = match (&args.metrics, &args.pipeline) {
+        (Some(path), _) => read_metrics(path)?,
+        (None, Some(file)) => {
+            let registry = registry();
+            let pipeline = resolve(
+                &PipelineArgs {
+                    file: file.clone(),
+                    set: args.set.clone(),
+                },
+                &registry,
+            )?;
+            let cache = Cache::new(&args.cache.cache);
+            merged_metrics(&cached_reports(&pipeline, &registry, &cache)?)?
+        }
+        (None, None) => anyhow::bail!("give a pipeline or --metrics FILE"),
+    };
+    let comparisons = compare(&baseline, &run);
+    print!("{}", render(&comparisons));
+    let missing = comparisons.iter().filter(|c| c.now.is_none()).count();
+    if args.update {
+        let doc = baseline.updated(&run);
+        let mut text = serde_json::to_string_pretty(&doc)?;
+        text.push('\n');
+        atomic_write(&args.baseline, text.as_bytes()).with_context(|| format!("cannot write {}", args.baseline.display()))?;
+        println!("updated {} value(s) in {}", comparisons.len() - missing, args.baseline.display());
+        return Ok(if missing > 0 { 1 } else { 0 });
+    }
+    Ok(if comparisons.iter().any(|c| c.verdict.fails()) { 1 } else { 0 })
+}

@@ -1,0 +1,253 @@
+//! `evaluate`: sample held-out prompts x images per prompt from a model, with initial noise that
+//! depends only on (seed, prompt, image) so every model evaluated sees the same z_N, and measure
+//! aesthetic score, HPS, PNG and JPEG sizes, CLIP score and FID.
+use std::io::Write as _;
+use std::path::Path;
+
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+
+use crate::exec::{Params, StageContext, StageError, StageKind};
+use crate::method::sampling::{initial_latents, Sampler, SamplerConfig};
+use crate::metrics::clip_score::clip_pair_scores;
+use crate::metrics::fid::{frechet_distance, FeatureStats};
+use crate::metrics::filesize::{jpeg_size, png_bytes, png_size, to_uint8_images, RgbImage};
+use crate::models::inception::InceptionV3;
+use crate::pipeline::schema::{KindSchema, ParamSpec, ParamType};
+use crate::rewards::aesthetic::AestheticReward;
+use crate::rewards::clip_loader::FrozenClip;
+use crate::rewards::hps::HpsReward;
+
+use super::diffusion::Diffusion;
+use super::finetune::model_input;
+use super::precision::Precision;
+use super::records::{EvaluationRecord, Metric, METRICS_FILE};
+use super::world::{read_prompts, FidFeatures, ModelRecord, WorldSpec};
+
+pub const SCORES_FILE: &str = "scores.jsonl";
+pub const GRID_FILE: &str = "grid.png";
+
+pub struct Evaluate;
+
+impl StageKind for Evaluate {
+    fn schema(&self) -> KindSchema {
+        let p = |name, ty, default: serde_json::Value, doc| ParamSpec {
+            name,
+            ty,
+            default: Some(default),
+            doc,
+        };
+        KindSchema {
+            kind: "evaluate",
+            version: 1,
+            doc: "sample the world's test prompts with shared seeds and measure aesthetic, HPS, PNG/JPEG size, CLIP score and FID",
+            uses_input_labels: false,
+            params: vec![
+                p("images_per_prompt", ParamType::Int, json!(4), "images per test prompt (paper: 200)"),
+                p("max_prompts", ParamType::Int, json!(0), "use only the first N test prompts; 0 = all"),
+                p("seed", ParamType::Int, json!(1234), "seed of the initial noise, the same for every model evaluated"),
+                p("batch_size", ParamType::Int, json!(16), "images sampled at once"),
+                p("ddim_steps", ParamType::Int, json!(50), "DDIM steps"),
+                p("eta", ParamType::Float, json!(0.0), "DDIM eta"),
+                p("guidance", ParamType::Float, json!(7.5), "classifier-free guidance scale"),
+                p("jpeg_quality", ParamType::Int, json!(80), "JPEG quality of the file-size metric"),
+                p("grid_prompts", ParamType::Int, json!(8), "prompts (columns) of the sample grid, first image of each"),
+                Precision::param(),
+            ],
+            inputs: vec![model_input("the model to evaluate (a world, finetune, soup or joint)")],
+        }
+    }
+
+    fn estimate(&self, stage: &crate::pipeline::ResolvedStage, pipeline: &crate::pipeline::ResolvedPipeline) -> crate::exec::kind::Estimate {
+        super::estimate::sampling_estimate(stage, pipeline, 50)
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let p = ctx.params().clone();
+        let device = super::device::tch_device(&ctx.device);
+        tch::set_num_threads(ctx.threads.max(1) as i32);
+        let (model, adapters) = ModelRecord::of_input(ctx.input("model")?)?;
+        let world = &model.world;
+        let precision = Precision::of_params(&p)?;
+        let ranks = adapters.as_deref().map_or(0, |path| super::memory::adapter_file_ranks(path).unwrap_or(0));
+        super::memory::check_fits(ctx, world, &model.lora_targets, &super::memory::evaluation_job(&p, ranks), precision)?;
+        let diffusion = Diffusion::load(&model, adapters.as_deref(), device, precision)?;
+        let mut prompts = read_prompts(&world.test_prompts)?;
+        let max = p.i64_of("max_prompts")?;
+        if max > 0 {
+            prompts.truncate(max as usize);
+        }
+        let per_prompt = p.i64_of("images_per_prompt")?.max(1) as usize;
+        let seed = p.i64_of("seed")? as u64;
+        let batch = p.i64_of("batch_size")?.max(1) as usize;
+        let quality = p.i64_of("jpeg_quality")?.clamp(1, 100) as u8;
+        let sampler = Sampler::new(
+            diffusion.ddim.clone(),
+            SamplerConfig {
+                steps: p.i64_of("ddim_steps")?.max(1) as usize,
+                eta: p.f64_of("eta")?,
+                guidance: p.f64_of("guidance")?,
+            },
+        )
+        .map_err(StageError::failed)?;
+        let kind = precision.kind();
+        let aesthetic = AestheticReward::load(&world.aesthetic_clip, &world.aesthetic_head, device, kind).map_err(StageError::failed)?;
+        let hps = HpsReward::load(&world.hps, device, kind).map_err(StageError::failed)?;
+        let clip = FrozenClip::load(&world.clip_score, device, kind).map_err(StageError::failed)?;
+        let fid = FidExtractor::load(world, device, precision)?;
+        let uncond = diffusion.uncond()?;
+
+        // Sample i is image k of prompt j, i = j * per_prompt + k.
+        let total = prompts.len() * per_prompt;
+        ctx.progress.set_length(total as u64);
+        ctx.log(format!(
+            "{} prompts x {per_prompt} images, N={}, guidance {}, {} models on {device:?}",
+            prompts.len(),
+            sampler.config.steps,
+            sampler.config.guidance,
+            precision.name()
+        ));
+        let denoiser = diffusion.denoiser();
+        let mut scores = std::fs::File::create(ctx.out_dir().join(SCORES_FILE))?;
+        let mut sums = [0.0f64; 4];
+        let mut clip_sum = 0.0;
+        let mut features = Vec::new();
+        let grid_prompts = (p.i64_of("grid_prompts")?.max(0) as usize).min(prompts.len());
+        let mut grid: Vec<RgbImage> = Vec::new();
+        let mut start = 0;
+        while start < total {
+            ctx.check_cancelled()?;
+            let end = (start + batch).min(total);
+            let batch_prompts: Vec<String> = (start..end).map(|i| prompts[i / per_prompt].clone()).collect();
+            let cond = diffusion.encode_prompts(&batch_prompts)?;
+            let z_n = initial_latents(seed, start as u64, (end - start) as i64, diffusion.latent_shape, device);
+            let images = tch::no_grad(|| -> Result<Tensor, StageError> {
+                let z_0 = sampler.sample(&denoiser, &z_n, &cond, &uncond, seed ^ start as u64).map_err(StageError::failed)?;
+                Ok(diffusion.decode(&z_0))
+            })?;
+            let (a, h, clip_scores, feats) = tch::no_grad(|| -> Result<_, StageError> {
+                let a = aesthetic.score(&images).map_err(StageError::failed)?;
+                let h = hps.score(&images, &batch_prompts).map_err(StageError::failed)?;
+                let img = clip.image_embeddings(&images).map_err(StageError::failed)?;
+                let txt = clip.text_embeddings(&batch_prompts).map_err(StageError::failed)?;
+                let c = clip_pair_scores(&img, &txt).map_err(StageError::failed)?;
+                let f = fid.features(&images, &img)?;
+                Ok((a, h, c, f))
+            })?;
+            features.push(feats.to_device(Device::Cpu).to_kind(Kind::Double));
+            let u8_images = to_uint8_images(&images).map_err(StageError::failed)?;
+            for (n, image) in u8_images.iter().enumerate() {
+                let i = start + n;
+                let (j, k) = (i / per_prompt, i % per_prompt);
+                let png = png_size(image).map_err(StageError::failed)?;
+                let jpg = jpeg_size(image, quality).map_err(StageError::failed)?;
+                let (av, hv, cv) = (a.double_value(&[n as i64]), h.double_value(&[n as i64]), clip_scores.double_value(&[n as i64]));
+                for v in [av, hv, cv] {
+                    if !v.is_finite() {
+                        return Err(StageError::Failed(format!("non-finite score {v} for prompt {j} image {k}")));
+                    }
+                }
+                sums[0] += av;
+                sums[1] += hv;
+                sums[2] += png as f64 / 1000.0;
+                sums[3] += jpg as f64 / 1000.0;
+                clip_sum += cv;
+                let line = json!({"prompt": j, "image": k, "text": prompts[j], "aesthetic": av, "hps": hv, "png_bytes": png, "jpeg_bytes": jpg, "clip_score": cv});
+                writeln!(scores, "{line}")?;
+                if k == 0 && j < grid_prompts {
+                    grid.push(image.clone());
+                }
+            }
+            ctx.progress.inc((end - start) as u64);
+            start = end;
+        }
+        let n = total as f64;
+        let features = Tensor::cat(&features, 0);
+        let stats = FeatureStats::from_features(&features).map_err(StageError::failed)?;
+        let reference = load_reference(&world.fid_reference)?;
+        let fid_value = frechet_distance(&stats, &reference).map_err(StageError::failed)?;
+        let metrics = [
+            (Metric::Aesthetic, sums[0] / n),
+            (Metric::Hps, sums[1] / n),
+            (Metric::PngKb, sums[2] / n),
+            (Metric::JpegKb, sums[3] / n),
+            (Metric::ClipScore, (clip_sum / n).max(0.0)),
+            (Metric::Fid, fid_value),
+        ];
+        for (m, v) in &metrics {
+            ctx.log(format!("{:<10} {v:.4}", m.key()));
+        }
+        let record = EvaluationRecord {
+            tasks: model.tasks.clone(),
+            origin: model.origin.clone(),
+            metrics: metrics.into_iter().collect(),
+            prompts: prompts.len(),
+            images_per_prompt: per_prompt,
+            seed,
+        };
+        record.write(&ctx.out_dir().join(METRICS_FILE))?;
+        if !grid.is_empty() {
+            let row = grid_row(&grid, 2).map_err(StageError::failed)?;
+            std::fs::write(ctx.out_dir().join(GRID_FILE), png_bytes(&row).map_err(StageError::failed)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The FID feature extractor of a world.
+enum FidExtractor {
+    /// pytorch-fid's Inception, with the dtype of its weights (the stage's precision).
+    Inception(Box<InceptionV3>, Kind),
+    /// The CLIP-score model's image embedding (already computed for the CLIP score).
+    Clip,
+}
+
+impl FidExtractor {
+    fn load(world: &WorldSpec, device: Device, precision: Precision) -> Result<Self, StageError> {
+        match world.fid_features {
+            FidFeatures::Clip => Ok(FidExtractor::Clip),
+            FidFeatures::Inception => {
+                let path = world.inception.as_ref().ok_or_else(|| StageError::Failed("the world names no Inception weights for FID".into()))?;
+                let mut vs = precision.new_store(device);
+                let model = InceptionV3::load(&vs, path).map_err(StageError::failed)?;
+                precision.cast_store(&mut vs);
+                Ok(FidExtractor::Inception(Box::new(model), precision.kind()))
+            }
+        }
+    }
+
+    /// fp32 features of images in [0, 1].
+    fn features(&self, images: &Tensor, clip_embeddings: &Tensor) -> Result<Tensor, StageError> {
+        match self {
+            FidExtractor::Clip => Ok(clip_embeddings.shallow_clone()),
+            FidExtractor::Inception(model, kind) => model.features(&images.to_kind(*kind)).map(|f| f.to_kind(Kind::Float)).map_err(StageError::failed),
+        }
+    }
+}
+
+/// FID reference statistics from a `.safetensors` holding `mu` and `sigma`.
+pub fn load_reference(path: &Path) -> Result<FeatureStats, StageError> {
+    let tensors: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(path)
+        .map_err(|e| StageError::Failed(format!("FID reference {}: {e}", path.display())))?
+        .into_iter()
+        .collect();
+    let get = |name: &str| tensors.get(name).map(Tensor::shallow_clone).ok_or_else(|| StageError::Failed(format!("FID reference {} has no tensor `{name}`", path.display())));
+    FeatureStats::new(get("mu")?, get("sigma")?).map_err(StageError::failed)
+}
+
+/// Images side by side with `gap` white pixels between them.
+pub fn grid_row(images: &[RgbImage], gap: u32) -> Result<RgbImage, crate::metrics::filesize::ImageCodecError> {
+    let h = images.iter().map(RgbImage::height).max().unwrap_or(0);
+    let w: u32 = images.iter().map(RgbImage::width).sum::<u32>() + gap * images.len().saturating_sub(1) as u32;
+    let mut data = vec![255u8; (w * h * 3) as usize];
+    let mut x0 = 0u32;
+    for img in images {
+        for y in 0..img.height() {
+            let src = &img.data()[(y * img.width() * 3) as usize..((y + 1) * img.width() * 3) as usize];
+            let dst = ((y * w + x0) * 3) as usize;
+            data[dst..dst + src.len()].copy_from_slice(src);
+        }
+        x0 += img.width() + gap;
+    }
+    RgbImage::new(w, h, data)
+}
