@@ -145,6 +145,15 @@ impl StageProgress {
         }
     }
 
+    /// A line that stays (a result, e.g. a quality gate): above the bars on a terminal, on
+    /// stderr otherwise.
+    pub fn println(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(format!("{}: {line}", self.id)),
+            None => eprintln!("    {}: {line}", self.id),
+        }
+    }
+
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();

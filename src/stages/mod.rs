@@ -12,6 +12,7 @@ pub mod records;
 pub mod report;
 pub mod reward_set;
 pub mod soup;
+pub mod tiny_pretrain;
 pub mod train;
 pub mod world;
 
@@ -28,5 +29,12 @@ pub fn registry() -> Registry {
     r.register(evaluate::Evaluate);
     r.register(forgetting::Forgetting);
     r.register(report::Report);
+    r.register(tiny_pretrain::TinyPrompts);
+    r.register(tiny_pretrain::TinyClip);
+    r.register(tiny_pretrain::TinyVae);
+    r.register(tiny_pretrain::TinyAesthetic);
+    r.register(tiny_pretrain::TinyPreference);
+    r.register(tiny_pretrain::TinyUnet);
+    r.register(tiny_pretrain::TinyExport);
     r
 }

@@ -67,6 +67,7 @@ pub mod prompts;
 pub mod rating;
 pub mod render;
 pub mod scene;
+pub mod train;
 
 pub use caption::{
     Background, CaptionSpec, Colour, Layout, ObjectSpec, Position, Relation, Shape, Size,

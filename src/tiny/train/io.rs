@@ -1,0 +1,167 @@
+//! Weight files and checkpoints: safetensors in f32 or f16 (with the `format: pt` metadata
+//! transformers and diffusers expect), JSON configs, and resumable training checkpoints.
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, TensorView};
+use tch::{Device, Kind, Tensor};
+
+use super::TrainError;
+use crate::models::weights;
+
+/// Storage precision of a written weight file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    /// Half precision (the shipped weights); the loaders convert to the model's precision.
+    F16,
+}
+
+/// Serialises named tensors to safetensors bytes: f32 / f16 / bf16 tensors at `precision`,
+/// f64 and integer tensors as they are.
+pub fn safetensors_bytes(named: &[(String, Tensor)], precision: Precision) -> Result<Vec<u8>, TrainError> {
+    let mut buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(named.len());
+    for (name, tensor) in named {
+        let t = tensor.detach().to_device(Device::Cpu);
+        let (t, dtype) = match t.kind() {
+            // f64 tensors are statistics (e.g. the FID reference), kept exact.
+            Kind::Double => (t, Dtype::F64),
+            Kind::Float | Kind::Half | Kind::BFloat16 => match precision {
+                Precision::F32 => (t.to_kind(Kind::Float), Dtype::F32),
+                Precision::F16 => (t.to_kind(Kind::Half), Dtype::F16),
+            },
+            Kind::Int64 => (t, Dtype::I64),
+            Kind::Int => (t, Dtype::I32),
+            other => return Err(TrainError::Model(format!("tensor `{name}`: cannot store kind {other:?}"))),
+        };
+        let t = t.contiguous();
+        let numel = t.numel();
+        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, numel).map_err(|e| TrainError::Model(format!("tensor `{name}`: {e}")))?;
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        buffers.push((name.clone(), dtype, shape, bytes));
+    }
+    let views = buffers
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            TensorView::new(*dtype, shape.clone(), bytes).map(|v| (name.as_str(), v)).map_err(|e| TrainError::Model(format!("tensor `{name}`: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::tensor::serialize(views, Some(metadata)).map_err(TrainError::other)
+}
+
+/// Writes named tensors as a safetensors file (creating its folder), atomically.
+pub fn write_safetensors(path: &Path, named: &[(String, Tensor)], precision: Precision) -> Result<(), TrainError> {
+    let bytes = safetensors_bytes(named, precision)?;
+    write_file(path, &bytes)
+}
+
+/// Reads every tensor of a safetensors file (stored precision kept).
+pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>, TrainError> {
+    weights::read_safetensors(path).map_err(TrainError::other)
+}
+
+/// Writes a file (creating its folder), atomically.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| TrainError::io(format!("cannot create {}", dir.display()), e))?;
+    }
+    crate::exec::atomic_write(path, bytes).map_err(|e| TrainError::io(format!("cannot write {}", path.display()), e))
+}
+
+/// Writes a value as pretty JSON.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), TrainError> {
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(TrainError::other)?;
+    bytes.push(b'\n');
+    write_file(path, &bytes)
+}
+
+/// A training checkpoint: the step reached and named tensors (model, EMA, optimizer state).
+pub struct Checkpoint {
+    pub step: usize,
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+const STEP_TENSOR: &str = "__step";
+
+impl Checkpoint {
+    /// Saves `tensors` and `step` to `path` (f32, atomically).
+    pub fn save(path: &Path, step: usize, tensors: Vec<(String, Tensor)>) -> Result<(), TrainError> {
+        let mut named = tensors;
+        named.push((STEP_TENSOR.to_string(), Tensor::from_slice(&[step as i64])));
+        write_safetensors(path, &named, Precision::F32)
+    }
+
+    /// The checkpoint at `path`, or `None` when there is none (or it cannot be read: training
+    /// then starts over rather than failing).
+    pub fn load(path: &Path) -> Option<Checkpoint> {
+        if !path.is_file() {
+            return None;
+        }
+        let mut tensors = read_safetensors(path).ok()?;
+        let step = tensors.remove(STEP_TENSOR)?.int64_value(&[0]);
+        Some(Checkpoint { step: usize::try_from(step).ok()?, tensors })
+    }
+
+    /// The tensors under `prefix`, without it.
+    pub fn with_prefix(&self, prefix: &str) -> HashMap<String, Tensor> {
+        self.tensors
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|rest| (rest.to_string(), v.shallow_clone())))
+            .collect()
+    }
+}
+
+/// Named tensors under a prefix (for checkpoints).
+pub fn prefixed(prefix: &str, named: impl IntoIterator<Item = (String, Tensor)>) -> Vec<(String, Tensor)> {
+    named.into_iter().map(|(n, t)| (format!("{prefix}{n}"), t)).collect()
+}
+
+/// Copies tensors named as `vs`'s variables (after stripping `prefix`) into them; false when
+/// any is missing or mis-shaped.
+pub fn restore_store(vs: &tch::nn::VarStore, saved: &BTreeMap<String, Tensor>, prefix: &str) -> bool {
+    let vars = vs.variables();
+    if vars.iter().any(|(n, v)| saved.get(&format!("{prefix}{n}")).is_none_or(|t| t.size() != v.size())) {
+        return false;
+    }
+    tch::no_grad(|| {
+        for (name, mut var) in vars {
+            var.copy_(&saved[&format!("{prefix}{name}")]);
+        }
+    });
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_files_round_to_half_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let t = Tensor::from_slice(&[1.0f32, 1.0 / 3.0, -2.5]).view([3, 1]);
+        write_safetensors(&path, &[("a.weight".into(), t.shallow_clone()), ("n".into(), Tensor::from_slice(&[7i64]))], Precision::F16).unwrap();
+        let back = read_safetensors(&path).unwrap();
+        assert_eq!(back["a.weight"].kind(), Kind::Half);
+        assert_eq!(back["a.weight"].size(), vec![3, 1]);
+        let diff = (back["a.weight"].to_kind(Kind::Float) - &t).abs().max().double_value(&[]);
+        assert!(diff > 0.0 && diff < 1e-3, "{diff}");
+        assert_eq!(back["n"].int64_value(&[0]), 7);
+        let raw = std::fs::read(&path).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&raw).unwrap();
+        assert_eq!(meta.metadata().as_ref().unwrap()["format"], "pt");
+    }
+
+    #[test]
+    fn checkpoints_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ckpt.safetensors");
+        assert!(Checkpoint::load(&path).is_none());
+        Checkpoint::save(&path, 12, vec![("model.w".into(), Tensor::from_slice(&[1.5f32]))]).unwrap();
+        let c = Checkpoint::load(&path).unwrap();
+        assert_eq!(c.step, 12);
+        assert_eq!(c.with_prefix("model.")["w"].double_value(&[0]), 1.5);
+    }
+}
