@@ -17,7 +17,7 @@ export RIL_FIXTURES ?= $(RIL_HOME)/fixtures
 export RIL_SHARED ?= $(abspath $(CURDIR)/../shared)
 BIN := $(CARGO_TARGET_DIR)/debug/ril-pipe
 
-.PHONY: setup build test hardening demo fixtures bench clean-cache slurm-check smoke
+.PHONY: setup build test hardening demo ablations fixtures bench clean-cache slurm-check smoke
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,11 @@ hardening: build fixtures
 
 demo: build
 	$(BIN) run pipelines/all_orders.yaml
+
+# The four ablations on the tiny world (lambda, EMA momentum, last vs full step, adapter group
+# vs one shared LoRA); each ends in its report under reports/ablation_<name>/.
+ablations: build
+	for a in lambda ema distill adapter; do $(BIN) run pipelines/ablations/$$a.yaml || exit 1; done
 
 # Benchmarks print their figures; the dev profile is the one the tests and the demo use.
 bench: build fixtures

@@ -113,6 +113,25 @@ fn only_the_newest_adapter_trains_and_earlier_ones_stay_bitwise() {
 }
 
 #[test]
+fn a_shared_adapter_keeps_training_one_lora_across_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let stages = CHAIN.replace(r#"method: "${method}"}"#, r#"method: "${method}", adapter: shared}"#);
+    let p = resolve(&pipeline(dir.path(), "random", &stages), &[]);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(cache_dir.path());
+    run_all(&p, &cache);
+    for method in ["baseline", "rid"] {
+        let first = tensors(&object(&p, &cache, &format!("ft/{method}/1")).join("adapters.safetensors"));
+        let second = tensors(&object(&p, &cache, &format!("ft/{method}/2")).join("adapters.safetensors"));
+        // One adapter after both tasks, and the second task moved it.
+        assert_eq!(second["lora_scales"].size(), vec![1], "{method}");
+        assert!(!second.keys().any(|k| k.contains(".lora_A.1.")), "{method}: a second adapter was added");
+        let moved = first.keys().filter(|k| k.contains(".lora_B.0.")).any(|k| !first[k].equal(&second[k]));
+        assert!(moved, "{method}: the shared adapter did not train in the second task");
+    }
+}
+
+#[test]
 fn rid_with_lambda_zero_equals_the_baseline_and_reruns_are_bitwise() {
     let dir = tempfile::tempdir().unwrap();
     let stages = r#"

@@ -33,7 +33,7 @@ pub fn ensure_font() -> Result<(), ReportError> {
     }
 }
 
-/// Line and bar colours per method (baseline red, RID blue, others after).
+/// Line and bar colours per method (baseline red, RID blue, joint green, others purple).
 pub fn method_color(method: &str) -> RGBColor {
     match method {
         "baseline" => RGBColor(214, 39, 40),
@@ -41,6 +41,29 @@ pub fn method_color(method: &str) -> RGBColor {
         "joint" => RGBColor(44, 160, 44),
         _ => RGBColor(148, 103, 189),
     }
+}
+
+/// Colours of the other methods of one figure (an ablation's variants), in their order there.
+const VARIANT_COLORS: [RGBColor; 8] = [
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(23, 190, 207),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(188, 189, 34),
+    RGBColor(127, 127, 127),
+    RGBColor(31, 119, 180),
+];
+
+/// [`method_color`] for a figure that shows `methods`: methods without a colour of their own get
+/// distinct ones by their position among such methods, so that every variant of a sweep differs.
+pub fn method_color_among(method: &str, methods: &[String]) -> RGBColor {
+    if matches!(method, "baseline" | "rid" | "joint") {
+        return method_color(method);
+    }
+    let others = methods.iter().filter(|m| !matches!(m.as_str(), "baseline" | "rid" | "joint"));
+    let position = others.take_while(|m| m.as_str() != method).count();
+    VARIANT_COLORS[position % VARIANT_COLORS.len()]
 }
 
 /// Something drawn the same way on any plotters backend.
@@ -132,7 +155,7 @@ fn legend_strip<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, methods: &[St
         .map_err(fail)?;
     let mut x = (strip.dim_in_pixel().0 as i32 - widths.iter().sum::<i32>()) / 2;
     for (m, w) in methods.iter().zip(widths) {
-        let color = method_color(m);
+        let color = method_color_among(m, methods);
         if bar {
             strip.draw(&Rectangle::new([(x, 10), (x + 22, 24)], color.filled())).map_err(fail)?;
         } else {
@@ -211,7 +234,7 @@ impl Figure for TrajectoryFigure {
                 .map_err(fail)?;
             for method in &self.methods {
                 let Some(points) = lines.get(method) else { continue };
-                let color = method_color(method);
+                let color = method_color_among(method, &self.methods);
                 let pts: Vec<(SegmentValue<i32>, f64)> = points.iter().map(|(s, v)| (SegmentValue::CenterOf(*s as i32), *v)).collect();
                 chart.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2))).map_err(fail)?;
                 chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled()))).map_err(fail)?;
@@ -289,7 +312,7 @@ impl Figure for ForgettingFigure {
                 }
             }
             for (j, method) in self.methods.iter().enumerate() {
-                let color = method_color(method);
+                let color = method_color_among(method, &self.methods);
                 let bars = groups.iter().enumerate().filter_map(|(i, (_, values))| {
                     let x0 = i as f64 - 0.38 + width * j as f64;
                     values.get(method).map(|v| Rectangle::new([(x0, 0.0), (x0 + width * 0.92, *v)], color.filled()))
@@ -496,4 +519,22 @@ pub fn write_all(inputs: &StudyInputs, frames: &Frames, dir: &Path) -> Result<Ch
         set.trainings.push((label, stem));
     }
     Ok(set)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_of_a_sweep_get_distinct_colours_and_the_methods_keep_theirs() {
+        let methods: Vec<String> = ["baseline", "lambda_0", "lambda_0p1", "rid", "lambda_1"].map(String::from).to_vec();
+        let colors: Vec<RGBColor> = methods.iter().map(|m| method_color_among(m, &methods)).collect();
+        for (i, a) in colors.iter().enumerate() {
+            for b in &colors[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert_eq!(colors[0], method_color("baseline"));
+        assert_eq!(colors[3], method_color("rid"));
+    }
 }

@@ -1,5 +1,6 @@
 //! `finetune`: one task of the sequence. Adds a new LoRA adapter to the input model's group and
-//! trains only it on the task's reward, by the baseline (Eq. 5) or RID (Eq. 6-9).
+//! trains only it on the task's reward, by the baseline (Eq. 5) or RID (Eq. 6-9); with
+//! `adapter: shared` it trains the input's newest adapter instead (the one-LoRA ablation).
 use serde_json::json;
 
 use crate::exec::{Params, StageContext, StageError, StageKind};
@@ -31,6 +32,7 @@ impl StageKind for Finetune {
             p("distill", ParamType::Enum(vec!["last_step", "full_step", "none"]), Some(json!("last_step")), "RID's distillation: the teacher denoises the student's z_1 (last_step), follows its own trajectory from z_N (full_step, the Eq. 7 ablation), or is absent (none)"),
             p("lambda", ParamType::Float, Some(json!(0.1)), "weight of the distillation term (paper: 0.1)"),
             p("ema_momentum", ParamType::Float, Some(json!(0.99)), "EMA momentum alpha of the teacher (Eq. 6)"),
+            p("adapter", ParamType::Enum(vec!["new", "shared"]), Some(json!("new")), "new: add an adapter to the input's group and train only it (the paper's adapter group); shared: keep training the input's newest adapter, so that every task of an order shares one LoRA (the ablation; the base model gets its first)"),
         ];
         params.extend(training_params());
         KindSchema {
@@ -60,6 +62,7 @@ impl StageKind for Finetune {
             objective,
             ema_momentum: p.f64_of("ema_momentum")?,
             tasks: vec![task],
+            new_adapter: p.str_of("adapter")? == "new",
             reward: task_reward(task, &model.world, device, Precision::of_params(&p)?)?,
         };
         train(ctx, spec, &model, adapters.as_deref())

@@ -57,6 +57,7 @@ impl StageKind for Joint {
             objective: Objective::Baseline,
             ema_momentum: 0.0,
             tasks: weights.iter().map(|(t, _)| *t).collect(),
+            new_adapter: true,
             reward: mixture(&weights, &model.world, device, Precision::of_params(ctx.params())?)?,
         };
         train(ctx, spec, &model, adapters.as_deref())

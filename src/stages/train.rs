@@ -65,6 +65,8 @@ pub struct TrainSpec {
     /// RID's EMA momentum alpha (Eq. 6); unused otherwise.
     pub ema_momentum: f64,
     pub tasks: Vec<Task>,
+    /// Add a new adapter (the paper), or keep training the input's newest one when it has one.
+    pub new_adapter: bool,
     pub reward: Box<dyn Reward>,
 }
 
@@ -115,7 +117,10 @@ pub fn train(ctx: &mut StageContext, spec: TrainSpec, model: &ModelRecord, adapt
         "normal" => LoraInit::Normal,
         _ => LoraInit::KaimingUniform,
     };
-    let adapter_index = lora.add_adapter(p.i64_of("lora_rank")?, init, seed).map_err(StageError::failed)?;
+    let adapter_index = match lora.num_adapters() {
+        n if n > 0 && !spec.new_adapter => n - 1,
+        _ => lora.add_adapter(p.i64_of("lora_rank")?, init, seed).map_err(StageError::failed)?,
+    };
     let rid = matches!(spec.objective, Objective::Rid { .. });
     if rid {
         lora.init_teacher().map_err(StageError::failed)?;
