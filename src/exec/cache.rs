@@ -341,49 +341,45 @@ impl Cache {
     /// The lock every run holds (shared): `gc` needs it exclusively. When `wait` is false and
     /// gc holds it, fails with a message naming the holder.
     pub fn run_lock(&self, wait: bool, on_wait: &mut dyn FnMut(&str)) -> Result<CacheLock, CacheError> {
-        self.ensure(&self.root)?;
-        let file = self.lock_file(&self.root.join("lock"))?;
-        match file.try_lock_shared() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let holder = self.holder_description();
-                if !wait {
-                    return Err(CacheError::Busy {
-                        root: self.root.clone(),
-                        holder,
-                        advice: "try again when it has finished".into(),
-                    });
-                }
-                on_wait(&holder);
-                file.lock_shared().map_err(self.io("cannot lock the cache"))?;
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(self.io("cannot lock the cache")(e)),
-        }
-        let marker = self.register_holder("run")?;
-        Ok(CacheLock { _file: file, marker })
+        self.cache_lock(LockMode::Shared, wait, on_wait)
     }
 
     /// The exclusive lock of `gc`: no run may be active.
     pub fn gc_lock(&self, wait: bool, on_wait: &mut dyn FnMut(&str)) -> Result<CacheLock, CacheError> {
+        self.cache_lock(LockMode::Exclusive, wait, on_wait)
+    }
+
+    fn cache_lock(&self, mode: LockMode, wait: bool, on_wait: &mut dyn FnMut(&str)) -> Result<CacheLock, CacheError> {
         self.ensure(&self.root)?;
         let file = self.lock_file(&self.root.join("lock"))?;
-        match file.try_lock() {
+        let attempt = match mode {
+            LockMode::Shared => file.try_lock_shared(),
+            LockMode::Exclusive => file.try_lock(),
+        };
+        match attempt {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 let holder = self.holder_description();
                 if !wait {
-                    return Err(CacheError::Busy {
-                        root: self.root.clone(),
-                        holder,
-                        advice: "gc removes nothing while a run is active; try again when it has finished, or pass --wait".into(),
-                    });
+                    let advice = match mode {
+                        LockMode::Shared => "try again when it has finished",
+                        LockMode::Exclusive => "gc removes nothing while a run is active; try again when it has finished, or pass --wait",
+                    };
+                    return Err(CacheError::Busy { root: self.root.clone(), holder, advice: advice.into() });
                 }
                 on_wait(&holder);
-                file.lock().map_err(self.io("cannot lock the cache"))?;
+                let blocking = match mode {
+                    LockMode::Shared => file.lock_shared(),
+                    LockMode::Exclusive => file.lock(),
+                };
+                blocking.map_err(self.io("cannot lock the cache"))?;
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(self.io("cannot lock the cache")(e)),
         }
-        let marker = self.register_holder("gc")?;
+        let marker = self.register_holder(match mode {
+            LockMode::Shared => "run",
+            LockMode::Exclusive => "gc",
+        })?;
         Ok(CacheLock { _file: file, marker })
     }
 
@@ -515,6 +511,13 @@ fn sync_dir(dir: &Path) {
 /// Held while a process computes an object.
 pub struct ObjectLock {
     _file: File,
+}
+
+/// How the cache-wide lock is taken: shared by runs, exclusive for `gc`.
+#[derive(Clone, Copy)]
+enum LockMode {
+    Shared,
+    Exclusive,
 }
 
 /// The cache-wide lock of a run (shared) or of gc (exclusive); released on drop.

@@ -5,8 +5,8 @@ use std::path::Path;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use crate::exec::StageError;
-use crate::method::sampling::CastUnet;
+use crate::exec::{Params, StageError};
+use crate::method::sampling::{CastUnet, Sampler, SamplerConfig};
 use crate::models::clip::{Clip, ClipConfig, ClipTextTransformer};
 use crate::models::ddim::DdimConfig;
 use crate::models::lora::LoraGroup;
@@ -133,4 +133,14 @@ impl Diffusion {
     pub fn frozen_parameters(&self) -> i64 {
         self.stores.iter().flat_map(|vs| vs.variables().into_values()).map(|t| t.numel() as i64).sum()
     }
+}
+
+/// The DDIM sampler that a stage's `ddim_steps`, `eta` and `guidance` parameters describe.
+pub fn sampler_of_params(diffusion: &Diffusion, p: &impl Params) -> Result<Sampler, StageError> {
+    let config = SamplerConfig {
+        steps: p.i64_of("ddim_steps")?.max(1) as usize,
+        eta: p.f64_of("eta")?,
+        guidance: p.f64_of("guidance")?,
+    };
+    Sampler::new(diffusion.ddim.clone(), config).map_err(StageError::failed)
 }

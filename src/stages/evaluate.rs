@@ -8,7 +8,7 @@ use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
 use crate::exec::{Params, StageContext, StageError, StageKind};
-use crate::method::sampling::{initial_latents, Sampler, SamplerConfig};
+use crate::method::sampling::initial_latents;
 use crate::metrics::clip_score::clip_pair_scores;
 use crate::metrics::fid::{frechet_distance, FeatureStats};
 use crate::metrics::filesize::{jpeg_size, png_bytes, png_size, to_uint8_images, RgbImage};
@@ -81,15 +81,7 @@ impl StageKind for Evaluate {
         let seed = p.i64_of("seed")? as u64;
         let batch = p.i64_of("batch_size")?.max(1) as usize;
         let quality = p.i64_of("jpeg_quality")?.clamp(1, 100) as u8;
-        let sampler = Sampler::new(
-            diffusion.ddim.clone(),
-            SamplerConfig {
-                steps: p.i64_of("ddim_steps")?.max(1) as usize,
-                eta: p.f64_of("eta")?,
-                guidance: p.f64_of("guidance")?,
-            },
-        )
-        .map_err(StageError::failed)?;
+        let sampler = super::diffusion::sampler_of_params(&diffusion, &p)?;
         let kind = precision.kind();
         let aesthetic = AestheticReward::load(&world.aesthetic_clip, &world.aesthetic_head, device, kind).map_err(StageError::failed)?;
         let hps = HpsReward::load(&world.hps, device, kind).map_err(StageError::failed)?;

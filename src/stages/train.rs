@@ -16,7 +16,6 @@ use crate::exec::{atomic_write, Params, StageContext, StageError};
 use crate::method::noise;
 use crate::method::objective::{micro_batch_loss, Distill, Objective, Parts};
 use crate::method::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use crate::method::sampling::{Sampler, SamplerConfig};
 use crate::models::lora::LoraInit;
 use crate::pipeline::schema::{ParamSpec, ParamType};
 use crate::rewards::Reward;
@@ -125,15 +124,7 @@ pub fn train(ctx: &mut StageContext, spec: TrainSpec, model: &ModelRecord, adapt
     if rid {
         lora.init_teacher().map_err(StageError::failed)?;
     }
-    let sampler = Sampler::new(
-        diffusion.ddim.clone(),
-        SamplerConfig {
-            steps: p.i64_of("ddim_steps")?.max(1) as usize,
-            eta: p.f64_of("eta")?,
-            guidance: p.f64_of("guidance")?,
-        },
-    )
-    .map_err(StageError::failed)?;
+    let sampler = super::diffusion::sampler_of_params(&diffusion, &p)?;
     let prompts = read_prompts(&model.world.train_prompts)?;
     let batch = p.i64_of("batch_size")?.max(1) as usize;
     let micro = match p.i64_of("micro_batch")? {

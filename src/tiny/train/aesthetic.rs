@@ -11,8 +11,7 @@ use super::data::{prompt_scenes, scene_batch, Excluded};
 use super::gates::pearson;
 use super::io::{write_safetensors, Precision};
 use super::vae::chunks;
-use super::{learning_rate, rng, seeded_init, trainable, Monitor, Purpose, TrainError};
-use crate::method::optim::clip_grad_norm;
+use super::{rng, seeded_init, trainable, Monitor, Purpose, TrainError};
 use crate::models::aesthetic::{AestheticConfig, AestheticHead};
 use crate::rewards::aesthetic::AestheticReward;
 use crate::rewards::clip_loader::FrozenClip;
@@ -50,11 +49,7 @@ pub fn train(embeddings: &Tensor, ratings: &Tensor, dims: &[i64], schedule: &Sch
         let x = embeddings.index_select(0, &index);
         let y = ratings.index_select(0, &index);
         let loss = (head.forward(&x).map_err(TrainError::other)?.squeeze_dim(-1) - y).square().mean(Kind::Float);
-        optimizer.zero_grad();
-        loss.backward();
-        clip_grad_norm(&params, 1.0);
-        optimizer.config.lr = learning_rate(schedule.lr, step, schedule.steps, schedule.warmup);
-        optimizer.step();
+        schedule.update(&mut optimizer, &params, &loss, step);
         track.push(loss.double_value(&[]));
         if (step + 1) % 500 == 0 {
             monitor.log(&format!("step {}: rating MSE {:.4}", step + 1, track.recent()));

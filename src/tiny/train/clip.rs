@@ -245,6 +245,23 @@ impl LossTrack {
     }
 }
 
+impl Schedule {
+    /// One optimizer update of `loss` at `step`: gradients, their norm clipped at 1, the
+    /// learning rate of the warm-up and cosine schedule.
+    pub(crate) fn update(&self, optimizer: &mut AdamW, params: &[Tensor], loss: &Tensor, step: usize) {
+        optimizer.zero_grad();
+        loss.backward();
+        clip_grad_norm(params, 1.0);
+        optimizer.config.lr = learning_rate(self.lr, step, self.steps, self.warmup);
+        optimizer.step();
+    }
+
+    /// Whether a resumable checkpoint is due after `step` (none after the last step).
+    pub(crate) fn checkpoint_due(&self, step: usize) -> bool {
+        self.checkpoint_every > 0 && (step + 1) % self.checkpoint_every == 0 && step + 1 < self.steps
+    }
+}
+
 pub(crate) fn adamw(params: &[Tensor], schedule: &Schedule) -> AdamW {
     AdamW::new(params.iter().map(Tensor::shallow_clone).collect(), AdamWConfig { lr: schedule.lr, beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: schedule.weight_decay })
 }
@@ -322,17 +339,13 @@ pub fn train(model: &TrainableClip, tokenizer: &ClipTokenizer, excluded: &Exclud
             let logits = tch::nn::Module::forward(&probe, &(&image * 10.0)).view([-1, 3]);
             loss = loss + logits.cross_entropy_for_logits(&targets) * look.look_weight;
         }
-        optimizer.zero_grad();
-        loss.backward();
-        clip_grad_norm(&params, 1.0);
-        optimizer.config.lr = learning_rate(schedule.lr, step, schedule.steps, schedule.warmup);
-        optimizer.step();
+        schedule.update(&mut optimizer, &params, &loss, step);
         track.push(loss.double_value(&[]));
         if (step + 1) % 100 == 0 {
             monitor.log(&format!("step {}: loss {:.4}, logit scale {:.1}", step + 1, track.recent(), model.logit_scale().double_value(&[])));
         }
         if let Some(path) = checkpoint {
-            if schedule.checkpoint_every > 0 && (step + 1) % schedule.checkpoint_every == 0 && step + 1 < schedule.steps {
+            if schedule.checkpoint_due(step) {
                 let mut named = prefixed("model.", model.vs.variables());
                 named.extend(prefixed("probe.", probe_vs.variables()));
                 named.extend(prefixed("opt.", optimizer.state()));

@@ -8,8 +8,7 @@ use tch::{Kind, Tensor};
 use super::clip::{adamw, token_ids, LossTrack, Schedule, TrainSummary, TrainableClip};
 use super::data::{pair_images, preference_batch, prompt_preference_pairs, Excluded};
 use super::io::{prefixed, restore_store, Checkpoint};
-use super::{learning_rate, trainable, Monitor, TrainError};
-use crate::method::optim::clip_grad_norm;
+use super::{trainable, Monitor, TrainError};
 use crate::models::tokenizer::ClipTokenizer;
 use crate::tiny::{PreferencePair, Side};
 
@@ -48,17 +47,13 @@ pub fn train(model: &TrainableClip, tokenizer: &ClipTokenizer, excluded: &Exclud
     for step in start..schedule.steps {
         let pairs = preference_batch(schedule.seed, 5, step as u64, schedule.batch, excluded);
         let loss = pair_loss(model, tokenizer, &pairs)?;
-        optimizer.zero_grad();
-        loss.backward();
-        clip_grad_norm(&params, 1.0);
-        optimizer.config.lr = learning_rate(schedule.lr, step, schedule.steps, schedule.warmup);
-        optimizer.step();
+        schedule.update(&mut optimizer, &params, &loss, step);
         track.push(loss.double_value(&[]));
         if (step + 1) % 100 == 0 {
             monitor.log(&format!("step {}: preference loss {:.4}", step + 1, track.recent()));
         }
         if let Some(path) = checkpoint {
-            if schedule.checkpoint_every > 0 && (step + 1) % schedule.checkpoint_every == 0 && step + 1 < schedule.steps {
+            if schedule.checkpoint_due(step) {
                 let mut named = prefixed("model.", model.vs.variables());
                 named.extend(prefixed("opt.", optimizer.state()));
                 Checkpoint::save(path, step + 1, named)?;

@@ -19,9 +19,8 @@ use super::clip::{adamw, token_ids, LossTrack, Schedule, TrainSummary};
 use super::data::{scene_batch, Excluded};
 use super::io::{prefixed, restore_store, write_json, write_safetensors, Checkpoint, Precision};
 use super::vae::chunks;
-use super::{learning_rate, noise_stream, rng, seeded_init, trainable, Ema, Monitor, Purpose, TrainError};
+use super::{noise_stream, rng, seeded_init, trainable, Ema, Monitor, Purpose, TrainError};
 use crate::method::noise::gaussian;
-use crate::method::optim::clip_grad_norm;
 use crate::models::clip::{Clip, ClipConfig, ClipTextTransformer};
 use crate::models::ddim::DdimConfig;
 use crate::models::tokenizer::ClipTokenizer;
@@ -242,18 +241,14 @@ pub fn train(model: &TrainableUnet, conditioning: &TextConditioning, pool: &Late
         } else {
             per_sample.mean(Kind::Float)
         };
-        optimizer.zero_grad();
-        loss.backward();
-        clip_grad_norm(&params, 1.0);
-        optimizer.config.lr = learning_rate(schedule.lr, step, schedule.steps, schedule.warmup);
-        optimizer.step();
+        schedule.update(&mut optimizer, &params, &loss, step);
         ema.update(&model.vs, step);
         track.push(loss.double_value(&[]));
         if (step + 1) % 200 == 0 {
             monitor.log(&format!("step {}: diffusion loss {:.4}", step + 1, track.recent()));
         }
         if let Some(path) = checkpoint {
-            if schedule.checkpoint_every > 0 && (step + 1) % schedule.checkpoint_every == 0 && step + 1 < schedule.steps {
+            if schedule.checkpoint_due(step) {
                 let mut named = prefixed("model.", model.vs.variables());
                 named.extend(prefixed("ema.", ema.tensors().iter().map(|(n, t)| (n.clone(), t.shallow_clone()))));
                 named.extend(prefixed("opt.", optimizer.state()));

@@ -15,9 +15,8 @@ use tch::{Device, Kind, Tensor};
 use super::clip::{adamw, LossTrack, Schedule, TrainSummary};
 use super::data::{prompt_scenes, scene_batch, Excluded};
 use super::io::{prefixed, restore_store, write_json, write_safetensors, Checkpoint, Precision};
-use super::{learning_rate, noise_stream, seeded_init, trainable, Monitor, Purpose, TrainError};
+use super::{noise_stream, seeded_init, trainable, Monitor, Purpose, TrainError};
 use crate::method::noise::gaussian;
-use crate::method::optim::clip_grad_norm;
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 
 /// The shape of the small VAE.
@@ -125,18 +124,14 @@ pub fn train(model: &TrainableVae, excluded: &Excluded, schedule: &Schedule, kl_
         let batch = scene_batch(schedule.seed, 2, step as u64, schedule.batch, excluded, device)?;
         let eps = gaussian(schedule.seed, noise_stream(Purpose::Noise, step as u64), &[schedule.batch as i64, latent, side, side], device);
         let (loss, rec) = vae_loss(&model.vae, &batch.images, &eps, kl_weight);
-        optimizer.zero_grad();
-        loss.backward();
-        clip_grad_norm(&params, 1.0);
-        optimizer.config.lr = learning_rate(schedule.lr, step, schedule.steps, schedule.warmup);
-        optimizer.step();
+        schedule.update(&mut optimizer, &params, &loss, step);
         // The squared error of [-1, 1] images is 4x that of [0, 1] images.
         track.push(rec.double_value(&[]) / 4.0);
         if (step + 1) % 100 == 0 {
             monitor.log(&format!("step {}: reconstruction MSE {:.5} ({:.2} dB)", step + 1, track.recent(), -10.0 * track.recent().log10()));
         }
         if let Some(path) = checkpoint {
-            if schedule.checkpoint_every > 0 && (step + 1) % schedule.checkpoint_every == 0 && step + 1 < schedule.steps {
+            if schedule.checkpoint_due(step) {
                 let mut named = prefixed("model.", model.vs.variables());
                 named.extend(prefixed("opt.", optimizer.state()));
                 Checkpoint::save(path, step + 1, named)?;
