@@ -89,6 +89,18 @@ fn check_bundle_loads(bundle: &Path, work: &Path) {
     assert!(bundle.join("samples.png").is_file());
 }
 
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
 #[test]
 fn miniature_pretraining_pipeline_runs_end_to_end_and_its_bundle_loads() {
     let dir = tempfile::tempdir().unwrap();
@@ -113,6 +125,23 @@ fn miniature_pretraining_pipeline_runs_end_to_end_and_its_bundle_loads() {
     }
     let export = &objects.iter().find(|(id, _)| id == "export").unwrap().1;
     check_bundle_loads(export, dir.path());
+
+    // A damaged copy of the bundle is refused by `tiny_world`, naming the file.
+    let damaged = dir.path().join("damaged");
+    copy_dir(export, &damaged);
+    let victim = damaged.join("diffusion/unet/diffusion_pytorch_model.safetensors");
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&victim, bytes).unwrap();
+    let file = dir.path().join("damaged.yaml");
+    std::fs::write(&file, format!("stages:\n  - id: base\n    kind: tiny_world\n    params: {{root: {:?}}}\n", damaged.display().to_string())).unwrap();
+    let pipeline = load_resolved(&file, &registry().schemas(), &[]).unwrap();
+    let summary = run(&pipeline, &registry(), &Cache::new(dir.path().join("cache-damaged")), &RunOptions::default()).unwrap();
+    match &summary.outcomes[0].outcome {
+        Outcome::Failed { error, .. } => assert!(error.contains("diffusion/unet/diffusion_pytorch_model.safetensors") && error.contains("differs from the manifest"), "{error}"),
+        other => panic!("a damaged bundle was accepted: {other:?}"),
+    }
 
     // A second run finds everything cached.
     let again = run_pipeline(&repo().join("pipelines/tiny_world.yaml"), &sets, &dir.path().join("cache"));

@@ -157,7 +157,14 @@ impl StageKind for TinyWorld {
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let root = PathBuf::from(ctx.params().str_of("root")?);
         let world = tiny_world_spec(&root)?;
-        ctx.log(format!("tiny world from {}", root.display()));
+        // A shipped bundle lists its files' blake3 hashes: a damaged or edited file stops the
+        // study here rather than skewing its numbers.
+        if root.join(super::tiny_pretrain::BUNDLE_MANIFEST).is_file() {
+            let files = super::tiny_pretrain::verify_bundle(&root).map_err(|e| StageError::Failed(format!("tiny world {}: {e} (regenerate it: README, \"Tiny world\")", root.display())))?;
+            ctx.log(format!("tiny world from {}: {files} files match MANIFEST.txt", root.display()));
+        } else {
+            ctx.log(format!("tiny world from {}", root.display()));
+        }
         base_record(world, lora_targets(ctx)).write(ctx.out_dir())
     }
 }

@@ -258,7 +258,7 @@ impl Schedule {
 
     /// Whether a resumable checkpoint is due after `step` (none after the last step).
     pub(crate) fn checkpoint_due(&self, step: usize) -> bool {
-        self.checkpoint_every > 0 && (step + 1) % self.checkpoint_every == 0 && step + 1 < self.steps
+        self.checkpoint_every > 0 && (step + 1).is_multiple_of(self.checkpoint_every) && step + 1 < self.steps
     }
 }
 
@@ -337,7 +337,7 @@ pub fn train(model: &TrainableClip, tokenizer: &ClipTokenizer, excluded: &Exclud
             let targets = Tensor::from_slice(&grades).to_device(device);
             // The embedding is unit-length: scale it so that the probe's logits can be large.
             let logits = tch::nn::Module::forward(&probe, &(&image * 10.0)).view([-1, 3]);
-            loss = loss + logits.cross_entropy_for_logits(&targets) * look.look_weight;
+            loss += logits.cross_entropy_for_logits(&targets) * look.look_weight;
         }
         schedule.update(&mut optimizer, &params, &loss, step);
         track.push(loss.double_value(&[]));

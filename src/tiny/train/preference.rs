@@ -78,9 +78,11 @@ pub fn pairwise_accuracy(score_a: &[f64], score_b: &[f64], pairs: &[PreferencePa
     hits as f64 / pairs.len().max(1) as f64
 }
 
+/// A preference scorer: `score(images, prompts)` gives one score per image.
+pub type PairScorer<'a> = dyn Fn(&Tensor, &[String]) -> Result<Tensor, TrainError> + 'a;
+
 /// Pairwise accuracy of a preference scorer on `per_prompt` labelled pairs of each prompt.
-/// `score(images, prompts)` gives one score per image.
-pub fn preference_accuracy(score: &dyn Fn(&Tensor, &[String]) -> Result<Tensor, TrainError>, prompts: &[String], per_prompt: usize, seed: u64, device: tch::Device) -> Result<f64, TrainError> {
+pub fn preference_accuracy(score: &PairScorer, prompts: &[String], per_prompt: usize, seed: u64, device: tch::Device) -> Result<f64, TrainError> {
     let pairs = prompt_preference_pairs(prompts, per_prompt, seed)?;
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for chunk in pairs.chunks(128) {
