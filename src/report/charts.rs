@@ -143,27 +143,46 @@ fn direction_text(metric: Metric) -> &'static str {
     }
 }
 
-/// A row of legend entries (a coloured swatch and the method's name) across the top of `area`;
-/// returns the area below it. One legend per figure keeps the panels free for data.
+/// Legend entries (a coloured swatch and the method's name) across the top of `area`, in as many
+/// centred rows as the width needs; returns the area below. One legend per figure keeps the
+/// panels free for data.
 fn legend_strip<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, methods: &[String], bar: bool) -> Result<DrawingArea<DB, Shift>, String> {
-    let (strip, rest) = area.split_vertically(34);
+    const ROW: i32 = 26;
     let style = TextStyle::from((FONT, 16).into_font()).color(&BLACK);
     let widths: Vec<i32> = methods
         .iter()
-        .map(|m| strip.estimate_text_size(&method_title(m), &style).map(|(w, _)| w as i32 + 50))
+        .map(|m| area.estimate_text_size(&method_title(m), &style).map(|(w, _)| w as i32 + 50))
         .collect::<Result<_, _>>()
         .map_err(fail)?;
-    let mut x = (strip.dim_in_pixel().0 as i32 - widths.iter().sum::<i32>()) / 2;
-    for (m, w) in methods.iter().zip(widths) {
-        let color = method_color_among(m, methods);
-        if bar {
-            strip.draw(&Rectangle::new([(x, 10), (x + 22, 24)], color.filled())).map_err(fail)?;
+    let room = area.dim_in_pixel().0 as i32 - 20;
+    let mut rows: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut used = 0;
+    for (i, w) in widths.iter().enumerate() {
+        let current = rows.last_mut().expect("one row at least");
+        if !current.is_empty() && used + w > room {
+            rows.push(vec![i]);
+            used = *w;
         } else {
-            strip.draw(&PathElement::new(vec![(x, 17), (x + 24, 17)], color.stroke_width(3))).map_err(fail)?;
-            strip.draw(&Circle::new((x + 12, 17), 4, color.filled())).map_err(fail)?;
+            current.push(i);
+            used += w;
         }
-        strip.draw(&Text::new(method_title(m), (x + 30, 11), style.clone())).map_err(fail)?;
-        x += w;
+    }
+    let (strip, rest) = area.split_vertically(ROW * rows.len() as i32 + 8);
+    for (r, row) in rows.iter().enumerate() {
+        let y = ROW * r as i32;
+        let mut x = (strip.dim_in_pixel().0 as i32 - row.iter().map(|&i| widths[i]).sum::<i32>()) / 2;
+        for &i in row {
+            let m = &methods[i];
+            let color = method_color_among(m, methods);
+            if bar {
+                strip.draw(&Rectangle::new([(x, y + 10), (x + 22, y + 24)], color.filled())).map_err(fail)?;
+            } else {
+                strip.draw(&PathElement::new(vec![(x, y + 17), (x + 24, y + 17)], color.stroke_width(3))).map_err(fail)?;
+                strip.draw(&Circle::new((x + 12, y + 17), 4, color.filled())).map_err(fail)?;
+            }
+            strip.draw(&Text::new(method_title(m), (x + 30, y + 11), style.clone())).map_err(fail)?;
+            x += widths[i];
+        }
     }
     Ok(rest)
 }
