@@ -17,7 +17,7 @@ export RIL_FIXTURES ?= $(RIL_HOME)/fixtures
 export RIL_SHARED ?= $(abspath $(CURDIR)/../shared)
 BIN := $(CARGO_TARGET_DIR)/debug/ril-pipe
 
-.PHONY: setup build test hardening demo ablations fixtures bench clean-cache slurm-check smoke
+.PHONY: setup build test hardening demo tiny-world ablations fixtures bench clean-cache slurm-check smoke
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,13 @@ hardening: build fixtures
 
 demo: build
 	$(BIN) run pipelines/all_orders.yaml
+
+# Regenerates tiny/weights/ from pipelines/tiny_world.yaml (a release build: the scene renderer
+# and the data loops are Rust; about 35-45 minutes of training on 2 idle cores).
+tiny-world: setup
+	cargo build --release --bins
+	$(CARGO_TARGET_DIR)/release/ril-pipe run pipelines/tiny_world.yaml -j 2
+	$(CARGO_TARGET_DIR)/release/ril-pipe export pipelines/tiny_world.yaml --stage export --to tiny/weights
 
 # The four ablations on the tiny world (lambda, EMA momentum, last vs full step, adapter group
 # vs one shared LoRA); each ends in its report under reports/ablation_<name>/.

@@ -61,8 +61,9 @@ pub struct ClipTokenizer {
     cleaning: Cleaning,
 }
 
-/// GPT-2's reversible map from bytes to printable characters.
-fn bytes_to_unicode() -> [char; 256] {
+/// GPT-2's byte-to-character pairs, in the order CLIP lists its base vocabulary: printable bytes
+/// first (as themselves), then the others remapped to 256, 257, ...
+pub(crate) fn byte_characters() -> Vec<(u8, char)> {
     let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
     let mut chars: Vec<u32> = printable.clone();
     let mut n = 0;
@@ -73,11 +74,45 @@ fn bytes_to_unicode() -> [char; 256] {
             n += 1;
         }
     }
+    printable.into_iter().zip(chars).map(|(b, c)| (b as u8, char::from_u32(c).unwrap_or('\u{fffd}'))).collect()
+}
+
+/// GPT-2's reversible map from bytes to printable characters.
+fn bytes_to_unicode() -> [char; 256] {
     let mut table = ['\0'; 256];
-    for (b, c) in printable.into_iter().zip(chars) {
-        table[b as usize] = char::from_u32(c).unwrap_or('\u{fffd}');
+    for (b, c) in byte_characters() {
+        table[b as usize] = c;
     }
     table
+}
+
+/// Merges the characters of one word under `ranks`, lowest-ranked pair first and every
+/// occurrence of it at once (OpenAI CLIP's `bpe`).
+pub(crate) fn bpe_word(word: &str, ranks: &HashMap<(String, String), usize>) -> Vec<String> {
+    let mut parts: Vec<String> = word.chars().map(|c| c.to_string()).collect();
+    if let Some(last) = parts.last_mut() {
+        last.push_str("</w>");
+    }
+    while parts.len() > 1 {
+        let best = parts
+            .windows(2)
+            .filter_map(|w| ranks.get(&(w[0].clone(), w[1].clone())).map(|&r| (r, w[0].clone(), w[1].clone())))
+            .min_by_key(|(r, _, _)| *r);
+        let Some((_, first, second)) = best else { break };
+        let mut merged = Vec::with_capacity(parts.len());
+        let mut i = 0;
+        while i < parts.len() {
+            if i + 1 < parts.len() && parts[i] == first && parts[i + 1] == second {
+                merged.push(format!("{first}{second}"));
+                i += 2;
+            } else {
+                merged.push(std::mem::take(&mut parts[i]));
+                i += 1;
+            }
+        }
+        parts = merged;
+    }
+    parts
 }
 
 const SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
@@ -206,30 +241,7 @@ impl ClipTokenizer {
 
     /// Merges the characters of one word, lowest-ranked pair first (OpenAI CLIP's `bpe`).
     fn bpe(&self, word: &str) -> Vec<String> {
-        let mut parts: Vec<String> = word.chars().map(|c| c.to_string()).collect();
-        if let Some(last) = parts.last_mut() {
-            last.push_str("</w>");
-        }
-        while parts.len() > 1 {
-            let best = parts
-                .windows(2)
-                .filter_map(|w| self.ranks.get(&(w[0].clone(), w[1].clone())).map(|&r| (r, w[0].clone(), w[1].clone())))
-                .min_by_key(|(r, _, _)| *r);
-            let Some((_, first, second)) = best else { break };
-            let mut merged = Vec::with_capacity(parts.len());
-            let mut i = 0;
-            while i < parts.len() {
-                if i + 1 < parts.len() && parts[i] == first && parts[i + 1] == second {
-                    merged.push(format!("{first}{second}"));
-                    i += 2;
-                } else {
-                    merged.push(std::mem::take(&mut parts[i]));
-                    i += 1;
-                }
-            }
-            parts = merged;
-        }
-        parts
+        bpe_word(word, &self.ranks)
     }
 
     /// `[B, context_length]` Int64 ids: start token, the text's tokens, end token, padding.

@@ -12,6 +12,7 @@ use std::path::Path;
 use serde_json::json;
 
 use super::TrainError;
+use crate::models::tokenizer::{bpe_word, byte_characters};
 use crate::tiny::{Background, Colour, Position, Relation, Shape, Size};
 
 pub const START_OF_TEXT: &str = "<|startoftext|>";
@@ -33,51 +34,6 @@ pub fn caption_words(extra: &[&str]) -> Vec<String> {
     words.sort();
     words.dedup();
     words
-}
-
-/// GPT-2's byte-to-character table, in the order CLIP lists the base vocabulary: printable
-/// bytes first, then the remapped ones.
-fn byte_characters() -> Vec<char> {
-    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
-    let mut chars = printable.clone();
-    let mut n = 0;
-    for b in 0..256u32 {
-        if !printable.contains(&b) {
-            printable.push(b);
-            chars.push(256 + n);
-            n += 1;
-        }
-    }
-    chars.into_iter().filter_map(char::from_u32).collect()
-}
-
-/// BPE of one word under `ranks` (lowest rank first, every occurrence of the pair at once),
-/// as CLIP's tokenizer does it.
-fn bpe(word: &str, ranks: &HashMap<(String, String), usize>) -> Vec<String> {
-    let mut parts: Vec<String> = word.chars().map(String::from).collect();
-    if let Some(last) = parts.last_mut() {
-        last.push_str("</w>");
-    }
-    while parts.len() > 1 {
-        let best = parts
-            .windows(2)
-            .filter_map(|w| ranks.get(&(w[0].clone(), w[1].clone())).map(|&r| (r, w[0].clone(), w[1].clone())))
-            .min_by_key(|(r, _, _)| *r);
-        let Some((_, first, second)) = best else { break };
-        let mut merged = Vec::with_capacity(parts.len());
-        let mut i = 0;
-        while i < parts.len() {
-            if i + 1 < parts.len() && parts[i] == first && parts[i + 1] == second {
-                merged.push(format!("{first}{second}"));
-                i += 2;
-            } else {
-                merged.push(std::mem::take(&mut parts[i]));
-                i += 1;
-            }
-        }
-        parts = merged;
-    }
-    parts
 }
 
 /// A CLIP BPE vocabulary: token ids and ranked merges.
@@ -102,7 +58,7 @@ impl Vocabulary {
         let mut merges: Vec<(String, String)> = Vec::new();
         for word in words {
             loop {
-                let parts = bpe(word, &ranks);
+                let parts = bpe_word(word, &ranks);
                 if parts.len() == 1 {
                     break;
                 }
@@ -111,7 +67,7 @@ impl Vocabulary {
                 merges.push(pair);
             }
         }
-        let base = byte_characters();
+        let base: Vec<char> = byte_characters().into_iter().map(|(_, c)| c).collect();
         let mut ordered: Vec<String> = base.iter().map(|c| c.to_string()).collect();
         ordered.extend(base.iter().map(|c| format!("{c}</w>")));
         ordered.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
