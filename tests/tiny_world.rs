@@ -13,8 +13,7 @@ use ril_pipe::rewards::hps::HpsReward;
 use ril_pipe::stages::diffusion::Diffusion;
 use ril_pipe::stages::precision::Precision;
 use ril_pipe::stages::registry;
-use ril_pipe::stages::tiny_pretrain::verify_bundle;
-use ril_pipe::stages::world::{read_prompts, ModelRecord, MODEL_FILE};
+use ril_pipe::stages::world::{read_prompts, verify_bundle, ModelRecord, MODEL_FILE};
 use ril_pipe::tiny::train::gates::GateReport;
 use tch::{Device, Kind};
 

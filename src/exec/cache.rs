@@ -361,11 +361,7 @@ impl Cache {
             Err(std::fs::TryLockError::WouldBlock) => {
                 let holder = self.holder_description();
                 if !wait {
-                    let advice = match mode {
-                        LockMode::Shared => "try again when it has finished",
-                        LockMode::Exclusive => "gc removes nothing while a run is active; try again when it has finished, or pass --wait",
-                    };
-                    return Err(CacheError::Busy { root: self.root.clone(), holder, advice: advice.into() });
+                    return Err(CacheError::Busy { root: self.root.clone(), holder, advice: mode.busy_advice().into() });
                 }
                 on_wait(&holder);
                 let blocking = match mode {
@@ -376,10 +372,7 @@ impl Cache {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(self.io("cannot lock the cache")(e)),
         }
-        let marker = self.register_holder(match mode {
-            LockMode::Shared => "run",
-            LockMode::Exclusive => "gc",
-        })?;
+        let marker = self.register_holder(mode.holder())?;
         Ok(CacheLock { _file: file, marker })
     }
 
@@ -518,6 +511,24 @@ pub struct ObjectLock {
 enum LockMode {
     Shared,
     Exclusive,
+}
+
+impl LockMode {
+    /// Who holds the lock in this mode, as the holder files name it.
+    fn holder(self) -> &'static str {
+        match self {
+            LockMode::Shared => "run",
+            LockMode::Exclusive => "gc",
+        }
+    }
+
+    /// What to tell someone who finds the lock taken and would not wait.
+    fn busy_advice(self) -> &'static str {
+        match self {
+            LockMode::Shared => "try again when it has finished",
+            LockMode::Exclusive => "gc removes nothing while a run is active; try again when it has finished, or pass --wait",
+        }
+    }
 }
 
 /// The cache-wide lock of a run (shared) or of gc (exclusive); released on drop.

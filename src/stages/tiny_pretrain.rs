@@ -41,7 +41,7 @@ use crate::tiny::{prompt_split, write_png_grid, write_prompts, IMAGE_SIZE};
 use super::device::tch_device;
 use super::diffusion::Diffusion;
 use super::precision::Precision as ComputePrecision;
-use super::world::{read_prompts, tiny_world_spec, ModelRecord};
+use super::world::{read_prompts, tiny_world_spec, ModelRecord, BUNDLE_MANIFEST};
 
 const TOKENIZER_DIR: &str = "tokenizer";
 const TRAIN_PROMPTS: &str = "prompts/train.txt";
@@ -55,8 +55,6 @@ const HEAD_FILE: &str = "aesthetic_head.safetensors";
 const TRAIN_FILE: &str = "train.json";
 /// Most look words of an alt-text (one per quality, see `tiny::train::data`).
 const LOOK_WORDS_PER_TEXT: usize = 8;
-/// The bundle's own manifest, in `b3sum` format (`b3sum --check MANIFEST.txt` verifies it).
-pub const BUNDLE_MANIFEST: &str = "MANIFEST.txt";
 
 fn param(name: &'static str, ty: ParamType, default: Value, doc: &'static str) -> ParamSpec {
     ParamSpec { name, ty, default: Some(default), doc }
@@ -871,21 +869,6 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), S
         }
     }
     Ok(())
-}
-
-/// Checks a bundle against its `MANIFEST.txt`: every listed file present with its hash.
-pub fn verify_bundle(root: &Path) -> Result<usize, String> {
-    let text = std::fs::read_to_string(root.join(BUNDLE_MANIFEST)).map_err(|e| format!("{}: {e}", root.join(BUNDLE_MANIFEST).display()))?;
-    let mut count = 0;
-    for line in text.lines() {
-        let (hash, rel) = line.split_once("  ").ok_or_else(|| format!("malformed manifest line `{line}`"))?;
-        let bytes = std::fs::read(root.join(rel)).map_err(|e| format!("{rel}: {e}"))?;
-        if blake3::hash(&bytes).to_hex().as_str() != hash {
-            return Err(format!("{rel}: content differs from the manifest"));
-        }
-        count += 1;
-    }
-    Ok(count)
 }
 
 #[cfg(test)]

@@ -159,14 +159,32 @@ impl StageKind for TinyWorld {
         let world = tiny_world_spec(&root)?;
         // A shipped bundle lists its files' blake3 hashes: a damaged or edited file stops the
         // study here rather than skewing its numbers.
-        if root.join(super::tiny_pretrain::BUNDLE_MANIFEST).is_file() {
-            let files = super::tiny_pretrain::verify_bundle(&root).map_err(|e| StageError::Failed(format!("tiny world {}: {e} (regenerate it: README, \"Tiny world\")", root.display())))?;
+        if root.join(BUNDLE_MANIFEST).is_file() {
+            let files = verify_bundle(&root).map_err(|e| StageError::Failed(format!("tiny world {}: {e} (regenerate it: README, \"Tiny world\")", root.display())))?;
             ctx.log(format!("tiny world from {}: {files} files match MANIFEST.txt", root.display()));
         } else {
             ctx.log(format!("tiny world from {}", root.display()));
         }
         base_record(world, lora_targets(ctx)).write(ctx.out_dir())
     }
+}
+
+/// The bundle's own manifest, in `b3sum` format (`b3sum --check MANIFEST.txt` verifies it).
+pub const BUNDLE_MANIFEST: &str = "MANIFEST.txt";
+
+/// Checks a bundle against its `MANIFEST.txt`: every listed file present with its hash.
+pub fn verify_bundle(root: &Path) -> Result<usize, String> {
+    let text = std::fs::read_to_string(root.join(BUNDLE_MANIFEST)).map_err(|e| format!("{}: {e}", root.join(BUNDLE_MANIFEST).display()))?;
+    let mut count = 0;
+    for line in text.lines() {
+        let (hash, rel) = line.split_once("  ").ok_or_else(|| format!("malformed manifest line `{line}`"))?;
+        let bytes = std::fs::read(root.join(rel)).map_err(|e| format!("{rel}: {e}"))?;
+        if blake3::hash(&bytes).to_hex().as_str() != hash {
+            return Err(format!("{rel}: content differs from the manifest"));
+        }
+        count += 1;
+    }
+    Ok(count)
 }
 
 /// The world a `tiny_world` stage with this `root` describes (its files must exist).

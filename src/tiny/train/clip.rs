@@ -256,9 +256,18 @@ impl Schedule {
         optimizer.step();
     }
 
-    /// Whether a resumable checkpoint is due after `step` (none after the last step).
-    pub(crate) fn checkpoint_due(&self, step: usize) -> bool {
-        self.checkpoint_every > 0 && (step + 1).is_multiple_of(self.checkpoint_every) && step + 1 < self.steps
+    /// Saves a resumable checkpoint of `step` to `path` when one is due (every
+    /// `checkpoint_every` steps, none after the last): the model's variables, `extra` ones
+    /// (an EMA, a probe) and the optimizer's state.
+    pub(crate) fn checkpoint(&self, path: Option<&Path>, step: usize, model: &VarStore, extra: impl FnOnce() -> Vec<(String, Tensor)>, optimizer: &AdamW) -> Result<(), TrainError> {
+        let Some(path) = path else { return Ok(()) };
+        if self.checkpoint_every == 0 || !(step + 1).is_multiple_of(self.checkpoint_every) || step + 1 >= self.steps {
+            return Ok(());
+        }
+        let mut named = prefixed("model.", model.variables());
+        named.extend(extra());
+        named.extend(prefixed("opt.", optimizer.state()));
+        Checkpoint::save(path, step + 1, named)
     }
 }
 
@@ -344,14 +353,7 @@ pub fn train(model: &TrainableClip, tokenizer: &ClipTokenizer, excluded: &Exclud
         if (step + 1) % 100 == 0 {
             monitor.log(&format!("step {}: loss {:.4}, logit scale {:.1}", step + 1, track.recent(), model.logit_scale().double_value(&[])));
         }
-        if let Some(path) = checkpoint {
-            if schedule.checkpoint_due(step) {
-                let mut named = prefixed("model.", model.vs.variables());
-                named.extend(prefixed("probe.", probe_vs.variables()));
-                named.extend(prefixed("opt.", optimizer.state()));
-                Checkpoint::save(path, step + 1, named)?;
-            }
-        }
+        schedule.checkpoint(checkpoint, step, &model.vs, || prefixed("probe.", probe_vs.variables()), &optimizer)?;
         monitor.step(step + 1, schedule.steps)?;
     }
     Ok(track.summary(schedule.steps, start))

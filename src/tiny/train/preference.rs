@@ -7,7 +7,7 @@ use tch::{Kind, Tensor};
 
 use super::clip::{adamw, token_ids, LossTrack, Schedule, TrainSummary, TrainableClip};
 use super::data::{pair_images, preference_batch, prompt_preference_pairs, Excluded};
-use super::io::{prefixed, restore_store, Checkpoint};
+use super::io::{restore_store, Checkpoint};
 use super::{trainable, Monitor, TrainError};
 use crate::models::tokenizer::ClipTokenizer;
 use crate::tiny::{PreferencePair, Side};
@@ -52,13 +52,7 @@ pub fn train(model: &TrainableClip, tokenizer: &ClipTokenizer, excluded: &Exclud
         if (step + 1) % 100 == 0 {
             monitor.log(&format!("step {}: preference loss {:.4}", step + 1, track.recent()));
         }
-        if let Some(path) = checkpoint {
-            if schedule.checkpoint_due(step) {
-                let mut named = prefixed("model.", model.vs.variables());
-                named.extend(prefixed("opt.", optimizer.state()));
-                Checkpoint::save(path, step + 1, named)?;
-            }
-        }
+        schedule.checkpoint(checkpoint, step, &model.vs, Vec::new, &optimizer)?;
         monitor.step(step + 1, schedule.steps)?;
     }
     Ok(track.summary(schedule.steps, start))

@@ -247,14 +247,7 @@ pub fn train(model: &TrainableUnet, conditioning: &TextConditioning, pool: &Late
         if (step + 1) % 200 == 0 {
             monitor.log(&format!("step {}: diffusion loss {:.4}", step + 1, track.recent()));
         }
-        if let Some(path) = checkpoint {
-            if schedule.checkpoint_due(step) {
-                let mut named = prefixed("model.", model.vs.variables());
-                named.extend(prefixed("ema.", ema.tensors().iter().map(|(n, t)| (n.clone(), t.shallow_clone()))));
-                named.extend(prefixed("opt.", optimizer.state()));
-                Checkpoint::save(path, step + 1, named)?;
-            }
-        }
+        schedule.checkpoint(checkpoint, step, &model.vs, || prefixed("ema.", ema.tensors().iter().map(|(n, t)| (n.clone(), t.shallow_clone()))), &optimizer)?;
         monitor.step(step + 1, schedule.steps)?;
     }
     Ok((track.summary(schedule.steps, start), ema))

@@ -14,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::clip::{adamw, LossTrack, Schedule, TrainSummary};
 use super::data::{prompt_scenes, scene_batch, Excluded};
-use super::io::{prefixed, restore_store, write_json, write_safetensors, Checkpoint, Precision};
+use super::io::{restore_store, write_json, write_safetensors, Checkpoint, Precision};
 use super::{noise_stream, seeded_init, trainable, Monitor, Purpose, TrainError};
 use crate::method::noise::gaussian;
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
@@ -130,13 +130,7 @@ pub fn train(model: &TrainableVae, excluded: &Excluded, schedule: &Schedule, kl_
         if (step + 1) % 100 == 0 {
             monitor.log(&format!("step {}: reconstruction MSE {:.5} ({:.2} dB)", step + 1, track.recent(), -10.0 * track.recent().log10()));
         }
-        if let Some(path) = checkpoint {
-            if schedule.checkpoint_due(step) {
-                let mut named = prefixed("model.", model.vs.variables());
-                named.extend(prefixed("opt.", optimizer.state()));
-                Checkpoint::save(path, step + 1, named)?;
-            }
-        }
+        schedule.checkpoint(checkpoint, step, &model.vs, Vec::new, &optimizer)?;
         monitor.step(step + 1, schedule.steps)?;
     }
     Ok(track.summary(schedule.steps, start))
