@@ -1,13 +1,22 @@
 """PyTorch eager counterpart of `ril-pipe bench-step` (src/cli/bench_cmds.rs), for
-scripts/gpu_check.sh: the same last-step training update on a diffusers UNet2DConditionModel
-with random weights and a reference LoRA wrapper (as tests/parity/fixtures_unet.py), timed the
-same way. Prints one JSON line.
+scripts/gpu_check.sh: the same last-step training update with random weights, timed the same way.
+Prints one JSON line per micro-batch size.
 
-The step: the guided last UNet call z_1 -> z_0 with gradient (the frozen UNet in --precision,
-the LoRA parameters fp32 and cast to the activations' dtype for each call, as ril-pipe does), the
-DDIM update in fp32 (SD1.5's schedule, t = 1 of 50 steps), the stand-in reward -mean(z_0^2), for
-RID the EMA teacher's pass without gradient and 0.1 mean((z_0 - z_0^T)^2), backward, gradient
-clipping at 5, AdamW (lr 1e-4, weight decay 0.1) and for RID the EMA update (momentum 0.99).
+The models: a diffusers UNet2DConditionModel and AutoencoderKL (SD1.5's configs by default), a
+transformers CLIPVisionModelWithProjection (ViT-L/14 by default) with an MLP of the LAION
+aesthetic head's shape, and a reference LoRA wrapper on to_q/to_k/to_v/to_out.0 (as
+tests/parity/fixtures_unet.py). Frozen models in --precision, LoRA parameters fp32 and cast to
+the activations' dtype for each call, as ril-pipe does.
+
+The step (src/method/objective.rs): the guided last UNet call z_1 -> z_0 with gradient, the DDIM
+update in fp32 (SD1.5's schedule, t = 1 of 50 steps), the decode `(vae.decode(z / s) / 2 + 0.5)
+.clamp(0, 1)`, the reward (bilinear resize to the tower's size, CLIP normalisation, image
+embedding, L2 normalisation, head), for RID the EMA teacher's last step and decode without
+gradient (before the student's step) and 0.1 * mse(images, teacher images); with
+--checkpointing, decode and reward --decode-chunk samples at a time on a detached z_0, then
+push the collected gradient through the UNet call; backward, gradient clipping at 5, AdamW
+(lr 1e-4, weight decay 0.1) and for RID the EMA update (momentum 0.99). Also times one guided
+UNet call without gradient (a sampling step N..2).
 """
 import argparse
 import json
@@ -19,16 +28,19 @@ import time
 try:
     import torch
     import torch.nn.functional as F
-    from diffusers import UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 except ImportError as e:  # gpu_check.sh reports this and skips the comparison
     print(json.dumps({"side": "pytorch", "error": f"missing python package: {e.name}"}))
     sys.exit(3)
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def sd15_config() -> dict:
+def sd15_unet() -> dict:
     return dict(
         act_fn="silu", attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280), center_input_sample=False,
         cross_attention_dim=768, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -36,6 +48,24 @@ def sd15_config() -> dict:
         mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=32, out_channels=4, sample_size=64,
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     )
+
+
+def sd15_vae() -> dict:
+    return dict(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
+    )
+
+
+def vit_l14() -> dict:
+    return dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24, patch_size=14,
+                image_size=224, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+
+def load_config(spec: str, builtin: str, default) -> dict:
+    cfg = default() if spec == builtin else json.load(open(spec))
+    return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("model_type", "architectures")}
 
 
 class LoraLinear(torch.nn.Module):
@@ -80,11 +110,15 @@ def sd15_alphas_cumprod() -> torch.Tensor:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--unet", default="sd15", help="sd15 or a diffusers config.json")
-    p.add_argument("--latent", type=int, default=64)
-    p.add_argument("--micro", type=int, default=4)
+    p.add_argument("--vae", default="sd15", help="sd15 or a diffusers config.json")
+    p.add_argument("--clip", default="vit-l14", help="vit-l14 or a transformers CLIP vision config.json")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--micro", default="4", help="micro-batch sizes, comma-separated (one JSON line each)")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--precision", default="fp16", choices=sorted(DTYPES))
     p.add_argument("--method", default="baseline", choices=["baseline", "rid"])
+    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--decode-chunk", type=int, default=1)
     p.add_argument("--device", default="cuda")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
@@ -96,88 +130,129 @@ def main() -> int:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = DTYPES[args.precision]
-    cfg = sd15_config() if args.unet == "sd15" else json.load(open(args.unet))
-    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    if cuda:
-        torch.cuda.init()
-        free, total = torch.cuda.mem_get_info(device)
-        baseline_used = total - free
-        torch.cuda.reset_peak_memory_stats(device)
+    rid = args.method == "rid"
+    chunk = max(args.decode_chunk, 1)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**cfg).to(device=device, dtype=dtype)
-    unet.requires_grad_(False)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**load_config(args.unet, "sd15", sd15_unet)).to(dtype=dtype)
+        vae = AutoencoderKL(**load_config(args.vae, "sd15", sd15_vae)).to(dtype=dtype)
+        vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**load_config(args.clip, "vit-l14", vit_l14))).to(dtype=dtype)
+        proj = vision.config.projection_dim
+        head = torch.nn.Sequential(*[torch.nn.Linear(i, o) for i, o in zip([proj, 1024, 128, 64, 16], [1024, 128, 64, 16, 1])]).to(dtype=dtype)
+    for model in (unet, vae, vision, head):
+        model.requires_grad_(False)
+    frozen = sum(t.numel() for m in (unet, vae, vision, head) for t in m.parameters())
     wrappers = add_lora(unet, args.rank)
     params = [t for w in wrappers for t in (w.lora_A, w.lora_B)]
-    rid = args.method == "rid"
     if rid:
         for w in wrappers:
             w.teacher = (w.lora_A.detach().clone(), w.lora_B.detach().clone())
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
-    m, s = args.micro, args.latent
-    context = lambda b: (torch.randn(b, 77, cfg["cross_attention_dim"], device=device) * 0.5).to(dtype)
-    cond, uncond = context(m), context(1)
-    z_1 = torch.randn(m, unet.config.in_channels, s, s, device=device)
     alphas = sd15_alphas_cumprod()
     a_t, a_prev = float(alphas[1]), float(alphas[0])
-    t = torch.full((2 * m,), 1, device=device, dtype=torch.long)
-    both_context = torch.cat([uncond.expand(m, -1, -1), cond])
+    scaling = vae.config.scaling_factor
+    size = vision.config.image_size
+    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
+    side = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    cross = unet.config.cross_attention_dim
 
-    def last_step() -> torch.Tensor:
-        out = unet(torch.cat([z_1, z_1]).to(dtype), t, encoder_hidden_states=both_context).sample.float()
-        eps_u, eps_c = out.chunk(2)
-        eps = eps_u + args.guidance * (eps_c - eps_u)
-        x0 = (z_1 - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-        return math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+    def decode(z):
+        return (vae.decode((z / scaling).to(dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
 
-    def step() -> None:
-        z_0 = last_step()
-        loss = z_0.square().mean()
-        if rid:
+    def reward(images):
+        pixels = (F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False) - mean) / std
+        emb = vision(pixel_values=pixels.to(dtype)).image_embeds.float()
+        emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return head(emb.to(dtype)).squeeze(-1).float()
+
+    for m in [int(x) for x in args.micro.split(",")]:
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        context = lambda b: (torch.randn(b, 77, cross, device=device) * 0.5).to(dtype)
+        cond, uncond = context(m), context(1)
+        z_1 = torch.randn(m, unet.config.in_channels, side, side, device=device)
+        t = torch.full((2 * m,), 1, device=device, dtype=torch.long)
+        both_context = torch.cat([uncond.expand(m, -1, -1), cond])
+
+        def last_step() -> torch.Tensor:
+            out = unet(torch.cat([z_1, z_1]).to(dtype), t, encoder_hidden_states=both_context).sample.float()
+            eps_u, eps_c = out.chunk(2)
+            eps = eps_u + args.guidance * (eps_c - eps_u)
+            x0 = (z_1 - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+            return math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+
+        def teacher_images():
             for w in wrappers:
                 w.use_teacher = True
             with torch.no_grad():
                 z_t = last_step()
+                images = decode(z_t) if not args.checkpointing else torch.cat([decode(c) for c in z_t.split(chunk)])
             for w in wrappers:
                 w.use_teacher = False
-            loss = loss + 0.1 * (z_0 - z_t).square().mean()
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, 5.0)
-        if not torch.isfinite(norm):
-            raise RuntimeError(f"non-finite gradient norm {norm}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if rid:
-            with torch.no_grad():
-                for w in wrappers:
-                    w.teacher[0].mul_(0.99).add_(w.lora_A, alpha=0.01)
-                    w.teacher[1].mul_(0.99).add_(w.lora_B, alpha=0.01)
+            return images
 
-    for _ in range(args.warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize(device)
-    times = []
-    for _ in range(max(args.steps, 1)):
-        start = time.perf_counter()
-        step()
+        def step() -> bool:
+            target = teacher_images() if rid else None
+            z_0 = last_step()
+            if not args.checkpointing:
+                images = decode(z_0)
+                loss = -reward(images).mean()
+                if rid:
+                    loss = loss + 0.1 * (images - target).square().mean()
+                loss.backward()
+            else:
+                free = z_0.detach().requires_grad_(True)
+                for start in range(0, m, chunk):
+                    images = decode(free[start:start + chunk])
+                    loss = -reward(images).sum() / m
+                    if rid:
+                        loss = loss + 0.1 * (images - target[start:start + chunk]).square().sum() / target.numel()
+                    loss.backward()
+                z_0.backward(free.grad)
+            norm = torch.nn.utils.clip_grad_norm_(params, 5.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if rid:
+                with torch.no_grad():
+                    for w in wrappers:
+                        w.teacher[0].mul_(0.99).add_(w.lora_A, alpha=0.01)
+                        w.teacher[1].mul_(0.99).add_(w.lora_B, alpha=0.01)
+            return bool(torch.isfinite(norm))
+
+        def timed(f, n):
+            times = []
+            for _ in range(n):
+                start = time.perf_counter()
+                f()
+                if cuda:
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - start)
+            return statistics.median(times), min(times)
+
+        finite = all(step() for _ in range(args.warmup))
+        results = []
+        median_s, min_s = timed(lambda: results.append(step()), max(args.steps, 1))
+        finite = finite and all(results)
+        with torch.no_grad():
+            sample_s, _ = timed(last_step, max(args.steps, 1))
+        result = {
+            "side": "pytorch", "method": args.method, "device": str(device), "precision": args.precision,
+            "micro_batch": m, "checkpointing": args.checkpointing, "decode_chunk": chunk if args.checkpointing else None,
+            "resolution": args.resolution, "median_s": median_s, "min_s": min_s, "sample_step_s": sample_s,
+            "steps": max(args.steps, 1), "finite": finite, "frozen_parameters": frozen,
+            "lora_parameters": sum(p.numel() for p in params), "torch": torch.__version__,
+        }
         if cuda:
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    result = {
-        "side": "pytorch", "method": args.method, "device": str(device), "precision": args.precision,
-        "micro_batch": m, "latent": s, "median_s": statistics.median(times), "min_s": min(times), "steps": len(times),
-        "unet_parameters": sum(p.numel() for p in unet.parameters()) - sum(p.numel() for p in params),
-        "lora_parameters": sum(p.numel() for p in params), "torch": torch.__version__,
-    }
-    if cuda:
-        free, total = torch.cuda.mem_get_info(device)
-        result.update({
-            "peak_memory_bytes": total - free - baseline_used,
-            "peak_memory_measure": "cudaMemGetInfo used - baseline (includes the caching allocator's reserve)",
-            "max_memory_allocated": torch.cuda.max_memory_allocated(device),
-            "max_memory_reserved": torch.cuda.max_memory_reserved(device),
-        })
-    print(json.dumps(result))
+            result.update({
+                "peak_memory_bytes": torch.cuda.max_memory_reserved(device),
+                "peak_memory_measure": "torch.cuda.max_memory_reserved (caching allocator, after empty_cache)",
+                "max_memory_allocated": torch.cuda.max_memory_allocated(device),
+            })
+        print(json.dumps(result), flush=True)
+        del cond, uncond, z_1, both_context
     return 0
 
 

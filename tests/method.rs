@@ -272,10 +272,16 @@ fn evaluation_soup_joint_and_forgetting_run_as_the_paper_defines_them() {
     assert!(base.metrics.values().all(|v| v.is_finite()));
     assert_eq!((base.prompts, base.images_per_prompt), (4, 2));
     assert!(base.metrics[&Metric::PngKb] > 0.0 && base.metrics[&Metric::JpegKb] > 0.0);
-    // The initial noise depends on (seed, prompt, image) only: batching changes nothing.
+    // The initial noise depends on (seed, prompt, image) only: batching changes nothing but the
+    // float rounding of batched matrix products, which can move a pixel by one level of 255 and
+    // a file by a byte or two. Scores within 1e-4; file sizes within 2 bytes per image.
     let again = record("eval/again");
     for (m, v) in &base.metrics {
-        assert!((v - again.metrics[m]).abs() <= 1e-4 * v.abs().max(1.0), "{m:?}: {v} vs {}", again.metrics[m]);
+        let tolerance = match m {
+            Metric::PngKb | Metric::JpegKb => 2e-3,
+            _ => 1e-4 * v.abs().max(1.0),
+        };
+        assert!((v - again.metrics[m]).abs() <= tolerance, "{m:?}: {v} vs {}", again.metrics[m]);
     }
     assert!(object(&p, &cache, "eval/base").join("grid.png").exists());
     let scores = std::fs::read_to_string(object(&p, &cache, "eval/base").join("scores.jsonl")).unwrap();

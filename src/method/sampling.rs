@@ -120,3 +120,16 @@ pub fn initial_latents(seed: u64, first_index: u64, count: i64, shape: [i64; 3],
         .collect();
     Tensor::cat(&per, 0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initial_latents_depend_on_the_sample_index_only_not_on_the_batching() {
+        let whole = initial_latents(7, 3, 5, [4, 2, 2], Device::Cpu);
+        let parts = Tensor::cat(&[initial_latents(7, 3, 2, [4, 2, 2], Device::Cpu), initial_latents(7, 5, 3, [4, 2, 2], Device::Cpu)], 0);
+        assert!(whole.equal(&parts));
+        assert!(!whole.equal(&initial_latents(8, 3, 5, [4, 2, 2], Device::Cpu)), "another seed, other noise");
+    }
+}

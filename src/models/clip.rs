@@ -120,6 +120,18 @@ pub struct VisionConfig {
 }
 
 impl VisionConfig {
+    /// OpenAI CLIP ViT-L/14's image tower (the aesthetic reward's and the CLIP score's), as
+    /// transformers' `CLIPVisionConfig` of `openai/clip-vit-large-patch14`.
+    pub fn vit_l14() -> Self {
+        VisionConfig {
+            transformer: TransformerConfig { width: 1024, layers: 24, heads: 16, mlp_width: 4096, layer_norm_eps: 1e-5, activation: Activation::QuickGelu },
+            image_size: 224,
+            patch_size: 14,
+            num_channels: 3,
+            projection_dim: Some(768),
+        }
+    }
+
     pub fn num_positions(&self) -> i64 {
         let grid = self.image_size / self.patch_size;
         grid * grid + 1

@@ -340,6 +340,14 @@ impl AutoencoderKL {
         };
         self.decoder.forward(&zs)
     }
+
+    /// Diffusion latents (scaled by `scaling_factor`) to images in [0, 1], differentiable:
+    /// `(decode(z / s) / 2 + 0.5).clamp(0, 1)`, decoded in `compute` (the weights' dtype),
+    /// mapped and clamped in fp32.
+    pub fn decode_images(&self, latents: &Tensor, compute: tch::Kind) -> Tensor {
+        let decoded = self.decode(&(latents / self.config.scaling_factor).to_kind(compute));
+        (decoded.to_kind(tch::Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0)
+    }
 }
 
 /// Renames the mid-block attention tensors of old checkpoints (`query`, `key`, `value`,

@@ -6,6 +6,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::models::aesthetic::{AestheticConfig, AestheticHead};
+use crate::models::clip::VisionConfig;
 use crate::models::weights::{self, Extra};
 
 use super::clip_loader::{ClipFiles, ClipLoadError, FrozenClip};
@@ -15,7 +16,7 @@ pub struct AestheticReward {
     head: AestheticHead,
     /// Dtype of the head's weights.
     kind: Kind,
-    _vs: VarStore,
+    vs: VarStore,
 }
 
 fn fail(path: &Path, reason: impl ToString) -> ClipLoadError {
@@ -61,7 +62,26 @@ impl AestheticReward {
         for (_, mut v) in vs.variables() {
             let _ = v.requires_grad_(false);
         }
-        Ok(AestheticReward { clip, head: model, kind, _vs: vs })
+        Ok(AestheticReward { clip, head: model, kind, vs })
+    }
+
+    /// A reward of the LAION head's shape on a CLIP image tower of `vision`'s shape, with random
+    /// weights: the same computation as a loaded one, for benchmarks at upstream sizes.
+    pub fn random(vision: &VisionConfig, device: Device, kind: Kind) -> Result<Self, ClipLoadError> {
+        let clip = FrozenClip::random_vision(vision, device, kind);
+        let config = AestheticConfig { dims: vec![vision.projection_dim.unwrap_or(vision.transformer.width), 1024, 128, 64, 16, 1] };
+        let mut vs = VarStore::new(device);
+        let head = tch::no_grad(|| AestheticHead::new(&vs.root(), &config)).map_err(|e| fail(Path::new("aesthetic head"), e))?;
+        if kind != Kind::Float {
+            vs.set_kind(kind);
+        }
+        vs.freeze();
+        Ok(AestheticReward { clip, head, kind, vs })
+    }
+
+    /// Number of weights of the CLIP and the head.
+    pub fn parameters(&self) -> u64 {
+        self.clip.parameters() + self.vs.variables().values().map(|t| t.numel() as u64).sum::<u64>()
     }
 
     /// fp32 scores `[B]` of images `[B, 3, H, W]` in [0, 1], differentiable in the images.

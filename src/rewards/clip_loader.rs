@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use crate::models::clip::{normalize, preprocess, Clip, ClipConfig};
+use crate::models::clip::{normalize, preprocess, Clip, ClipConfig, Layout, VisionConfig};
 use crate::models::tokenizer::{ClipTokenizer, Padding};
 use crate::models::weights::Extra;
 
@@ -43,10 +43,11 @@ pub enum ClipLoadError {
 /// returns are fp32.
 pub struct FrozenClip {
     pub clip: Clip,
-    pub tokenizer: ClipTokenizer,
+    /// `None` for a model built without files (an image tower with random weights, for benches).
+    pub tokenizer: Option<ClipTokenizer>,
     pub padding: Padding,
     pub device: Device,
-    _vs: VarStore,
+    vs: VarStore,
 }
 
 impl FrozenClip {
@@ -91,11 +92,29 @@ impl FrozenClip {
         };
         Ok(FrozenClip {
             clip,
-            tokenizer,
+            tokenizer: Some(tokenizer),
             padding,
             device,
-            _vs: vs,
+            vs,
         })
+    }
+
+    /// An image tower of `vision`'s shape with random weights (for benchmarks at upstream
+    /// sizes without their checkpoints), frozen, its weights in `kind`.
+    pub fn random_vision(vision: &VisionConfig, device: Device, kind: Kind) -> Self {
+        let mut vs = VarStore::new(device);
+        let config = ClipConfig { layout: Layout::Transformers, text: None, vision: Some(vision.clone()), logit_scale: false };
+        let clip = tch::no_grad(|| Clip::new(&vs.root(), &config));
+        if kind != Kind::Float {
+            vs.set_kind(kind);
+        }
+        vs.freeze();
+        FrozenClip { clip, tokenizer: None, padding: Padding::EndOfText, device, vs }
+    }
+
+    /// Number of weights.
+    pub fn parameters(&self) -> u64 {
+        self.vs.variables().values().map(|t| t.numel() as u64).sum()
     }
 
     fn missing(&self, tower: &str) -> ClipLoadError {
@@ -119,9 +138,10 @@ impl FrozenClip {
     /// L2-normalised fp32 text embeddings `[B, E]` (no graph: prompts are fixed).
     pub fn text_embeddings(&self, prompts: &[String]) -> Result<Tensor, ClipLoadError> {
         let text = self.clip.text.as_ref().ok_or_else(|| self.missing("text"))?;
+        let tokenizer = self.tokenizer.as_ref().ok_or_else(|| self.missing("text"))?;
         let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
         let err = |reason: String| ClipLoadError::Load { path: PathBuf::new(), reason };
-        let ids = self.tokenizer.tokenize(&refs, text.config().context_length as usize, self.padding).map_err(|e| err(e.to_string()))?;
+        let ids = tokenizer.tokenize(&refs, text.config().context_length as usize, self.padding).map_err(|e| err(e.to_string()))?;
         let out = tch::no_grad(|| text.forward(&ids.to_device(self.device))).map_err(|e| err(e.to_string()))?;
         let embeds = out.embeds.ok_or_else(|| self.missing("text"))?;
         Ok(normalize(&embeds.to_kind(Kind::Float)))

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::exec::{Params, StageError};
 use crate::method::sampling::{CastUnet, Sampler, SamplerConfig};
@@ -30,7 +30,6 @@ pub struct Diffusion {
     pub precision: Precision,
     /// Latent `[C, h, w]` of one sample.
     pub latent_shape: [i64; 3],
-    pub scaling_factor: f64,
     context_length: usize,
     /// The models' variables; kept alive with the models.
     stores: Vec<VarStore>,
@@ -96,7 +95,6 @@ impl Diffusion {
             device,
             precision,
             latent_shape: [unet_cfg.in_channels, side, side],
-            scaling_factor: vae_cfg.scaling_factor,
             context_length,
             stores: vec![unet_vs, vae_vs, text_vs],
         })
@@ -125,8 +123,7 @@ impl Diffusion {
     /// Latents to images in [0, 1] (differentiable): `(vae.decode(z / s) / 2 + 0.5).clamp(0, 1)`,
     /// decoded in the models' precision, mapped and clamped in fp32.
     pub fn decode(&self, latents: &Tensor) -> Tensor {
-        let decoded = self.vae.decode(&(latents / self.scaling_factor).to_kind(self.precision.kind()));
-        (decoded.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0)
+        self.vae.decode_images(latents, self.precision.kind())
     }
 
     /// Number of frozen parameters (for logs).

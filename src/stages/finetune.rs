@@ -30,6 +30,7 @@ impl StageKind for Finetune {
             p("task", ParamType::Enum(vec!["aesthetic", "hps", "compress"]), None, "the reward task"),
             p("method", ParamType::Enum(vec!["baseline", "rid"]), None, "baseline (Eq. 5) or RID (Eq. 6-9)"),
             p("distill", ParamType::Enum(vec!["last_step", "full_step", "none"]), Some(json!("last_step")), "RID's distillation: the teacher denoises the student's z_1 (last_step), follows its own trajectory from z_N (full_step, the Eq. 7 ablation), or is absent (none)"),
+            p("distill_space", ParamType::Enum(vec!["image", "latent"]), Some(json!("image")), "where RID's distance is taken: decoded images (Eq. 7: mse(D(z_0), D(z_0^T)), the teacher decoded without gradient) or latents mse(z_0, z_0^T) (the ablation)"),
             p("lambda", ParamType::Float, Some(json!(0.1)), "weight of the distillation term (paper: 0.1)"),
             p("ema_momentum", ParamType::Float, Some(json!(0.99)), "EMA momentum alpha of the teacher (Eq. 6)"),
             p("adapter", ParamType::Enum(vec!["new", "shared"]), Some(json!("new")), "new: add an adapter to the input's group and train only it (the paper's adapter group); shared: keep training the input's newest adapter, so that every task of an order shares one LoRA (the ablation; the base model gets its first)"),
@@ -54,7 +55,7 @@ impl StageKind for Finetune {
         let (model, adapters) = ModelRecord::of_input(ctx.input("model")?)?;
         let task = Task::parse(p.str_of("task")?).ok_or_else(|| StageError::Failed("unknown task".into()))?;
         let method = p.str_of("method")?.to_string();
-        let objective = objective_of(&method, p.str_of("distill")?, p.f64_of("lambda")?)?;
+        let objective = objective_of(&method, p.str_of("distill")?, p.str_of("distill_space")?, p.f64_of("lambda")?)?;
         let device = super::device::tch_device(&ctx.device);
         check_memory(ctx, &model, adapters.as_deref(), vec![task])?;
         let spec = TrainSpec {

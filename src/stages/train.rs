@@ -14,7 +14,7 @@ use tch::Tensor;
 
 use crate::exec::{atomic_write, Params, StageContext, StageError};
 use crate::method::noise;
-use crate::method::objective::{micro_batch_loss, Distill, Objective, Parts};
+use crate::method::objective::{Backprop, Distill, DistillSpace, MicroBatch, Objective, Parts, Step};
 use crate::method::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::models::lora::LoraInit;
 use crate::pipeline::schema::{ParamSpec, ParamType};
@@ -52,6 +52,8 @@ pub fn training_params() -> Vec<ParamSpec> {
         p("lora_init", ParamType::Enum(vec!["kaiming_uniform", "normal"]), json!("kaiming_uniform"), "initialisation of the adapter's down matrix A (B starts at zero)"),
         p("seed", ParamType::Int, json!(0), "seed of prompts order, initial noise and adapter initialisation"),
         p("checkpoint_every", ParamType::Int, json!(20), "optimizer steps between resumable checkpoints"),
+        p("grad_checkpointing", ParamType::Bool, json!(false), "decode and score `decode_chunk` samples at a time on a detached z_0 and push the collected gradient through the last UNet call (AlignProp, DRaFT): the decode's graph of one chunk is alive at a time; same gradients"),
+        p("decode_chunk", ParamType::Int, json!(1), "samples decoded and scored at once with `grad_checkpointing`"),
         Precision::param(),
     ]
 }
@@ -69,13 +71,27 @@ pub struct TrainSpec {
     pub reward: Box<dyn Reward>,
 }
 
-/// Parses `method`, `distill`, `lambda` into an objective.
-pub fn objective_of(method: &str, distill: &str, lambda: f64) -> Result<Objective, StageError> {
+/// Parses `method`, `distill`, `distill_space` and `lambda` into an objective.
+pub fn objective_of(method: &str, distill: &str, space: &str, lambda: f64) -> Result<Objective, StageError> {
+    let space = match space {
+        "image" => DistillSpace::Image,
+        "latent" => DistillSpace::Latent,
+        s => return Err(StageError::Failed(format!("unknown distill_space {s}"))),
+    };
     Ok(match (method, distill) {
         ("baseline", _) | ("rid", "none") => Objective::Baseline,
-        ("rid", "last_step") => Objective::Rid { lambda, distill: Distill::LastStep },
-        ("rid", "full_step") => Objective::Rid { lambda, distill: Distill::FullStep },
+        ("rid", "last_step") => Objective::Rid { lambda, distill: Distill::LastStep, space },
+        ("rid", "full_step") => Objective::Rid { lambda, distill: Distill::FullStep, space },
         (m, d) => return Err(StageError::Failed(format!("unknown method/distill {m}/{d}"))),
+    })
+}
+
+/// How a training stage's `grad_checkpointing` and `decode_chunk` differentiate the decode.
+pub fn backprop_of(p: &impl Params) -> Result<Backprop, StageError> {
+    Ok(if p.bool_of("grad_checkpointing")? {
+        Backprop::Checkpointed { chunk: p.i64_of("decode_chunk")?.max(1) as usize }
+    } else {
+        Backprop::Whole
     })
 }
 
@@ -183,7 +199,14 @@ pub fn train(ctx: &mut StageContext, spec: TrainSpec, model: &ModelRecord, adapt
 
     let uncond = diffusion.uncond()?;
     let decode = |z: &Tensor| diffusion.decode(z);
+    let reward = |images: &Tensor, prompts: &[String]| spec.reward.score(images, prompts).map_err(|e| e.to_string());
     let denoiser = diffusion.denoiser();
+    let method_step = Step {
+        objective: spec.objective,
+        backprop: backprop_of(&p)?,
+        sampler: &sampler,
+        parts: Parts { model: &denoiser, lora, decode: &decode, reward: &reward },
+    };
     let started = Instant::now();
     ctx.progress.set_length(total_steps);
     ctx.progress.inc(start);
@@ -214,28 +237,20 @@ pub fn train(ctx: &mut StageContext, spec: TrainSpec, model: &ModelRecord, adapt
                     .collect::<Vec<_>>(),
                 0,
             );
-            let chunk_vec = chunk.to_vec();
-            let reward_fn = |images: &Tensor| spec.reward.score(images, &chunk_vec).map_err(|e| e.to_string());
-            let parts = Parts {
-                model: &denoiser,
-                lora,
-                decode: &decode,
-                reward: &reward_fn,
-            };
-            let out = micro_batch_loss(spec.objective, &sampler, &parts, &z_n, &cond, &uncond, seed ^ (first << 8)).map_err(StageError::failed)?;
+            let micro_batch = MicroBatch { cond: &cond, uncond: &uncond, prompts: chunk, seed: seed ^ (first << 8) };
             let weight = chunk.len() as f64 / batch as f64;
-            let loss_value = out.loss.double_value(&[]);
-            if !loss_value.is_finite() || !out.reward.is_finite() {
+            let out = method_step.micro_batch_backward(&micro_batch, &z_n, weight).map_err(StageError::failed)?;
+            if !out.loss.is_finite() || !out.reward.is_finite() {
                 return Err(StageError::Failed(format!(
-                    "non-finite training values at step {} (loss {loss_value}, reward {}); nothing was cached",
+                    "non-finite training values at step {} (loss {}, reward {}); nothing was cached",
                     step + 1,
+                    out.loss,
                     out.reward
                 )));
             }
-            (out.loss * weight).backward();
             reward_sum += out.reward * weight;
             distill_sum += out.distill.unwrap_or(0.0) * weight;
-            loss_sum += loss_value * weight;
+            loss_sum += out.loss * weight;
         }
         let grad_norm = clip_grad_norm(opt.params(), clip);
         if !grad_norm.is_finite() {
