@@ -38,7 +38,8 @@ impl StageKind for Finetune {
         params.extend(training_params());
         KindSchema {
             kind: "finetune",
-            version: 1,
+            // 2: RID distils decoded images (Eq. 7) rather than latents.
+            version: 2,
             doc: "fine-tune a new LoRA adapter on one reward task (baseline or RID), on top of the input model",
             uses_input_labels: false,
             params,
