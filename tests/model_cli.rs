@@ -1,5 +1,5 @@
 //! `ril-pipe model inspect` and `model run`, through the built binary, on the parity fixtures
-//! (`$RIL_FIXTURES`, written by `make fixtures`), the real LAION head (`$RIL_SHARED`), and
+//! (`$RIL_FIXTURES`, written by `make fixtures`), the real LAION head (the repository's `data/`), and
 //! damaged copies of them made in temporary folders.
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,8 +17,9 @@ fn fixtures(area: &str) -> PathBuf {
     dir
 }
 
-fn shared() -> PathBuf {
-    PathBuf::from(std::env::var_os("RIL_SHARED").expect("RIL_SHARED is not set"))
+/// The public data the repository carries (`data/README.md`).
+fn data() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data")
 }
 
 struct Outcome {
@@ -202,7 +203,7 @@ fn inspect_without_model_index_reads_the_standard_subfolders() {
 
 /// (path, expected kind), each a component that loads cleanly.
 fn clean_components() -> Vec<(PathBuf, &'static str)> {
-    let weights = shared().join("weights");
+    let weights = data().join("weights");
     vec![
         (fixtures("unet").join("three_blocks_linear"), "unet"),
         (fixtures("unet").join("all_xattn_odd").join(UNET_WEIGHTS), "unet"),
@@ -220,7 +221,7 @@ fn clean_components() -> Vec<(PathBuf, &'static str)> {
         (fixtures("inception").join("pt_inception_random.pth"), "inception_fid"),
         (fixtures("ddim").join("sd15_scheduler_config.json"), "scheduler"),
         (fixtures("tokenizer").join("hf_tokenizer"), "tokenizer"),
-        (shared().join("data").join("bpe_simple_vocab_16e6.txt.gz"), "tokenizer"),
+        (data().join("bpe_simple_vocab_16e6.txt.gz"), "tokenizer"),
     ]
 }
 
@@ -243,7 +244,7 @@ fn inspect_recognises_single_components_of_every_kind() {
 
 #[test]
 fn inspect_shows_what_it_read_off_each_checkpoint() {
-    let laion = inspect_json(&shared().join("weights/laion_aesthetic_v2_sac_logos_ava1_l14_linearMSE.safetensors")).json();
+    let laion = inspect_json(&data().join("weights/laion_aesthetic_v2_sac_logos_ava1_l14_linearMSE.safetensors")).json();
     assert_eq!(laion["components"][0]["config"]["dims"], json!([768, 1024, 128, 64, 16, 1]));
     let small = inspect_json(&fixtures("aesthetic").join("small_head.safetensors")).json();
     assert_eq!(small["components"][0]["config"]["dims"], json!([32, 24, 8, 1]));
@@ -559,7 +560,7 @@ fn run_clip_towers_reproduce_the_reference_outputs() {
 #[test]
 fn run_aesthetic_and_inception_reproduce_the_reference_outputs() {
     let r = read_safetensors(&fixtures("aesthetic").join("laion.safetensors")).unwrap();
-    let head = shared().join("weights/laion_aesthetic_v2_sac_logos_ava1_l14_linearMSE.pth");
+    let head = data().join("weights/laion_aesthetic_v2_sac_logos_ava1_l14_linearMSE.pth");
     let (out, t) = run_component("aesthetic", &head, &[("embeddings", &r["embeddings"])], &[]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_close("laion scores", &t["scores"], &r["scores"]);
