@@ -13,10 +13,13 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "ril-pipe", version, about = "Declarative pipelines for Reward Incremental Learning research on text-to-image diffusion models")]
 struct Cli {
+    #[command(flatten)]
+    cache: CacheArg,
     #[command(subcommand)]
     command: Command,
 }
 
+/// `--cache DIR`: one option of the whole command line, accepted before the subcommand or after.
 #[derive(Args, Clone)]
 pub struct CacheArg {
     /// The cache folder (created on demand).
@@ -66,17 +69,18 @@ enum Command {
 
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    let cache = ril_pipe::exec::Cache::new(&cli.cache.cache);
     let result = match cli.command {
-        Command::Run(a) => pipeline_cmds::run(a),
-        Command::Plan(a) => pipeline_cmds::plan(a),
+        Command::Run(a) => pipeline_cmds::run(a, &cache),
+        Command::Plan(a) => pipeline_cmds::plan(a, &cache),
         Command::Kinds(a) => pipeline_cmds::kinds(a),
-        Command::ExecStage(a) => pipeline_cmds::exec_stage(a),
-        Command::Export(a) => pipeline_cmds::export(a),
-        Command::Status(a) => cache_cmds::status(a),
-        Command::Verify(a) => cache_cmds::verify(a),
-        Command::Gc(a) => cache_cmds::gc(a),
-        Command::Report(a) => report_cmds::report(a),
-        Command::Check(a) => report_cmds::check(a),
+        Command::ExecStage(a) => pipeline_cmds::exec_stage(a, &cache),
+        Command::Export(a) => pipeline_cmds::export(a, &cache),
+        Command::Status(a) => cache_cmds::status(a, &cache),
+        Command::Verify(a) => cache_cmds::verify(a, &cache),
+        Command::Gc(a) => cache_cmds::gc(a, &cache),
+        Command::Report(a) => report_cmds::report(a, &cache),
+        Command::Check(a) => report_cmds::check(a, &cache),
         Command::Model(a) => model_cmds::main(a),
         Command::BenchStep(a) => bench_cmds::bench_step(a),
     };
