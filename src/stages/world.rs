@@ -160,7 +160,7 @@ impl StageKind for TinyWorld {
         // A shipped bundle lists its files' blake3 hashes: a damaged or edited file stops the
         // study here rather than skewing its numbers.
         if root.join(BUNDLE_MANIFEST).is_file() {
-            let files = verify_bundle(&root).map_err(|e| StageError::Failed(format!("tiny world {}: {e} (regenerate it: README, \"Tiny world\")", root.display())))?;
+            let files = verify_bundle(&root).map_err(|e| StageError::Failed(format!("tiny world {}: {e} (regenerate it: docs/tiny-world.md, \"Regenerating the weights\")", root.display())))?;
             ctx.log(format!("tiny world from {}: {files} files match MANIFEST.txt", root.display()));
         } else {
             ctx.log(format!("tiny world from {}", root.display()));
