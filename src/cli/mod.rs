@@ -5,6 +5,7 @@ mod cache_cmds;
 mod model_cmds;
 mod pipeline_cmds;
 mod report_cmds;
+mod sample_cmds;
 
 use std::path::PathBuf;
 
@@ -60,6 +61,8 @@ enum Command {
     Report(report_cmds::ReportArgs),
     /// Compare a run's metrics with a baseline file; exit 1 on a regression beyond tolerance.
     Check(report_cmds::CheckArgs),
+    /// Images from the model of a cached stage, for any prompts, with the evaluation's seeds.
+    Sample(sample_cmds::SampleArgs),
     /// Check checkpoints (`model inspect`) and run single components (`model run`).
     Model(model_cmds::ModelArgs),
     /// Time one last-step training update on a UNet with random weights (for scripts/gpu_check.sh).
@@ -81,6 +84,7 @@ pub fn main() -> i32 {
         Command::Gc(a) => cache_cmds::gc(a, &cache),
         Command::Report(a) => report_cmds::report(a, &cache),
         Command::Check(a) => report_cmds::check(a, &cache),
+        Command::Sample(a) => sample_cmds::sample(a, &cache),
         Command::Model(a) => model_cmds::main(a),
         Command::BenchStep(a) => bench_cmds::bench_step(a),
     };

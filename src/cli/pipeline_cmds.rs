@@ -413,15 +413,7 @@ pub fn export(args: ExportArgs, cache: &Cache) -> anyhow::Result<i32> {
     let registry = registry();
     let pipeline = resolve(&args.pipeline, &registry)?;
     let plan = make_plan(&pipeline, &registry, cache, &ril_pipe::exec::filehash::FileHasher::ephemeral())?;
-    let stage = plan
-        .stages
-        .iter()
-        .find(|s| s.stage.id == args.stage)
-        .with_context(|| format!("the pipeline has no stage `{}`", args.stage))?;
-    if stage.status != Status::Hit {
-        anyhow::bail!("stage `{}` is not in the cache ({}); run the pipeline first", args.stage, stage.why.join("; "));
-    }
-    let object = cache.object_dir(&stage.key)?;
+    let object = plan.cached_object(cache, &args.stage, &args.pipeline.set)?;
     let n = ril_pipe::exec::publish(&object, &args.to).with_context(|| format!("cannot write {}", args.to.display()))?;
     eprintln!("exported {} ({n} files) to {}", args.stage, args.to.display());
     Ok(0)

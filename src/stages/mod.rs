@@ -11,6 +11,7 @@ pub mod precision;
 pub mod records;
 pub mod report;
 pub mod reward_set;
+pub mod sample;
 pub mod soup;
 pub mod tiny_pretrain;
 pub mod train;
