@@ -1,18 +1,13 @@
 //! The command line as a user types it: options that belong to the whole tool.
+mod support;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn ril_in(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ril-pipe")).args(args).current_dir(dir).env_remove("RIL_CACHE").output().unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
+use support::{output_text, ril_in, tiny_weights};
 
 /// A one-stage pipeline on the committed tiny world: running it only checks the bundle's hashes.
 fn world_pipeline(dir: &Path) -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tiny/weights");
+    let root = tiny_weights();
     let file = dir.join("p.yaml");
     std::fs::write(&file, format!("stages:\n  - id: base\n    kind: tiny_world\n    params: {{root: {}}}\n", root.display())).unwrap();
     file.to_string_lossy().into_owned()
@@ -25,14 +20,14 @@ fn cache_is_accepted_before_the_subcommand_as_well_as_after_it() {
 
     // Before the subcommand: the run's object lands in that folder, and no ./cache appears.
     let out = ril_in(tmp.path(), &["--cache", "before", "run", &pipeline, "--device", "cpu", "--no-progress"]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(tmp.path().join("before/objects").is_dir(), "{}", text(&out));
-    assert!(!tmp.path().join("cache").exists(), "the default cache was used: {}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(tmp.path().join("before/objects").is_dir(), "{}", output_text(&out));
+    assert!(!tmp.path().join("cache").exists(), "the default cache was used: {}", output_text(&out));
 
     // The same folder given either way is the same cache: the plan sees the stage as done.
     for args in [vec!["--cache", "before", "plan", &pipeline, "--json"], vec!["plan", &pipeline, "--json", "--cache", "before"]] {
         let out = ril_in(tmp.path(), &args);
-        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        assert!(out.status.success(), "{args:?}: {}", output_text(&out));
         let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let stages = plan["stages"].as_array().unwrap_or_else(|| panic!("{plan}"));
         assert_eq!(stages[0]["status"], "hit", "{args:?}: {plan}");
@@ -43,10 +38,10 @@ fn cache_is_accepted_before_the_subcommand_as_well_as_after_it() {
 
     // Given twice, the one after the subcommand wins (it is the nearer); `status` names it.
     let out = ril_in(tmp.path(), &["--cache", "elsewhere", "status", "--cache", "before"]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("cache before: 1 objects"), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(output_text(&out).contains("cache before: 1 objects"), "{}", output_text(&out));
 
     // Commands that keep no cache accept the option too, as the README says every command does.
     let out = ril_in(tmp.path(), &["--cache", "before", "kinds"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
 }

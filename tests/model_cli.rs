@@ -650,3 +650,42 @@ fn run_refuses_the_wrong_component_or_a_missing_config() {
     let (out, _) = run_component("controlnet", &dir, &inputs, &[]);
     assert_eq!(out.code, 2, "{}", out.stderr);
 }
+
+#[test]
+fn run_unet_with_exported_lora_adapters_reproduces_diffusers() {
+    // fixtures_lora_export.py: diffusers' UNet output with the adapters of a folder in the
+    // `lora export` layout, loaded and weighted by diffusers.
+    let unet = Path::new(env!("CARGO_MANIFEST_DIR")).join("tiny/weights/diffusion/unet");
+    for case in ["rid", "soup"] {
+        let dir = fixtures("lora_export").join(case);
+        let io = read_safetensors(&dir.join("io.safetensors")).unwrap();
+        let inputs = [("sample", &io["sample"]), ("timesteps", &io["timesteps"]), ("encoder_hidden_states", &io["context"])];
+        let peft = dir.join("peft");
+        let (out, tensors) = run_component("unet", &unet, &inputs, &["--lora", peft.to_str().unwrap()]);
+        assert_eq!(out.code, 0, "{case}: {}", out.stderr);
+        assert!(out.stdout.contains("LoRA adapters of"), "{}", out.stdout);
+        let d = max_abs_diff(&tensors["sample"], &io["out"]);
+        assert!(d <= 1e-5, "{case}: with the adapters of {}: max abs diff {d}", peft.display());
+        assert!(max_abs_diff(&io["out"], &io["base"]) > 1e-2, "{case}: the adapters should matter");
+        let merged = peft.join("merged.safetensors");
+        let (out, tensors) = run_component("unet", &unet, &inputs, &["--lora", merged.to_str().unwrap()]);
+        assert_eq!(out.code, 0, "{case}: {}", out.stderr);
+        let d = max_abs_diff(&tensors["sample"], &io["out_merged"]);
+        assert!(d <= 1e-5, "{case}: merged file: max abs diff {d}");
+    }
+
+    // Adapters for layers the model does not have, or for another component, are refused.
+    let io = read_safetensors(&fixtures("unet").join("xattn_plain").join("io.safetensors")).unwrap();
+    let inputs = [("sample", &io["sample"]), ("timesteps", &io["timesteps"]), ("encoder_hidden_states", &io["context"])];
+    let peft = fixtures("lora_export").join("rid/peft");
+    let (out, _) = run_component("unet", &fixtures("unet").join("xattn_plain"), &inputs, &["--lora", peft.to_str().unwrap()]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("layer `"), "{}", out.stderr);
+    let (out, _) = run_component("vae-decode", &fixtures("vae").join("two_blocks"), &[("latents", &io["sample"])], &["--lora", peft.to_str().unwrap()]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("LoRA adapters apply to a UNet"), "{}", out.stderr);
+    let nowhere = peft.join("nowhere");
+    let (out, _) = run_component("unet", &unet, &inputs, &["--lora", nowhere.to_str().unwrap()]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("nowhere"), "{}", out.stderr);
+}

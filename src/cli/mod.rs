@@ -2,6 +2,7 @@
 //! input (pipeline, arguments), 130 interrupted.
 mod bench_cmds;
 mod cache_cmds;
+mod lora_cmds;
 mod model_cmds;
 mod pipeline_cmds;
 mod report_cmds;
@@ -63,6 +64,8 @@ enum Command {
     Check(report_cmds::CheckArgs),
     /// Images from the model of a cached stage, for any prompts, with the evaluation's seeds.
     Sample(sample_cmds::SampleArgs),
+    /// A cached model's LoRA adapters as files diffusers loads (`lora export`).
+    Lora(lora_cmds::LoraArgs),
     /// Check checkpoints (`model inspect`) and run single components (`model run`).
     Model(model_cmds::ModelArgs),
     /// Time one last-step training update on a UNet with random weights (for scripts/gpu_check.sh).
@@ -85,6 +88,7 @@ pub fn main() -> i32 {
         Command::Report(a) => report_cmds::report(a, &cache),
         Command::Check(a) => report_cmds::check(a, &cache),
         Command::Sample(a) => sample_cmds::sample(a, &cache),
+        Command::Lora(a) => lora_cmds::main(a, &cache),
         Command::Model(a) => model_cmds::main(a),
         Command::BenchStep(a) => bench_cmds::bench_step(a),
     };

@@ -6,6 +6,7 @@ pub mod evaluate;
 pub mod finetune;
 pub mod forgetting;
 pub mod joint;
+pub mod lora_export;
 pub mod memory;
 pub mod precision;
 pub mod records;
