@@ -266,3 +266,87 @@ impl LoraGroup {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two layers, two adapters of ranks 2 and 3 with B moved away from zero, scales 1 and 0.4.
+    fn group() -> LoraGroup {
+        let group = LoraGroup::new(vec!["to_q".into(), "to_k".into()]);
+        group.register("blk.to_q", 6, 5, Device::Cpu).unwrap();
+        group.register("blk.to_k", 6, 4, Device::Cpu).unwrap();
+        group.add_adapter(2, crate::models::lora::LoraInit::KaimingUniform, 1).unwrap();
+        group.add_adapter(3, crate::models::lora::LoraInit::KaimingUniform, 2).unwrap();
+        group.set_scale(1, 0.4).unwrap();
+        let state = group.state();
+        tch::no_grad(|| {
+            for (k, layer) in state.layers.values().enumerate() {
+                for (i, pair) in layer.adapters.iter().enumerate() {
+                    let mut b = pair.b.shallow_clone();
+                    let n = b.numel() as i64;
+                    b.copy_(&(Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.3 + (k * 10 + i) as f64).sin().view(b.size().as_slice()));
+                }
+            }
+        });
+        drop(state);
+        group
+    }
+
+    fn deltas(group: &LoraGroup) -> Vec<Tensor> {
+        group.layer_names().iter().map(|n| group.effective_delta(n).unwrap()).collect()
+    }
+
+    fn close(a: &[Tensor], b: &[Tensor]) -> bool {
+        a.iter().zip(b).all(|(x, y)| (x - y).abs().max().double_value(&[]) < 1e-6)
+    }
+
+    #[test]
+    fn adapters_and_the_merged_form_keep_the_groups_effective_weights() {
+        let group = group();
+        let loras = group.to_peft();
+        assert_eq!(loras.iter().map(|(l, w)| (l.rank, l.alpha, *w)).collect::<Vec<_>>(), [(2, 2.0, 1.0), (3, 3.0, 0.4)]);
+        assert!(close(&deltas(&LoraGroup::from_peft(&loras).unwrap()), &deltas(&group)));
+        let merged = group.to_peft_merged().unwrap();
+        assert_eq!((merged.rank, merged.alpha), (5, 5.0));
+        assert!(close(&deltas(&LoraGroup::from_peft(&[(merged, 1.0)]).unwrap()), &deltas(&group)));
+        // PEFT's scale: the weight times alpha / r.
+        let (lora, _) = &loras[1];
+        let half_alpha = PeftLora { layers: lora.layers.iter().map(|(k, (a, b))| (k.clone(), (a.shallow_clone(), b.shallow_clone()))).collect(), rank: 3, alpha: 1.5 };
+        let scales = LoraGroup::from_peft(&[(half_alpha, 0.4)]).unwrap().scales();
+        assert!(scales.len() == 1 && (scales[0] - 0.4 * 1.5 / 3.0).abs() < 1e-15, "{scales:?}");
+    }
+
+    #[test]
+    fn files_round_trip_and_foreign_files_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let (lora, _) = &group().to_peft()[1];
+        let path = dir.path().join("a.safetensors");
+        lora.write(&path, &BTreeMap::new()).unwrap();
+        let back = PeftLora::read(&path).unwrap();
+        assert_eq!((back.rank, back.alpha), (3, 3.0));
+        assert!(back.layers.iter().all(|(k, (a, b))| a.equal(&lora.layers[k].0) && b.equal(&lora.layers[k].1)));
+
+        let write = |tensors: Vec<(&str, Tensor)>, meta: Option<&str>| {
+            let named: Vec<(String, Tensor)> = tensors.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            let metadata = meta.map(|m| BTreeMap::from([(METADATA_KEY.to_string(), m.to_string())])).unwrap_or_default();
+            std::fs::write(&path, weights::safetensors_bytes(&named, FloatStorage::F32, &metadata).unwrap()).unwrap();
+            PeftLora::read(&path).map(|l| (l.rank, l.alpha)).map_err(|e| e.to_string())
+        };
+        let a = || Tensor::zeros([2, 6], (Kind::Float, Device::Cpu));
+        let b = || Tensor::zeros([5, 2], (Kind::Float, Device::Cpu));
+        // Bare PEFT names, no metadata: alpha is the rank, as diffusers assumes.
+        assert_eq!(write(vec![("blk.to_q.lora_A.weight", a()), ("blk.to_q.lora_B.weight", b())], None), Ok((2, 2.0)));
+        assert_eq!(write(vec![("unet.blk.to_q.lora_A.weight", a()), ("unet.blk.to_q.lora_B.weight", b())], Some(r#"{"unet.r": 2, "unet.lora_alpha": 8}"#)), Ok((2, 8.0)));
+        let err = write(vec![("text_encoder.x.lora_A.weight", a()), ("text_encoder.x.lora_B.weight", b())], None).unwrap_err();
+        assert!(err.contains("adapts the text encoder"), "{err}");
+        let err = write(vec![("unet.blk.to_q.lora_A.weight", a())], None).unwrap_err();
+        assert!(err.contains("layer `blk.to_q` lacks lora_A or lora_B"), "{err}");
+        let err = write(vec![("unet.blk.to_q.alpha", Tensor::from_slice(&[1.0f32]))], None).unwrap_err();
+        assert!(err.contains("is not a UNet LoRA tensor"), "{err}");
+        let err = write(vec![("unet.blk.to_q.lora_A.weight", a()), ("unet.blk.to_q.lora_B.weight", b())], Some(r#"{"unet.r": 4}"#)).unwrap_err();
+        assert!(err.contains("says rank 4, the tensors have rank 2"), "{err}");
+        let err = write(vec![("unet.blk.to_q.lora_A.weight", a()), ("unet.blk.to_q.lora_B.weight", b())], Some(r#"{"unet.rank_pattern": {"^blk": 8}}"#)).unwrap_err();
+        assert!(err.contains("rank_pattern"), "{err}");
+    }
+}
