@@ -14,7 +14,6 @@ export PATH := $(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 export CARGO_TARGET_DIR ?= $(RIL_HOME)/target
 export RIL_FIXTURES ?= $(RIL_HOME)/fixtures
-export RIL_SHARED ?= $(abspath $(CURDIR)/../shared)
 BIN := $(CARGO_TARGET_DIR)/debug/ril-pipe
 
 .PHONY: setup build test hardening demo tiny-world ablations fixtures bench clean-cache slurm-check smoke

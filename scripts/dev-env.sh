@@ -7,6 +7,3 @@ export PATH="$VIRTUAL_ENV/bin:$PATH"
 export LIBTORCH_USE_PYTORCH=1
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$RIL_HOME/target}"
 export RIL_FIXTURES="${RIL_FIXTURES:-$RIL_HOME/fixtures}"
-_ril_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-export RIL_SHARED="${RIL_SHARED:-$(cd "$_ril_root/.." && pwd)/shared}"
-unset _ril_root

@@ -1,7 +1,7 @@
 //! Hardening (issue 9), measured: faults injected into real runs and survived, bad input
 //! refused with a message, files kept inside the cache and report roots. Every check prints
-//! its counts (`kill -9: 50/50 runs recovered, ...`); the README's Reliability section quotes
-//! them. Run with `make hardening` (it is not part of a plain `cargo test`: it takes minutes).
+//! its counts (`kill -9: 50/50 runs recovered, ...`); docs/reliability.md quotes them. Run with
+//! `make hardening` (it is not part of a plain `cargo test`: it takes minutes).
 //!
 //! Real pipelines run the shipped binary with the real stage kinds on the miniature random
 //! world of `tests/parity/fixtures_world.py`; checks that need to hit a precise moment (a

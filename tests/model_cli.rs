@@ -1,5 +1,5 @@
 //! `ril-pipe model inspect` and `model run`, through the built binary, on the parity fixtures
-//! (`$RIL_FIXTURES`, written by `make fixtures`), the real LAION head (`$RIL_SHARED`), and
+//! (`$RIL_FIXTURES`, written by `make fixtures`), the real LAION head (the repository's `data/`), and
 //! damaged copies of them made in temporary folders.
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,8 +17,9 @@ fn fixtures(area: &str) -> PathBuf {
     dir
 }
 
-fn shared() -> PathBuf {
-    PathBuf::from(std::env::var_os("RIL_SHARED").expect("RIL_SHARED is not set"))
+/// The public data the repository carries (`data/README.md`).
+fn data() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data")
 }
 
 struct Outcome {
@@ -202,7 +203,7 @@ fn inspect_without_model_index_reads_the_standard_subfolders() {
 
 /// (path, expected kind), each a component that loads cleanly.
 fn clean_components() -> Vec<(PathBuf, &'static str)> {
-    let weights = shared().join("weights");
+    let weights = data().join("weights");
     vec![
         (fixtures("unet").join("three_blocks_linear"), "unet"),
         (fixtures("unet").join("all_xattn_odd").join(UNET_WEIGHTS), "unet"),
@@ -220,7 +221,7 @@ fn clean_components() -> Vec<(PathBuf, &'static str)> {
         (fixtures("inception").join("pt_inception_random.pth"), "inception_fid"),
         (fixtures("ddim").join("sd15_scheduler_config.json"), "scheduler"),
         (fixtures("tokenizer").join("hf_tokenizer"), "tokenizer"),
-        (shared().join("data").join("bpe_simple_vocab_16e6.txt.gz"), "tokenizer"),
+        (data().join("bpe_simple_vocab_16e6.txt.gz"), "tokenizer"),
     ]
 }
 
@@ -243,7 +244,7 @@ fn inspect_recognises_single_components_of_every_kind() {
 
 #[test]
 fn inspect_shows_what_it_read_off_each_checkpoint() {
-    let laion = inspect_json(&shared().join("weights/laion_aesthetic_v2_sac_logos_ava1_l14_linearMSE.safetensors")).json();
+    let laion = inspect_json(&data().join("weights/laion_aesthetic_v2_sac_logos_ava1_l14_linearMSE.safetensors")).json();
     assert_eq!(laion["components"][0]["config"]["dims"], json!([768, 1024, 128, 64, 16, 1]));
     let small = inspect_json(&fixtures("aesthetic").join("small_head.safetensors")).json();
     assert_eq!(small["components"][0]["config"]["dims"], json!([32, 24, 8, 1]));
@@ -559,7 +560,7 @@ fn run_clip_towers_reproduce_the_reference_outputs() {
 #[test]
 fn run_aesthetic_and_inception_reproduce_the_reference_outputs() {
     let r = read_safetensors(&fixtures("aesthetic").join("laion.safetensors")).unwrap();
-    let head = shared().join("weights/laion_aesthetic_v2_sac_logos_ava1_l14_linearMSE.pth");
+    let head = data().join("weights/laion_aesthetic_v2_sac_logos_ava1_l14_linearMSE.pth");
     let (out, t) = run_component("aesthetic", &head, &[("embeddings", &r["embeddings"])], &[]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_close("laion scores", &t["scores"], &r["scores"]);
@@ -648,4 +649,43 @@ fn run_refuses_the_wrong_component_or_a_missing_config() {
 
     let (out, _) = run_component("controlnet", &dir, &inputs, &[]);
     assert_eq!(out.code, 2, "{}", out.stderr);
+}
+
+#[test]
+fn run_unet_with_exported_lora_adapters_reproduces_diffusers() {
+    // fixtures_lora_export.py: diffusers' UNet output with the adapters of a folder in the
+    // `lora export` layout, loaded and weighted by diffusers.
+    let unet = Path::new(env!("CARGO_MANIFEST_DIR")).join("tiny/weights/diffusion/unet");
+    for case in ["rid", "soup"] {
+        let dir = fixtures("lora_export").join(case);
+        let io = read_safetensors(&dir.join("io.safetensors")).unwrap();
+        let inputs = [("sample", &io["sample"]), ("timesteps", &io["timesteps"]), ("encoder_hidden_states", &io["context"])];
+        let peft = dir.join("peft");
+        let (out, tensors) = run_component("unet", &unet, &inputs, &["--lora", peft.to_str().unwrap()]);
+        assert_eq!(out.code, 0, "{case}: {}", out.stderr);
+        assert!(out.stdout.contains("LoRA adapters of"), "{}", out.stdout);
+        let d = max_abs_diff(&tensors["sample"], &io["out"]);
+        assert!(d <= 1e-5, "{case}: with the adapters of {}: max abs diff {d}", peft.display());
+        assert!(max_abs_diff(&io["out"], &io["base"]) > 1e-2, "{case}: the adapters should matter");
+        let merged = peft.join("merged.safetensors");
+        let (out, tensors) = run_component("unet", &unet, &inputs, &["--lora", merged.to_str().unwrap()]);
+        assert_eq!(out.code, 0, "{case}: {}", out.stderr);
+        let d = max_abs_diff(&tensors["sample"], &io["out_merged"]);
+        assert!(d <= 1e-5, "{case}: merged file: max abs diff {d}");
+    }
+
+    // Adapters for layers the model does not have, or for another component, are refused.
+    let io = read_safetensors(&fixtures("unet").join("xattn_plain").join("io.safetensors")).unwrap();
+    let inputs = [("sample", &io["sample"]), ("timesteps", &io["timesteps"]), ("encoder_hidden_states", &io["context"])];
+    let peft = fixtures("lora_export").join("rid/peft");
+    let (out, _) = run_component("unet", &fixtures("unet").join("xattn_plain"), &inputs, &["--lora", peft.to_str().unwrap()]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("layer `"), "{}", out.stderr);
+    let (out, _) = run_component("vae-decode", &fixtures("vae").join("two_blocks"), &[("latents", &io["sample"])], &["--lora", peft.to_str().unwrap()]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("LoRA adapters apply to a UNet"), "{}", out.stderr);
+    let nowhere = peft.join("nowhere");
+    let (out, _) = run_component("unet", &unet, &inputs, &["--lora", nowhere.to_str().unwrap()]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("nowhere"), "{}", out.stderr);
 }

@@ -11,22 +11,18 @@ use ril_pipe::exec::plan::{plan as make_plan, Status};
 use ril_pipe::exec::Cache;
 
 use super::pipeline_cmds::{registry, resolve_for_plan};
-use super::{format_bytes, CacheArg, PipelineArgs};
+use super::{format_bytes, PipelineArgs};
 
 #[derive(Args)]
 pub struct StatusArgs {
     /// A pipeline: show the state of its stages instead of the whole cache.
     file: Option<PathBuf>,
-    #[command(flatten)]
-    cache: CacheArg,
 }
 
 #[derive(Args)]
 pub struct VerifyArgs {
     /// Only the objects of this pipeline (default: every object).
     file: Option<PathBuf>,
-    #[command(flatten)]
-    cache: CacheArg,
     /// Remove damaged objects, so the next run recomputes them.
     #[arg(long)]
     repair: bool,
@@ -36,8 +32,6 @@ pub struct VerifyArgs {
 pub struct GcArgs {
     /// Keep only what these pipelines need (default: what any recorded run produced last).
     files: Vec<PathBuf>,
-    #[command(flatten)]
-    cache: CacheArg,
     /// Show what would be removed, remove nothing.
     #[arg(long)]
     dry_run: bool,
@@ -61,12 +55,11 @@ fn pipeline_keys(file: &std::path::Path, cache: &Cache) -> anyhow::Result<BTreeS
     Ok(plan.stages.iter().map(|s| s.key.clone()).collect())
 }
 
-pub fn status(args: StatusArgs) -> anyhow::Result<i32> {
-    let cache = Cache::new(&args.cache.cache);
+pub fn status(args: StatusArgs, cache: &Cache) -> anyhow::Result<i32> {
     if let Some(file) = &args.file {
         let registry = registry();
         let pipeline = resolve_for_plan(&pipeline_args(file), &registry)?;
-        let plan = make_plan(&pipeline, &registry, &cache, &FileHasher::ephemeral())?;
+        let plan = make_plan(&pipeline, &registry, cache, &FileHasher::ephemeral())?;
         let unique: Vec<_> = plan.unique().collect();
         let done = unique.iter().filter(|s| s.status == Status::Hit).count();
         println!("pipeline {}: {done} of {} unique stages done ({} stages in all)", pipeline.name, unique.len(), plan.stages.len());
@@ -114,12 +107,11 @@ pub fn status(args: StatusArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-pub fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
-    let cache = Cache::new(&args.cache.cache);
+pub fn verify(args: VerifyArgs, cache: &Cache) -> anyhow::Result<i32> {
     let keys: Vec<String> = match &args.file {
         Some(file) => {
             let present: BTreeSet<String> = cache.list_objects()?.into_iter().collect();
-            pipeline_keys(file, &cache)?.into_iter().filter(|k| present.contains(k)).collect()
+            pipeline_keys(file, cache)?.into_iter().filter(|k| present.contains(k)).collect()
         }
         None => cache.list_objects()?,
     };
@@ -156,8 +148,7 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<i32> {
     }
 }
 
-pub fn gc(args: GcArgs) -> anyhow::Result<i32> {
-    let cache = Cache::new(&args.cache.cache);
+pub fn gc(args: GcArgs, cache: &Cache) -> anyhow::Result<i32> {
     if !cache.root().exists() {
         println!("cache {}: nothing to collect", cache.root().display());
         return Ok(0);
@@ -173,7 +164,7 @@ pub fn gc(args: GcArgs) -> anyhow::Result<i32> {
     } else {
         let mut keys = BTreeSet::new();
         for f in &args.files {
-            keys.extend(pipeline_keys(f, &cache)?);
+            keys.extend(pipeline_keys(f, cache)?);
         }
         keys
     };

@@ -2,9 +2,11 @@
 //! input (pipeline, arguments), 130 interrupted.
 mod bench_cmds;
 mod cache_cmds;
+mod lora_cmds;
 mod model_cmds;
 mod pipeline_cmds;
 mod report_cmds;
+mod sample_cmds;
 
 use std::path::PathBuf;
 
@@ -13,10 +15,13 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "ril-pipe", version, about = "Declarative pipelines for Reward Incremental Learning research on text-to-image diffusion models")]
 struct Cli {
+    #[command(flatten)]
+    cache: CacheArg,
     #[command(subcommand)]
     command: Command,
 }
 
+/// `--cache DIR`: one option of the whole command line, accepted before the subcommand or after.
 #[derive(Args, Clone)]
 pub struct CacheArg {
     /// The cache folder (created on demand).
@@ -57,6 +62,10 @@ enum Command {
     Report(report_cmds::ReportArgs),
     /// Compare a run's metrics with a baseline file; exit 1 on a regression beyond tolerance.
     Check(report_cmds::CheckArgs),
+    /// Images from the model of a cached stage, for any prompts, with the evaluation's seeds.
+    Sample(sample_cmds::SampleArgs),
+    /// A cached model's LoRA adapters as files diffusers loads (`lora export`).
+    Lora(lora_cmds::LoraArgs),
     /// Check checkpoints (`model inspect`) and run single components (`model run`).
     Model(model_cmds::ModelArgs),
     /// Time one last-step training update on a UNet with random weights (for scripts/gpu_check.sh).
@@ -66,17 +75,20 @@ enum Command {
 
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    let cache = ril_pipe::exec::Cache::new(&cli.cache.cache);
     let result = match cli.command {
-        Command::Run(a) => pipeline_cmds::run(a),
-        Command::Plan(a) => pipeline_cmds::plan(a),
+        Command::Run(a) => pipeline_cmds::run(a, &cache),
+        Command::Plan(a) => pipeline_cmds::plan(a, &cache),
         Command::Kinds(a) => pipeline_cmds::kinds(a),
-        Command::ExecStage(a) => pipeline_cmds::exec_stage(a),
-        Command::Export(a) => pipeline_cmds::export(a),
-        Command::Status(a) => cache_cmds::status(a),
-        Command::Verify(a) => cache_cmds::verify(a),
-        Command::Gc(a) => cache_cmds::gc(a),
-        Command::Report(a) => report_cmds::report(a),
-        Command::Check(a) => report_cmds::check(a),
+        Command::ExecStage(a) => pipeline_cmds::exec_stage(a, &cache),
+        Command::Export(a) => pipeline_cmds::export(a, &cache),
+        Command::Status(a) => cache_cmds::status(a, &cache),
+        Command::Verify(a) => cache_cmds::verify(a, &cache),
+        Command::Gc(a) => cache_cmds::gc(a, &cache),
+        Command::Report(a) => report_cmds::report(a, &cache),
+        Command::Check(a) => report_cmds::check(a, &cache),
+        Command::Sample(a) => sample_cmds::sample(a, &cache),
+        Command::Lora(a) => lora_cmds::main(a, &cache),
         Command::Model(a) => model_cmds::main(a),
         Command::BenchStep(a) => bench_cmds::bench_step(a),
     };

@@ -7,6 +7,7 @@ use clap::builder::PossibleValuesParser;
 use clap::{Args, Subcommand};
 use ril_pipe::models::component::{self, LoadedComponent, Operation};
 use ril_pipe::models::inspect::{self, ComponentReport, InspectReport, TensorCheck};
+use ril_pipe::models::lora::LoraGroup;
 use ril_pipe::stages::device::{gpus_for, tch_device};
 use serde_json::Value;
 
@@ -62,6 +63,10 @@ struct RunArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// LoRA adapters for the unet: a folder written by `ril-pipe lora export` (every adapter of
+    /// its adapters.json, with its weight) or one diffusers LoRA file (weight 1).
+    #[arg(long, value_name = "PATH")]
+    lora: Option<PathBuf>,
 }
 
 fn run_help() -> String {
@@ -102,11 +107,16 @@ fn run_cmd(args: RunArgs) -> anyhow::Result<i32> {
         gpus_for(&args.device)?.first().map(|g| tch_device(g)).unwrap_or(tch::Device::Cpu)
     };
     let config = component::config_for(op, &args.weights, args.config.as_deref())?;
-    let loaded = LoadedComponent::load(config, &args.weights, device)?;
+    let lora = args.lora.as_deref().map(LoraGroup::from_peft_path).transpose()?;
+    let loaded = LoadedComponent::load(config, &args.weights, device, lora.as_ref())?;
     let inputs = component::read_inputs(&args.input)?;
     let outputs = component::run(op, &loaded, &inputs)?;
     component::write_outputs(&args.output, &outputs)?;
-    println!("{} ({}) on {device:?}: wrote {}", op.name(), loaded.config.kind().describe(), args.output.display());
+    let adapters = match (&lora, &args.lora) {
+        (Some(group), Some(path)) => format!(" with {} LoRA adapter{} of {}", group.num_adapters(), if group.num_adapters() == 1 { "" } else { "s" }, path.display()),
+        _ => String::new(),
+    };
+    println!("{} ({}){adapters} on {device:?}: wrote {}", op.name(), loaded.config.kind().describe(), args.output.display());
     for (name, t) in &outputs {
         println!("  {name} {:?}", t.size());
     }

@@ -13,14 +13,12 @@ use ril_pipe::exec::slurm::SlurmConfig;
 use ril_pipe::exec::{Cache, Executor, Registry, RunOptions};
 use ril_pipe::pipeline::{load_for_plan, load_resolved, Override, ResolvedPipeline};
 
-use super::{CacheArg, PipelineArgs};
+use super::PipelineArgs;
 
 #[derive(Args)]
 pub struct RunArgs {
     #[command(flatten)]
     pipeline: PipelineArgs,
-    #[command(flatten)]
-    cache: CacheArg,
     /// Stages run at the same time (each GPU runs one stage at a time).
     #[arg(long, short = 'j', default_value_t = 1)]
     jobs: usize,
@@ -64,8 +62,6 @@ pub enum ExecutorArg {
 pub struct PlanArgs {
     #[command(flatten)]
     pipeline: PipelineArgs,
-    #[command(flatten)]
-    cache: CacheArg,
     /// Print the plan as JSON.
     #[arg(long)]
     json: bool,
@@ -81,8 +77,6 @@ pub struct ExportArgs {
     /// The folder to write (replaced as a whole).
     #[arg(long)]
     to: PathBuf,
-    #[command(flatten)]
-    cache: CacheArg,
 }
 
 #[derive(Args)]
@@ -95,8 +89,6 @@ pub struct KindsArgs {
 pub struct ExecStageArgs {
     /// The frozen stage (JSON).
     spec: PathBuf,
-    #[command(flatten)]
-    cache: CacheArg,
     #[arg(long, default_value = "auto")]
     device: String,
     #[arg(long)]
@@ -139,7 +131,7 @@ fn install_interrupt(cancel: Arc<AtomicBool>) {
     });
 }
 
-pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+pub fn run(args: RunArgs, cache: &Cache) -> anyhow::Result<i32> {
     let registry = registry();
     let pipeline = resolve(&args.pipeline, &registry)?;
     let executor = match args.executor {
@@ -167,14 +159,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         cancel,
         executor,
     };
-    let cache = Cache::new(&args.cache.cache);
     eprintln!(
         "ril-pipe run {} ({} stages; cache {})",
         pipeline.source.display(),
         pipeline.stages.len(),
         cache.root().display()
     );
-    let summary = ril_pipe::exec::run(&pipeline, &registry, &cache, &opts)?;
+    let summary = ril_pipe::exec::run(&pipeline, &registry, cache, &opts)?;
     if summary.cleaned_tmp > 0 {
         eprintln!("removed {} unfinished folder(s) left by an interrupted run", summary.cleaned_tmp);
     }
@@ -202,7 +193,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         }
     }
     if summary.ok() {
-        super::report_cmds::publish_after_run(&pipeline, &registry, &cache)?;
+        super::report_cmds::publish_after_run(&pipeline, &registry, cache)?;
     }
     Ok(if summary.cancelled {
         130
@@ -213,16 +204,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     })
 }
 
-pub fn plan(args: PlanArgs) -> anyhow::Result<i32> {
+pub fn plan(args: PlanArgs, cache: &Cache) -> anyhow::Result<i32> {
     let registry = registry();
     let pipeline = resolve_for_plan(&args.pipeline, &registry)?;
-    let cache = Cache::new(&args.cache.cache);
     let hasher = if cache.root().exists() {
         cache.file_hasher()
     } else {
         ril_pipe::exec::filehash::FileHasher::ephemeral()
     };
-    let plan = make_plan(&pipeline, &registry, &cache, &hasher)?;
+    let plan = make_plan(&pipeline, &registry, cache, &hasher)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&plan_json(&plan))?);
     } else {
@@ -379,7 +369,7 @@ pub fn kinds(args: KindsArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-pub fn exec_stage(args: ExecStageArgs) -> anyhow::Result<i32> {
+pub fn exec_stage(args: ExecStageArgs, cache: &Cache) -> anyhow::Result<i32> {
     let registry = registry();
     let bytes = std::fs::read(&args.spec).with_context(|| format!("cannot read {}", args.spec.display()))?;
     let frozen: FrozenStage = serde_json::from_slice(&bytes).with_context(|| format!("{} is not a frozen stage", args.spec.display()))?;
@@ -389,10 +379,9 @@ pub fn exec_stage(args: ExecStageArgs) -> anyhow::Result<i32> {
     let device = ril_pipe::stages::device::gpus_for(&args.device)?.into_iter().next().unwrap_or_else(|| "cpu".into());
     let cancel = Arc::new(AtomicBool::new(false));
     install_interrupt(cancel.clone());
-    let cache = Cache::new(&args.cache.cache);
     let progress = StageProgress::hidden(&frozen.stage.id);
     let threads = args.threads.unwrap_or_else(default_threads);
-    let (outcome, note) = execute_object(&cache, kind.as_ref(), &frozen, &device, threads, cancel, progress);
+    let (outcome, note) = execute_object(cache, kind.as_ref(), &frozen, &device, threads, cancel, progress);
     if let Some(n) = note {
         eprintln!("{n}");
     }
@@ -420,20 +409,11 @@ pub fn exec_stage(args: ExecStageArgs) -> anyhow::Result<i32> {
     }
 }
 
-pub fn export(args: ExportArgs) -> anyhow::Result<i32> {
+pub fn export(args: ExportArgs, cache: &Cache) -> anyhow::Result<i32> {
     let registry = registry();
     let pipeline = resolve(&args.pipeline, &registry)?;
-    let cache = Cache::new(&args.cache.cache);
-    let plan = make_plan(&pipeline, &registry, &cache, &ril_pipe::exec::filehash::FileHasher::ephemeral())?;
-    let stage = plan
-        .stages
-        .iter()
-        .find(|s| s.stage.id == args.stage)
-        .with_context(|| format!("the pipeline has no stage `{}`", args.stage))?;
-    if stage.status != Status::Hit {
-        anyhow::bail!("stage `{}` is not in the cache ({}); run the pipeline first", args.stage, stage.why.join("; "));
-    }
-    let object = cache.object_dir(&stage.key)?;
+    let plan = make_plan(&pipeline, &registry, cache, &ril_pipe::exec::filehash::FileHasher::ephemeral())?;
+    let object = plan.cached_object(cache, &args.stage, &args.pipeline.set)?;
     let n = ril_pipe::exec::publish(&object, &args.to).with_context(|| format!("cannot write {}", args.to.display()))?;
     eprintln!("exported {} ({n} files) to {}", args.stage, args.to.display());
     Ok(0)

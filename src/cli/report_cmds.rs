@@ -10,7 +10,7 @@ use ril_pipe::report::publish::{cached_reports, ensure_reports, merged_metrics, 
 use ril_pipe::report::INDEX_FILE;
 
 use super::pipeline_cmds::{registry, resolve};
-use super::{CacheArg, PipelineArgs};
+use super::PipelineArgs;
 
 /// Reports are published under this folder of the working directory, and nowhere else.
 pub const REPORTS_DIR: &str = "reports";
@@ -19,8 +19,6 @@ pub const REPORTS_DIR: &str = "reports";
 pub struct ReportArgs {
     #[command(flatten)]
     pipeline: PipelineArgs,
-    #[command(flatten)]
-    cache: CacheArg,
 }
 
 #[derive(Args)]
@@ -40,8 +38,6 @@ pub struct CheckArgs {
     /// Rewrite the baseline's values from this run (tolerances and directions are kept).
     #[arg(long)]
     update: bool,
-    #[command(flatten)]
-    cache: CacheArg,
 }
 
 /// Makes sure the report stages are computed and copies them to `reports/<name>/`.
@@ -51,11 +47,10 @@ fn publish_pipeline(pipeline: &ResolvedPipeline, registry: &Registry, cache: &Ca
     Ok(dest)
 }
 
-pub fn report(args: ReportArgs) -> anyhow::Result<i32> {
+pub fn report(args: ReportArgs, cache: &Cache) -> anyhow::Result<i32> {
     let registry = registry();
     let pipeline = resolve(&args.pipeline, &registry)?;
-    let cache = Cache::new(&args.cache.cache);
-    let dest = publish_pipeline(&pipeline, &registry, &cache)?;
+    let dest = publish_pipeline(&pipeline, &registry, cache)?;
     println!("report: {}", dest.join(INDEX_FILE).display());
     Ok(0)
 }
@@ -69,7 +64,7 @@ pub fn publish_after_run(pipeline: &ResolvedPipeline, registry: &Registry, cache
     Ok(())
 }
 
-pub fn check(args: CheckArgs) -> anyhow::Result<i32> {
+pub fn check(args: CheckArgs, cache: &Cache) -> anyhow::Result<i32> {
     let baseline = Baseline::read(&args.baseline)?;
     let run = match (&args.metrics, &args.pipeline) {
         (Some(path), _) => read_metrics(path)?,
@@ -82,8 +77,7 @@ pub fn check(args: CheckArgs) -> anyhow::Result<i32> {
                 },
                 &registry,
             )?;
-            let cache = Cache::new(&args.cache.cache);
-            merged_metrics(&cached_reports(&pipeline, &registry, &cache)?)?
+            merged_metrics(&cached_reports(&pipeline, &registry, cache)?)?
         }
         (None, None) => anyhow::bail!("give a pipeline or --metrics FILE"),
     };

@@ -52,6 +52,10 @@ pub enum PlanError {
     UnknownKind { stage: String, kind: String },
     #[error(transparent)]
     Cache(#[from] CacheError),
+    #[error("the pipeline has no stage `{stage}`{hint}")]
+    NoStage { stage: String, hint: String },
+    #[error("stage `{stage}` is not in the cache ({why}); nothing is computed here: `{command}` computes it{upstream}")]
+    NotCached { stage: String, why: String, command: String, upstream: String },
 }
 
 impl Plan {
@@ -63,6 +67,56 @@ impl Plan {
     /// Unique stages that must run.
     pub fn to_run(&self) -> usize {
         self.unique().filter(|s| s.status != Status::Hit).count()
+    }
+
+    /// The finished object of stage `id`, for commands that read one stage's results (`export`,
+    /// `sample`, `lora export`). A stage that is not in the cache is refused with why, the
+    /// command that computes it (with the `--set` overrides the plan was made with), and the
+    /// other stages that run needs.
+    pub fn cached_object(&self, cache: &Cache, id: &str, overrides: &[String]) -> Result<std::path::PathBuf, PlanError> {
+        let Some(stage) = self.stages.iter().find(|s| s.stage.id == id) else {
+            let hint = crate::pipeline::spec::closest(id, self.stages.iter().map(|s| s.stage.id.as_str()))
+                .map(|c| format!("; did you mean `{c}`?"))
+                .unwrap_or_default();
+            return Err(PlanError::NoStage { stage: id.to_string(), hint });
+        };
+        if stage.status == Status::Hit {
+            return Ok(cache.object_dir(&stage.key)?);
+        }
+        let missing = self.missing_upstream(id);
+        let upstream = match missing.len() {
+            0 => String::new(),
+            n => format!(" and the {n} missing stage{} it needs ({})", if n == 1 { "" } else { "s" }, preview(&missing)),
+        };
+        let mut command = format!("ril-pipe run {}", self.pipeline.source.display());
+        for set in overrides {
+            command.push_str(&format!(" --set '{set}'"));
+        }
+        Err(PlanError::NotCached {
+            stage: id.to_string(),
+            why: stage.why.join("; "),
+            command,
+            upstream,
+        })
+    }
+
+    /// The stages upstream of `id` that are not in the cache, in execution order.
+    fn missing_upstream(&self, id: &str) -> Vec<String> {
+        let by_id: HashMap<&str, &PlannedStage> = self.stages.iter().map(|s| (s.stage.id.as_str(), s)).collect();
+        let mut needed = std::collections::BTreeSet::new();
+        let mut todo = vec![id.to_string()];
+        while let Some(next) = todo.pop() {
+            for upstream in by_id.get(next.as_str()).into_iter().flat_map(|s| s.stage.inputs.values().flatten()) {
+                if needed.insert(upstream.clone()) {
+                    todo.push(upstream.clone());
+                }
+            }
+        }
+        self.stages
+            .iter()
+            .filter(|s| needed.contains(&s.stage.id) && s.status != Status::Hit && s.same_as.is_none())
+            .map(|s| s.stage.id.clone())
+            .collect()
     }
 
     /// Per kind: (stages, unique stages).
@@ -77,6 +131,16 @@ impl Plan {
         }
         counts
     }
+}
+
+/// The first few ids of a list, then a count.
+fn preview(ids: &[String]) -> String {
+    const SHOWN: usize = 4;
+    let mut text = ids.iter().take(SHOWN).map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ");
+    if ids.len() > SHOWN {
+        text.push_str(&format!(" and {} more", ids.len() - SHOWN));
+    }
+    text
 }
 
 /// Computes keys and cache status; reads the cache and the external files, writes nothing but

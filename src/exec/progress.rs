@@ -41,28 +41,8 @@ impl ProgressHub {
 
     /// A bar for a stage that starts now.
     pub fn stage(&self, id: &str) -> StageProgress {
-        let bar = match &self.multi {
-            Some(multi) => {
-                let bar = multi.add(ProgressBar::new(0));
-                bar.set_style(
-                    ProgressStyle::with_template("{prefix:>8} {spinner} {wide_msg} [{bar:20}] {pos}/{len} eta {eta}")
-                        .unwrap_or_else(|_| ProgressStyle::default_bar())
-                        .progress_chars("=> "),
-                );
-                bar.set_prefix("stage");
-                bar.set_message(id.to_string());
-                bar.enable_steady_tick(Duration::from_millis(250));
-                Some(bar)
-            }
-            None => None,
-        };
-        StageProgress {
-            id: id.to_string(),
-            bar,
-            length: Arc::new(AtomicU64::new(0)),
-            position: Arc::new(AtomicU64::new(0)),
-            milestone: Arc::new(AtomicU64::new(0)),
-        }
+        let bar = self.multi.as_ref().map(|multi| stage_bar(multi.add(ProgressBar::new(0)), "stage", id));
+        StageProgress::with_bar(id, bar)
     }
 
     /// A line above the bars (or on stderr without bars).
@@ -95,16 +75,40 @@ pub struct StageProgress {
     milestone: Arc<AtomicU64>,
 }
 
+/// A stage's bar: prefix, spinner, the id, the bar, counts and the time left.
+fn stage_bar(bar: ProgressBar, prefix: &'static str, id: &str) -> ProgressBar {
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>8} {spinner} {wide_msg} [{bar:20}] {pos}/{len} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix);
+    bar.set_message(id.to_string());
+    bar.enable_steady_tick(Duration::from_millis(250));
+    bar
+}
+
 impl StageProgress {
-    /// A progress that shows nothing (tests, `exec-stage` under a batch system).
-    pub fn hidden(id: &str) -> Self {
+    fn with_bar(id: &str, bar: Option<ProgressBar>) -> Self {
         StageProgress {
             id: id.to_string(),
-            bar: None,
+            bar,
             length: Arc::new(AtomicU64::new(0)),
             position: Arc::new(AtomicU64::new(0)),
             milestone: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// A progress that shows nothing (tests, `exec-stage` under a batch system).
+    pub fn hidden(id: &str) -> Self {
+        Self::with_bar(id, None)
+    }
+
+    /// One bar of its own for a command that is not a run (`sample`): drawn when `enabled` and
+    /// stderr is a terminal, else plain lines at every quarter.
+    pub fn standalone(id: &str, enabled: bool) -> Self {
+        let draw = enabled && std::io::stderr().is_terminal();
+        Self::with_bar(id, draw.then(|| stage_bar(ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr()), "", id)))
     }
 
     /// Total steps of the stage (e.g. optimizer steps).

@@ -17,6 +17,7 @@ use super::clip::{self, Clip, ClipConfig, ClipError, Layout, OpenClipModelConfig
 use super::inception::{InceptionError, InceptionV3};
 use super::unet::{UNet2DConditionConfig, UNet2DConditionModel, UnetError};
 use super::vae::{self, AutoencoderKL, AutoencoderKLConfig, VaeError};
+use super::lora::LoraGroup;
 use super::weights::{self, Extra, TensorMap, WeightsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -241,10 +242,14 @@ pub enum Model {
     Inception(InceptionV3),
 }
 
-/// Builds the model of `config` with fresh variables under `root`, with the upstream names.
-pub fn build(root: &nn::Path, config: &ModelConfig) -> Result<Model, ComponentError> {
+/// Builds the model of `config` with fresh variables under `root`, with the upstream names; a
+/// UNet with the LoRA adapters of `lora`, if given (other components take none).
+pub fn build(root: &nn::Path, config: &ModelConfig, lora: Option<&LoraGroup>) -> Result<Model, ComponentError> {
+    if lora.is_some() && !matches!(config, ModelConfig::Unet(_)) {
+        return Err(ComponentError::WrongComponent(format!("LoRA adapters apply to a UNet, not to a {}", config.kind().describe())));
+    }
     Ok(match config {
-        ModelConfig::Unet(c) => Model::Unet(UNet2DConditionModel::new(root.clone(), c, None)?),
+        ModelConfig::Unet(c) => Model::Unet(UNet2DConditionModel::new(root.clone(), c, lora)?),
         ModelConfig::Vae(c) => Model::Vae(AutoencoderKL::new(root.clone(), c)?),
         ModelConfig::Clip(c) => Model::Clip(Clip::new(root, c)),
         ModelConfig::Aesthetic(c) => Model::Aesthetic(AestheticHead::new(root, c)?),
@@ -257,7 +262,7 @@ pub fn model_variables(config: &ModelConfig) -> Result<BTreeMap<String, Vec<i64>
     let mut vs = VarStore::new(Device::Cpu);
     // Only the shapes are wanted: half precision halves the memory and the initialisation time.
     vs.set_kind(Kind::Half);
-    tch::no_grad(|| build(&vs.root(), config))?;
+    tch::no_grad(|| build(&vs.root(), config, None))?;
     Ok(vs.variables().into_iter().map(|(name, v)| (name, v.size())).collect())
 }
 
@@ -289,11 +294,12 @@ pub struct LoadedComponent {
 }
 
 impl LoadedComponent {
-    /// Builds the model of `config` on `device` and loads `weights` (a file or a component
-    /// folder) with the loader's rules; a missing or mis-shaped tensor is an error naming it.
-    pub fn load(config: ModelConfig, weights: &Path, device: Device) -> Result<Self, ComponentError> {
+    /// Builds the model of `config` on `device` (a UNet with the adapters of `lora`) and loads
+    /// `weights` (a file or a component folder) with the loader's rules; a missing or
+    /// mis-shaped tensor is an error naming it.
+    pub fn load(config: ModelConfig, weights: &Path, device: Device, lora: Option<&LoraGroup>) -> Result<Self, ComponentError> {
         let vs = VarStore::new(device);
-        let model = tch::no_grad(|| build(&vs.root(), &config))?;
+        let model = tch::no_grad(|| build(&vs.root(), &config, lora))?;
         let (tensors, _) = loader_view(&config, weights::load_weights(weights)?);
         weights::assign(&vs, &tensors, config.extra_tensors(), weights)?;
         for (_, mut v) in vs.variables() {

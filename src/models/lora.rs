@@ -20,6 +20,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+pub mod peft;
+
 use rand::{Rng, SeedableRng};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
@@ -51,6 +53,8 @@ pub enum LoraError {
     File { path: PathBuf, reason: String },
     #[error("cannot make a soup: {0}")]
     Soup(String),
+    #[error(transparent)]
+    Weights(#[from] crate::models::weights::WeightsError),
 }
 
 /// How the down projection `A` of a new adapter is initialised (`B` is always zero).

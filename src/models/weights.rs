@@ -32,6 +32,61 @@ pub enum WeightsError {
     Dtype { path: PathBuf, name: String, found: Kind },
     #[error("{path}: unexpected tensor `{name}` (not part of this model; first of {count})")]
     Unexpected { path: PathBuf, name: String, count: usize },
+    #[error("cannot write tensor `{name}` as safetensors: {reason}")]
+    Write { name: String, reason: String },
+}
+
+/// Storage precision of the floating-point tensors of a written weight file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloatStorage {
+    F32,
+    /// Half precision; the loaders convert to the model's precision.
+    F16,
+}
+
+/// Serialises named tensors to safetensors bytes: f32 / f16 / bf16 tensors at `floats`, f64 and
+/// integer tensors as they are. The header's metadata holds `format: pt` (which transformers and
+/// diffusers expect) and the entries of `metadata`.
+pub fn safetensors_bytes(named: &[(String, Tensor)], floats: FloatStorage, metadata: &BTreeMap<String, String>) -> Result<Vec<u8>, WeightsError> {
+    let write_err = |name: &str, reason: String| WeightsError::Write { name: name.to_string(), reason };
+    let mut buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(named.len());
+    for (name, tensor) in named {
+        let t = tensor.detach().to_device(tch::Device::Cpu);
+        let (t, dtype) = match t.kind() {
+            // f64 tensors are statistics (e.g. the FID reference) or scales, kept exact.
+            Kind::Double => (t, Dtype::F64),
+            Kind::Float | Kind::Half | Kind::BFloat16 => match floats {
+                FloatStorage::F32 => (t.to_kind(Kind::Float), Dtype::F32),
+                FloatStorage::F16 => (t.to_kind(Kind::Half), Dtype::F16),
+            },
+            Kind::Int64 => (t, Dtype::I64),
+            Kind::Int => (t, Dtype::I32),
+            other => return Err(write_err(name, format!("cannot store kind {other:?}"))),
+        };
+        let t = t.contiguous();
+        let numel = t.numel();
+        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, numel).map_err(|e| write_err(name, e.to_string()))?;
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        buffers.push((name.clone(), dtype, shape, bytes));
+    }
+    let views = buffers
+        .iter()
+        .map(|(name, dtype, shape, bytes)| safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).map(|v| (name.as_str(), v)).map_err(|e| write_err(name, e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut header: std::collections::HashMap<String, String> = metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    header.insert("format".to_string(), "pt".to_string());
+    safetensors::tensor::serialize(views, Some(header)).map_err(|e| write_err("(file)", e.to_string()))
+}
+
+/// The metadata of a `.safetensors` file's header (`__metadata__`), without reading its tensors.
+pub fn read_safetensors_metadata(path: &Path) -> Result<BTreeMap<String, String>, WeightsError> {
+    let read_err = |reason: String| WeightsError::Read { path: path.to_path_buf(), reason };
+    let file = std::fs::File::open(path).map_err(|e| read_err(e.to_string()))?;
+    // SAFETY: the mapping is read-only and dropped before returning.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| read_err(e.to_string()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| read_err(e.to_string()))?;
+    Ok(meta.metadata().clone().map(|m| m.into_iter().collect()).unwrap_or_default())
 }
 
 /// Reads every tensor of a `.safetensors` file, keeping the stored dtype (converted on assignment).

@@ -461,7 +461,7 @@ mod tests {
     #[test]
     fn environment_with_defaults() {
         assert_eq!(eval("${env.HOME_DIR}/w").unwrap(), json!("/home/x/w"));
-        assert_eq!(eval("${env.NOPE:-../shared}").unwrap(), json!("../shared"));
+        assert_eq!(eval("${env.NOPE:-../weights}").unwrap(), json!("../weights"));
         assert!(eval("${env.NOPE}").unwrap_err().contains("not set"));
     }
 

@@ -68,7 +68,30 @@ pub struct Montages {
     pub notes: Vec<String>,
 }
 
-/// Stacks labelled rows of images into one picture.
+/// Characters of one label line: 17 px DejaVu Sans averages under 9.5 px a character, and the
+/// label column is 230 px wide.
+const LABEL_CHARS: usize = 24;
+/// Height of a label line in pixels.
+const LINE_H: u32 = 20;
+
+/// A label in lines of at most [`LABEL_CHARS`] characters, broken between words (a longer word
+/// gets a line of its own).
+pub fn wrap_label(label: &str) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for word in label.split_whitespace() {
+        match lines.last_mut() {
+            Some(line) if line.chars().count() + 1 + word.chars().count() <= LABEL_CHARS => {
+                line.push(' ');
+                line.push_str(word);
+            }
+            _ => lines.push(word.to_string()),
+        }
+    }
+    lines
+}
+
+/// Stacks labelled rows of images into one picture; a label too long for its column is
+/// wrapped over several lines (the row grows if they need more height than its images).
 pub fn compose(title: &str, rows: &[(String, Rgb)], path: &Path) -> Result<(), ReportError> {
     ensure_font()?;
     const LABEL_W: u32 = 230;
@@ -80,11 +103,13 @@ pub fn compose(title: &str, rows: &[(String, Rgb)], path: &Path) -> Result<(), R
     // Wide enough for the title too (22 px DejaVu Sans averages under 12 px a character).
     let title_w = title.chars().count() as u32 * 12 + PAD * 2;
     let width = (LABEL_W + PAD * 2 + rows.iter().map(|r| r.1.width * scale).max().unwrap_or(1)).max(title_w);
-    let height = TITLE_H + rows.iter().map(|r| r.1.height * scale + PAD).sum::<u32>() + PAD;
+    let labels: Vec<Vec<String>> = rows.iter().map(|(label, _)| wrap_label(label)).collect();
+    let row_h = |img: &Rgb, lines: &[String]| (img.height * scale).max(lines.len() as u32 * LINE_H);
+    let height = TITLE_H + rows.iter().zip(&labels).map(|((_, img), lines)| row_h(img, lines) + PAD).sum::<u32>() + PAD;
     let mut canvas = vec![255u8; (width * height * 3) as usize];
     let mut top = TITLE_H;
     let mut label_at = Vec::new();
-    for (label, img) in rows {
+    for ((_, img), lines) in rows.iter().zip(&labels) {
         for y in 0..img.height * scale {
             for x in 0..img.width * scale {
                 let src = (((y / scale) * img.width + x / scale) * 3) as usize;
@@ -92,8 +117,12 @@ pub fn compose(title: &str, rows: &[(String, Rgb)], path: &Path) -> Result<(), R
                 canvas[dst..dst + 3].copy_from_slice(&img.pixels[src..src + 3]);
             }
         }
-        label_at.push((label.clone(), (top + img.height * scale / 2) as i32));
-        top += img.height * scale + PAD;
+        // The lines centred on the row (one line sits where an unwrapped label always did).
+        let first = (top + row_h(img, lines) / 2) as i32 - (lines.len().saturating_sub(1) as u32 * LINE_H / 2) as i32;
+        for (i, line) in lines.iter().enumerate() {
+            label_at.push((line.clone(), first + (i as u32 * LINE_H) as i32));
+        }
+        top += row_h(img, lines) + PAD;
     }
     {
         let root = BitMapBackend::with_buffer(&mut canvas, (width, height)).into_drawing_area();
@@ -195,4 +224,21 @@ pub fn write_all(inputs: &StudyInputs, options: &ReportOptions, dir: &Path) -> R
         out.notes.push(format!("Sample montages: no grid.png in {}.", missing.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", ")));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_wrap_between_words_within_the_column() {
+        assert_eq!(wrap_label("Base model"), vec!["Base model"]);
+        let prompt = "a small red circle above a blue square on a white background";
+        let lines = wrap_label(prompt);
+        assert_eq!(lines, vec!["a small red circle above", "a blue square on a white", "background"]);
+        assert!(lines.iter().all(|l| l.chars().count() <= LABEL_CHARS));
+        assert_eq!(lines.join(" "), prompt);
+        assert_eq!(wrap_label("supercalifragilisticexpialidocious x"), vec!["supercalifragilisticexpialidocious", "x"]);
+        assert!(wrap_label("  ").is_empty());
+    }
 }

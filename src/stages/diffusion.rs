@@ -6,7 +6,7 @@ use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
 use crate::exec::{Params, StageError};
-use crate::method::sampling::{CastUnet, Sampler, SamplerConfig};
+use crate::method::sampling::{initial_latents, CastUnet, Sampler, SamplerConfig};
 use crate::models::clip::{Clip, ClipConfig, ClipTextTransformer};
 use crate::models::ddim::DdimConfig;
 use crate::models::lora::LoraGroup;
@@ -126,18 +126,35 @@ impl Diffusion {
         self.vae.decode_images(latents, self.precision.kind())
     }
 
+    /// Images `[B, 3, H, W]` in [0, 1] of samples `first .. first + B` of a run, one per prompt,
+    /// without graph: the evaluation's noise convention, shared by `evaluate` and `ril-pipe
+    /// sample`. Sample `i` starts from `z_N` = noise stream `i` of `seed` (whatever the batch it
+    /// falls in); DDIM's variance noise (eta > 0) is drawn for the batch from `seed ^ first`.
+    pub fn generate(&self, sampler: &Sampler, prompts: &[String], uncond: &Tensor, seed: u64, first: u64) -> Result<Tensor, StageError> {
+        let cond = self.encode_prompts(prompts)?;
+        let z_n = initial_latents(seed, first, prompts.len() as i64, self.latent_shape, self.device);
+        tch::no_grad(|| {
+            let z_0 = sampler.sample(&self.denoiser(), &z_n, &cond, uncond, seed ^ first).map_err(StageError::failed)?;
+            Ok(self.decode(&z_0))
+        })
+    }
+
     /// Number of frozen parameters (for logs).
     pub fn frozen_parameters(&self) -> i64 {
         self.stores.iter().flat_map(|vs| vs.variables().into_values()).map(|t| t.numel() as i64).sum()
     }
 }
 
-/// The DDIM sampler that a stage's `ddim_steps`, `eta` and `guidance` parameters describe.
-pub fn sampler_of_params(diffusion: &Diffusion, p: &impl Params) -> Result<Sampler, StageError> {
-    let config = SamplerConfig {
+/// The sampler settings a stage's `ddim_steps`, `eta` and `guidance` parameters describe.
+pub fn sampler_config_of_params(p: &impl Params) -> Result<SamplerConfig, StageError> {
+    Ok(SamplerConfig {
         steps: p.i64_of("ddim_steps")?.max(1) as usize,
         eta: p.f64_of("eta")?,
         guidance: p.f64_of("guidance")?,
-    };
-    Sampler::new(diffusion.ddim.clone(), config).map_err(StageError::failed)
+    })
+}
+
+/// The DDIM sampler that a stage's `ddim_steps`, `eta` and `guidance` parameters describe.
+pub fn sampler_of_params(diffusion: &Diffusion, p: &impl Params) -> Result<Sampler, StageError> {
+    Sampler::new(diffusion.ddim.clone(), sampler_config_of_params(p)?).map_err(StageError::failed)
 }

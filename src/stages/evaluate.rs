@@ -8,17 +8,18 @@ use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
 use crate::exec::{Params, StageContext, StageError, StageKind};
-use crate::method::sampling::initial_latents;
+use crate::method::sampling::{Sampler, SamplerConfig};
 use crate::metrics::clip_score::clip_pair_scores;
 use crate::metrics::fid::{frechet_distance, FeatureStats};
 use crate::metrics::filesize::{jpeg_size, png_bytes, png_size, to_uint8_images, RgbImage};
 use crate::models::inception::InceptionV3;
 use crate::pipeline::schema::{KindSchema, ParamSpec, ParamType};
+use crate::pipeline::ResolvedPipeline;
 use crate::rewards::aesthetic::AestheticReward;
 use crate::rewards::clip_loader::FrozenClip;
 use crate::rewards::hps::HpsReward;
 
-use super::diffusion::Diffusion;
+use super::diffusion::{sampler_config_of_params, Diffusion};
 use super::finetune::model_input;
 use super::precision::Precision;
 use super::records::{EvaluationRecord, Metric, METRICS_FILE};
@@ -29,6 +30,49 @@ pub const GRID_FILE: &str = "grid.png";
 
 pub struct Evaluate;
 
+/// How an evaluation samples its images: the seed, the sampler, the batches and the precision.
+/// `ril-pipe sample` takes them from the pipeline's evaluation of the model, so that its image
+/// `i` is the evaluation's image `i` (a batch computes the same bits only in the same company).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingSettings {
+    pub seed: u64,
+    pub sampler: SamplerConfig,
+    /// Images sampled at once.
+    pub batch_size: usize,
+    pub precision: Precision,
+}
+
+impl SamplingSettings {
+    /// The settings of an `evaluate` stage's parameters.
+    pub fn of_params(p: &serde_json::Map<String, serde_json::Value>) -> Result<Self, StageError> {
+        Ok(SamplingSettings {
+            seed: p.i64_of("seed")? as u64,
+            sampler: sampler_config_of_params(p)?,
+            batch_size: p.i64_of("batch_size")?.max(1) as usize,
+            precision: Precision::of_params(p)?,
+        })
+    }
+
+    /// The settings with which `pipeline` evaluates the model of stage `model`: those of the
+    /// first `evaluate` stage reading that model, else of the pipeline's first `evaluate` stage
+    /// (its seed and sampler are usually the study's defaults), else the kind's defaults. Also
+    /// returns the id of the stage they come from.
+    pub fn of_pipeline(pipeline: &ResolvedPipeline, model: &str) -> Result<(Self, Option<String>), StageError> {
+        let evaluations = || pipeline.stages.iter().filter(|s| s.kind == KIND);
+        let of_model = evaluations().find(|s| s.inputs.get("model").is_some_and(|ids| ids.iter().any(|id| id == model)));
+        match of_model.or_else(|| evaluations().next()) {
+            Some(stage) => Ok((Self::of_params(&stage.params)?, Some(stage.id.clone()))),
+            None => {
+                let defaults = Evaluate.schema().params.into_iter().filter_map(|p| p.default.map(|d| (p.name.to_string(), d))).collect();
+                Ok((Self::of_params(&defaults)?, None))
+            }
+        }
+    }
+}
+
+/// The kind's name in pipelines.
+pub const KIND: &str = "evaluate";
+
 impl StageKind for Evaluate {
     fn schema(&self) -> KindSchema {
         let p = |name, ty, default: serde_json::Value, doc| ParamSpec {
@@ -38,7 +82,7 @@ impl StageKind for Evaluate {
             doc,
         };
         KindSchema {
-            kind: "evaluate",
+            kind: KIND,
             version: 1,
             doc: "sample the world's test prompts with shared seeds and measure aesthetic, HPS, PNG/JPEG size, CLIP score and FID",
             uses_input_labels: false,
@@ -68,7 +112,8 @@ impl StageKind for Evaluate {
         tch::set_num_threads(ctx.threads.max(1) as i32);
         let (model, adapters) = ModelRecord::of_input(ctx.input("model")?)?;
         let world = &model.world;
-        let precision = Precision::of_params(&p)?;
+        let settings = SamplingSettings::of_params(&p)?;
+        let precision = settings.precision;
         let ranks = adapters.as_deref().map_or(0, |path| super::memory::adapter_file_ranks(path).unwrap_or(0));
         super::memory::check_fits(ctx, world, &model.lora_targets, &super::memory::evaluation_job(&p, ranks), precision)?;
         let diffusion = Diffusion::load(&model, adapters.as_deref(), device, precision)?;
@@ -78,10 +123,9 @@ impl StageKind for Evaluate {
             prompts.truncate(max as usize);
         }
         let per_prompt = p.i64_of("images_per_prompt")?.max(1) as usize;
-        let seed = p.i64_of("seed")? as u64;
-        let batch = p.i64_of("batch_size")?.max(1) as usize;
+        let (seed, batch) = (settings.seed, settings.batch_size);
         let quality = p.i64_of("jpeg_quality")?.clamp(1, 100) as u8;
-        let sampler = super::diffusion::sampler_of_params(&diffusion, &p)?;
+        let sampler = Sampler::new(diffusion.ddim.clone(), settings.sampler).map_err(StageError::failed)?;
         let kind = precision.kind();
         let aesthetic = AestheticReward::load(&world.aesthetic_clip, &world.aesthetic_head, device, kind).map_err(StageError::failed)?;
         let hps = HpsReward::load(&world.hps, device, kind).map_err(StageError::failed)?;
@@ -99,7 +143,6 @@ impl StageKind for Evaluate {
             sampler.config.guidance,
             precision.name()
         ));
-        let denoiser = diffusion.denoiser();
         let mut scores = std::fs::File::create(ctx.out_dir().join(SCORES_FILE))?;
         let mut sums = [0.0f64; 4];
         let mut clip_sum = 0.0;
@@ -111,12 +154,7 @@ impl StageKind for Evaluate {
             ctx.check_cancelled()?;
             let end = (start + batch).min(total);
             let batch_prompts: Vec<String> = (start..end).map(|i| prompts[i / per_prompt].clone()).collect();
-            let cond = diffusion.encode_prompts(&batch_prompts)?;
-            let z_n = initial_latents(seed, start as u64, (end - start) as i64, diffusion.latent_shape, device);
-            let images = tch::no_grad(|| -> Result<Tensor, StageError> {
-                let z_0 = sampler.sample(&denoiser, &z_n, &cond, &uncond, seed ^ start as u64).map_err(StageError::failed)?;
-                Ok(diffusion.decode(&z_0))
-            })?;
+            let images = diffusion.generate(&sampler, &batch_prompts, &uncond, seed, start as u64)?;
             let (a, h, clip_scores, feats) = tch::no_grad(|| -> Result<_, StageError> {
                 let a = aesthetic.score(&images).map_err(StageError::failed)?;
                 let h = hps.score(&images, &batch_prompts).map_err(StageError::failed)?;

@@ -18,7 +18,7 @@ impl StageKind for Report {
         let defaults = ReportOptions::default();
         KindSchema {
             kind: "report",
-            version: 2,
+            version: 3,
             doc: "tables (Markdown, CSV, LaTeX) and charts (PNG, SVG) of a study, and metrics.json for `ril-pipe check`",
             uses_input_labels: true,
             params: vec![

@@ -81,14 +81,29 @@ impl ModelRecord {
 
     /// The model of an input stage, with the path of its adapters.
     pub fn of_input(input: &crate::exec::InputObject) -> Result<(ModelRecord, Option<PathBuf>), StageError> {
-        let path = input.file(MODEL_FILE)?;
-        let bytes = std::fs::read(&path).map_err(|e| StageError::io(format!("cannot read {}", path.display()), e))?;
-        let record: ModelRecord = serde_json::from_slice(&bytes).map_err(|e| StageError::Failed(format!("input `{}`: {} is not a model record: {e}", input.stage_id, path.display())))?;
+        let record = Self::read(&input.file(MODEL_FILE)?, &format!("input `{}`", input.stage_id))?;
         let adapters = match &record.adapters {
             Some(name) => Some(input.file(name)?),
             None => None,
         };
         Ok((record, adapters))
+    }
+
+    /// The model of a finished stage's folder (a cache object), with the path of its adapters;
+    /// `stage` names it in errors. A stage that makes no model (an evaluation) is refused.
+    pub fn of_object(dir: &Path, stage: &str) -> Result<(ModelRecord, Option<PathBuf>), StageError> {
+        let path = dir.join(MODEL_FILE);
+        if !path.is_file() {
+            return Err(StageError::Failed(format!("stage `{stage}` makes no model ({MODEL_FILE}): give a world, finetune, soup or joint stage")));
+        }
+        let record = Self::read(&path, &format!("stage `{stage}`"))?;
+        let adapters = record.adapters.as_ref().map(|name| dir.join(name));
+        Ok((record, adapters))
+    }
+
+    fn read(path: &Path, what: &str) -> Result<ModelRecord, StageError> {
+        let bytes = std::fs::read(path).map_err(|e| StageError::io(format!("cannot read {}", path.display()), e))?;
+        serde_json::from_slice(&bytes).map_err(|e| StageError::Failed(format!("{what}: {} is not a model record: {e}", path.display())))
     }
 }
 
@@ -160,7 +175,7 @@ impl StageKind for TinyWorld {
         // A shipped bundle lists its files' blake3 hashes: a damaged or edited file stops the
         // study here rather than skewing its numbers.
         if root.join(BUNDLE_MANIFEST).is_file() {
-            let files = verify_bundle(&root).map_err(|e| StageError::Failed(format!("tiny world {}: {e} (regenerate it: README, \"Tiny world\")", root.display())))?;
+            let files = verify_bundle(&root).map_err(|e| StageError::Failed(format!("tiny world {}: {e} (regenerate it: docs/tiny-world.md, \"Regenerating the weights\")", root.display())))?;
             ctx.log(format!("tiny world from {}: {files} files match MANIFEST.txt", root.display()));
         } else {
             ctx.log(format!("tiny world from {}", root.display()));

@@ -1,12 +1,12 @@
 //! Aesthetic head: the real LAION weights against the PyTorch MLP, and a small head.
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ril_pipe::models::aesthetic::{AestheticConfig, AestheticHead};
 use ril_pipe::models::weights::{assign, load_weights, Extra};
 use tch::{nn, Device, Tensor};
 
-use crate::common::{fixture_dir, max_abs_diff};
+use crate::common::{data_dir, fixture_dir, max_abs_diff};
 
 fn check(weights: &Path, config: &AestheticConfig, reference: &str) -> f64 {
     let vs = nn::VarStore::new(Device::Cpu);
@@ -22,9 +22,9 @@ fn check(weights: &Path, config: &AestheticConfig, reference: &str) -> f64 {
 
 #[test]
 fn aesthetic_real_laion_head_matches_pytorch() {
-    let shared = PathBuf::from(std::env::var("RIL_SHARED").expect("RIL_SHARED is not set")).join("weights");
+    let data = data_dir().join("weights");
     for file in ["laion_aesthetic_v2_sac_logos_ava1_l14_linearMSE.pth", "laion_aesthetic_v2_sac_logos_ava1_l14_linearMSE.safetensors"] {
-        let d = check(&shared.join(file), &AestheticConfig::default(), "laion.safetensors");
+        let d = check(&data.join(file), &AestheticConfig::default(), "laion.safetensors");
         assert!(d < 1e-4, "{file}: {d}");
     }
 }

@@ -15,6 +15,11 @@ pub fn fixture_dir(area: &str) -> PathBuf {
     dir
 }
 
+/// The public data the repository carries (`data/README.md`: origins and licences).
+pub fn data_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data")
+}
+
 /// Max absolute difference between two tensors of the same shape (f64).
 pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shape mismatch");

@@ -1,10 +1,11 @@
-"""Aesthetic head fixtures: the real LAION head ($RIL_SHARED/weights) in the improved-aesthetic-
-predictor MLP, on random L2-normalised embeddings; plus a small random head of another depth."""
-import os
+"""Aesthetic head fixtures: the real LAION head (data/weights in the repository) in the improved-
+aesthetic-predictor MLP, on random L2-normalised embeddings; plus a small random head of another depth."""
 import pathlib
 
 import torch
 from safetensors.torch import save_file
+
+from fixtures_tokenizer import DATA
 
 
 class MLP(torch.nn.Module):
@@ -24,14 +25,9 @@ class MLP(torch.nn.Module):
         return self.layers(x)
 
 
-def shared_dir() -> pathlib.Path:
-    default = pathlib.Path(__file__).resolve().parents[3] / "shared"
-    return pathlib.Path(os.environ.get("RIL_SHARED", default))
-
-
 def main(out_dir: pathlib.Path) -> None:
     torch.manual_seed(0)
-    weights = shared_dir() / "weights" / "laion_aesthetic_v2_sac_logos_ava1_l14_linearMSE.pth"
+    weights = DATA / "weights" / "laion_aesthetic_v2_sac_logos_ava1_l14_linearMSE.pth"
     head = MLP(768)
     head.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     head.eval()

@@ -29,13 +29,12 @@ TRICKY = [
 ]
 
 
-def shared_dir() -> pathlib.Path:
-    default = pathlib.Path(__file__).resolve().parents[3] / "shared"
-    return pathlib.Path(os.environ.get("RIL_SHARED", default))
+# The public data the repository carries (origins and licences in data/README.md).
+DATA = pathlib.Path(__file__).resolve().parents[2] / "data"
 
 
 def prompts() -> list:
-    data = shared_dir() / "data" / "hpd_photo"
+    data = DATA / "hpd_photo"
     lines = []
     for split in ("train.txt", "test.txt"):
         lines += [l for l in (data / split).read_text(encoding="utf-8").split("\n") if l.strip()]
@@ -56,7 +55,7 @@ def hf_folder(bpe: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
 
 
 def main(out_dir: pathlib.Path) -> None:
-    bpe = shared_dir() / "data" / "bpe_simple_vocab_16e6.txt.gz"
+    bpe = DATA / "bpe_simple_vocab_16e6.txt.gz"
     texts = prompts()
     (out_dir / "prompts.json").write_text(json.dumps(texts, ensure_ascii=False))
     oc = SimpleTokenizer(bpe_path=str(bpe))

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from fixtures_tokenizer import hf_folder, shared_dir
+from fixtures_tokenizer import DATA, hf_folder
 
 RESOLUTION = 16
 
@@ -83,7 +83,7 @@ def build(root: pathlib.Path, tokenizer_files: pathlib.Path, nan_head: bool) -> 
 
 
 def main(out_dir: pathlib.Path) -> None:
-    bpe = shared_dir() / "data" / "bpe_simple_vocab_16e6.txt.gz"
+    bpe = DATA / "bpe_simple_vocab_16e6.txt.gz"
     tokenizer_files = hf_folder(bpe, out_dir)
     for name, nan in (("random", False), ("nan_head", True)):
         root = out_dir / name

@@ -9,6 +9,7 @@ mod clip;
 mod ddim;
 mod inception;
 mod lora;
+mod lora_export;
 mod memory;
 mod metrics;
 mod optim;

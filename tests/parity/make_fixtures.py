@@ -1,7 +1,7 @@
 """Builds the reference fixtures that the Rust parity tests compare against.
 
 Runs every `fixtures_*.py` module beside this file; each exposes `main(out_dir)` and writes under
-`out_dir/<area>/`. The reference packages (torch, diffusers, transformers, open_clip_torch,
+`out_dir/<area>/`. The reference packages (torch, diffusers, peft, transformers, open_clip_torch,
 pytorch-fid, Pillow) are test oracles only: nothing of this runs in the shipped tool.
 A module is skipped when its stamp (a hash of its source) matches, so reruns are cheap.
 """

@@ -30,7 +30,7 @@ fn check(tokenizer: &ClipTokenizer, key: &str, context: usize, padding: Padding)
 }
 
 fn bpe_path() -> PathBuf {
-    PathBuf::from(std::env::var("RIL_SHARED").expect("RIL_SHARED is not set")).join("data/bpe_simple_vocab_16e6.txt.gz")
+    crate::common::data_dir().join("bpe_simple_vocab_16e6.txt.gz")
 }
 
 #[test]

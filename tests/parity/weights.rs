@@ -105,9 +105,9 @@ fn weights_component_folders() {
 
 #[test]
 fn weights_real_laion_head_pth_equals_safetensors() {
-    let shared = PathBuf::from(std::env::var("RIL_SHARED").expect("RIL_SHARED is not set")).join("weights");
-    let pth = load_weights(&shared.join("laion_aesthetic_v2_sac_logos_ava1_l14_linearMSE.pth")).unwrap();
-    let st = load_weights(&shared.join("laion_aesthetic_v2_sac_logos_ava1_l14_linearMSE.safetensors")).unwrap();
+    let data = crate::common::data_dir().join("weights");
+    let pth = load_weights(&data.join("laion_aesthetic_v2_sac_logos_ava1_l14_linearMSE.pth")).unwrap();
+    let st = load_weights(&data.join("laion_aesthetic_v2_sac_logos_ava1_l14_linearMSE.safetensors")).unwrap();
     assert_identical(&pth, &st, "LAION head");
     let shapes: Vec<(String, Vec<i64>)> = pth.iter().map(|(k, v)| (k.clone(), v.size())).collect();
     let expected: Vec<(String, Vec<i64>)> = [

@@ -108,3 +108,18 @@ pub fn executions(count_file: &Path) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// Runs the built `ril-pipe` in `dir` (without `$RIL_CACHE`, so `./cache` is the default).
+pub fn ril_in(dir: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ril-pipe")).args(args).current_dir(dir).env_remove("RIL_CACHE").output().unwrap()
+}
+
+/// A finished command's stdout and stderr, for assertions and their messages.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// The committed tiny world.
+pub fn tiny_weights() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tiny/weights")
+}

@@ -3,57 +3,18 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, TensorView};
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
 use super::TrainError;
 use crate::models::weights;
 
-/// Storage precision of a written weight file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Precision {
-    F32,
-    /// Half precision (the shipped weights); the loaders convert to the model's precision.
-    F16,
-}
-
-/// Serialises named tensors to safetensors bytes: f32 / f16 / bf16 tensors at `precision`,
-/// f64 and integer tensors as they are.
-pub fn safetensors_bytes(named: &[(String, Tensor)], precision: Precision) -> Result<Vec<u8>, TrainError> {
-    let mut buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(named.len());
-    for (name, tensor) in named {
-        let t = tensor.detach().to_device(Device::Cpu);
-        let (t, dtype) = match t.kind() {
-            // f64 tensors are statistics (e.g. the FID reference), kept exact.
-            Kind::Double => (t, Dtype::F64),
-            Kind::Float | Kind::Half | Kind::BFloat16 => match precision {
-                Precision::F32 => (t.to_kind(Kind::Float), Dtype::F32),
-                Precision::F16 => (t.to_kind(Kind::Half), Dtype::F16),
-            },
-            Kind::Int64 => (t, Dtype::I64),
-            Kind::Int => (t, Dtype::I32),
-            other => return Err(TrainError::Model(format!("tensor `{name}`: cannot store kind {other:?}"))),
-        };
-        let t = t.contiguous();
-        let numel = t.numel();
-        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut bytes, numel).map_err(|e| TrainError::Model(format!("tensor `{name}`: {e}")))?;
-        let shape = t.size().iter().map(|&d| d as usize).collect();
-        buffers.push((name.clone(), dtype, shape, bytes));
-    }
-    let views = buffers
-        .iter()
-        .map(|(name, dtype, shape, bytes)| {
-            TensorView::new(*dtype, shape.clone(), bytes).map(|v| (name.as_str(), v)).map_err(|e| TrainError::Model(format!("tensor `{name}`: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::tensor::serialize(views, Some(metadata)).map_err(TrainError::other)
-}
+/// Storage precision of a written weight file (f16: the shipped weights; the loaders convert
+/// to the model's precision).
+pub use crate::models::weights::FloatStorage as Precision;
 
 /// Writes named tensors as a safetensors file (creating its folder), atomically.
 pub fn write_safetensors(path: &Path, named: &[(String, Tensor)], precision: Precision) -> Result<(), TrainError> {
-    let bytes = safetensors_bytes(named, precision)?;
+    let bytes = weights::safetensors_bytes(named, precision, &BTreeMap::new()).map_err(TrainError::other)?;
     write_file(path, &bytes)
 }
 
@@ -136,6 +97,7 @@ pub fn restore_store(vs: &tch::nn::VarStore, saved: &BTreeMap<String, Tensor>, p
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Kind;
 
     #[test]
     fn f16_files_round_to_half_and_read_back() {
