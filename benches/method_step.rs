@@ -62,6 +62,7 @@ fn record(root: &std::path::Path) -> ModelRecord {
             train_prompts: at("train_prompts"),
             test_prompts: at("test_prompts"),
             jpeg_quality: m["jpeg_quality"].as_f64().unwrap_or(80.0),
+            compress_reduction: Default::default(),
         },
         tasks: Vec::new(),
         origin: "base".into(),

@@ -113,6 +113,36 @@ fn only_the_newest_adapter_trains_and_earlier_ones_stay_bitwise() {
 }
 
 #[test]
+fn each_task_draws_its_own_numbers_and_a_rerun_repeats_them() {
+    // lr 0: the adapters stay at their initialisation, which comes from the stage's streams.
+    let stages = r#"
+  - id: ft/${step}
+    kind: finetune
+    chain: {over: [aesthetic, aesthetic], as: task, link: model, first: base}
+    params: {task: "${task}", method: baseline, lr: 0.0, weight_decay: 0.0}
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let p = resolve(&pipeline(dir.path(), "random", stages), &[]);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(cache_dir.path());
+    run_all(&p, &cache);
+    let second = tensors(&object(&p, &cache, "ft/2").join("adapters.safetensors"));
+    let (a0, a1): (Vec<_>, Vec<_>) = (second.iter().filter(|(k, _)| k.contains(".lora_A.0.")).collect(), second.iter().filter(|(k, _)| k.contains(".lora_A.1.")).collect());
+    assert!(!a0.is_empty() && a0.len() == a1.len());
+    for ((n0, t0), (_, t1)) in a0.iter().zip(&a1) {
+        assert!(!t0.equal(t1), "{n0}: the second task's adapter starts where the first one's did");
+    }
+    let log = |id: &str| std::fs::read_to_string(object(&p, &cache, id).join("train_log.jsonl")).unwrap();
+    assert_ne!(log("ft/1"), log("ft/2"), "the same prompts and noise in both tasks");
+    // A rerun of the same stage (a fresh cache) draws the same numbers: bitwise the same adapters.
+    let again_dir = tempfile::tempdir().unwrap();
+    let again = Cache::new(again_dir.path());
+    run_all(&p, &again);
+    let rerun = std::fs::read(object(&p, &again, "ft/2").join("adapters.safetensors")).unwrap();
+    assert_eq!(rerun, std::fs::read(object(&p, &cache, "ft/2").join("adapters.safetensors")).unwrap());
+}
+
+#[test]
 fn a_shared_adapter_keeps_training_one_lora_across_tasks() {
     let dir = tempfile::tempdir().unwrap();
     let stages = CHAIN.replace(r#"method: "${method}"}"#, r#"method: "${method}", adapter: shared}"#);

@@ -1,23 +1,45 @@
-//! Compressibility reward: -||x - C(x)||^2 with C the differentiable JPEG.
+//! Compressibility reward: -||x - C(x)||^2 with C the differentiable JPEG (Eq. 2).
 //!
-//! The squared norm is taken as the mean over channels and pixels (not the sum): the reward then
-//! does not grow with the image size, so one learning rate and one mixture weight serve the
-//! 32x32 tiny world and 512x512 SD images alike. It equals the sum divided by 3*H*W, which
-//! only rescales the gradient; the ranking of images is unchanged.
+//! Eq. 2 is a sum over channels and pixels ([`Reduction::Sum`]); the mean ([`Reduction::Mean`])
+//! is the sum divided by 3*H*W, so it does not grow with the image size. With Adam a global
+//! scale does not change the baseline's update, but it sets the balance against RID's lambda and
+//! the weights of joint tuning's mixture (Eq. 10). The ranking of images is the same.
+use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::diff_jpeg::DiffJpeg;
 use super::{check_images, Reward, RewardError};
 
-/// `R(x) = -mean_{c,h,w} (x - C(x))^2` per image, x in [0, 1].
+/// How the squared error is reduced over channels and pixels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reduction {
+    /// The paper's Eq. 2.
+    Sum,
+    #[default]
+    Mean,
+}
+
+impl Reduction {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "sum" => Some(Reduction::Sum),
+            "mean" => Some(Reduction::Mean),
+            _ => None,
+        }
+    }
+}
+
+/// `R(x) = -sum_{c,h,w} (x - C(x))^2` (or the mean) per image, x in [0, 1].
 #[derive(Debug, Default)]
 pub struct Compressibility {
     jpeg: DiffJpeg,
+    reduction: Reduction,
 }
 
 impl Compressibility {
-    pub fn new(jpeg: DiffJpeg) -> Self {
-        Self { jpeg }
+    pub fn new(jpeg: DiffJpeg, reduction: Reduction) -> Self {
+        Self { jpeg, reduction }
     }
 
     pub fn jpeg(&self) -> &DiffJpeg {
@@ -35,9 +57,12 @@ impl Reward for Compressibility {
         let compressed = self.jpeg.forward(images)?;
         let kind = compressed.kind();
         let error = images.f_to_kind(kind)?.f_sub(&compressed)?.f_square()?;
-        Ok(error
-            .f_mean_dim([1i64, 2, 3].as_slice(), false, kind)?
-            .f_neg()?)
+        let dims = [1i64, 2, 3];
+        let reduced = match self.reduction {
+            Reduction::Sum => error.f_sum_dim_intlist(dims.as_slice(), false, kind)?,
+            Reduction::Mean => error.f_mean_dim(dims.as_slice(), false, kind)?,
+        };
+        Ok(reduced.f_neg()?)
     }
 }
 
@@ -80,6 +105,14 @@ mod tests {
             .score(&x, &[])
             .unwrap()
             .allclose(&expected, 1e-6, 1e-9, false));
+    }
+
+    #[test]
+    fn the_sum_of_eq_2_is_the_mean_times_the_elements() {
+        let x = Tensor::rand([2, 3, 16, 16], (Kind::Float, Device::Cpu));
+        let mean = Compressibility::new(DiffJpeg::default(), Reduction::Mean).score(&x, &[]).unwrap();
+        let sum = Compressibility::new(DiffJpeg::default(), Reduction::Sum).score(&x, &[]).unwrap();
+        assert!(sum.allclose(&(mean * (3.0 * 16.0 * 16.0)), 1e-5, 1e-7, false));
     }
 
     #[test]

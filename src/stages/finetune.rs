@@ -38,7 +38,8 @@ impl StageKind for Finetune {
         params.extend(training_params());
         KindSchema {
             kind: "finetune",
-            // 2: RID distils decoded images (Eq. 7) rather than latents.
+            // 2: RID distils decoded images (Eq. 7) rather than latents; random streams derived
+            // from the seed and the input model's place in the sequence.
             version: 2,
             doc: "fine-tune a new LoRA adapter on one reward task (baseline or RID), on top of the input model",
             uses_input_labels: false,

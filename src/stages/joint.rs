@@ -26,7 +26,8 @@ impl StageKind for Joint {
         params.extend(training_params());
         KindSchema {
             kind: "joint",
-            version: 1,
+            // 2: random streams derived from the seed and the input model's place in the sequence.
+            version: 2,
             doc: "joint tuning: one adapter on a weighted sum of rewards (Eq. 10)",
             uses_input_labels: false,
             params,

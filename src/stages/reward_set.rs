@@ -43,7 +43,7 @@ pub fn task_reward(task: Task, world: &WorldSpec, device: Device, precision: Pre
         Task::Hps => Box::new(HpsReward::load(&world.hps, device, kind).map_err(StageError::failed)?),
         Task::Compress => {
             let quality = world.jpeg_quality.round().clamp(1.0, 100.0) as u8;
-            Box::new(Compressibility::new(DiffJpeg::new(quality).map_err(StageError::failed)?))
+            Box::new(Compressibility::new(DiffJpeg::new(quality).map_err(StageError::failed)?, world.compress_reduction))
         }
     })
 }

@@ -50,7 +50,7 @@ pub fn training_params() -> Vec<ParamSpec> {
         p("guidance", ParamType::Float, json!(7.5), "classifier-free guidance scale"),
         p("lora_rank", ParamType::Int, json!(4), "rank of the new adapter (paper: 4)"),
         p("lora_init", ParamType::Enum(vec!["kaiming_uniform", "normal"]), json!("kaiming_uniform"), "initialisation of the adapter's down matrix A (B starts at zero)"),
-        p("seed", ParamType::Int, json!(0), "seed of prompts order, initial noise and adapter initialisation"),
+        p("seed", ParamType::Int, json!(0), "seed of prompts order, initial noise and adapter initialisation; each stage derives its streams from it and the input model's place in the sequence (its origin and tasks so far), so consecutive tasks differ, variants at the same place compare paired, and a rerun repeats"),
         p("checkpoint_every", ParamType::Int, json!(20), "optimizer steps between resumable checkpoints"),
         p("grad_checkpointing", ParamType::Bool, json!(false), "decode and score `decode_chunk` samples at a time on a detached z_0 and push the collected gradient through the last UNet call (AlignProp, DRaFT): the decode's graph of one chunk is alive at a time; same gradients"),
         p("decode_chunk", ParamType::Int, json!(1), "samples decoded and scored at once with `grad_checkpointing`"),
@@ -124,7 +124,11 @@ pub fn train(ctx: &mut StageContext, spec: TrainSpec, model: &ModelRecord, adapt
     let p = ctx.params().clone();
     let device = super::device::tch_device(&ctx.device);
     tch::set_num_threads(ctx.threads.max(1) as i32);
-    let seed = p.i64_of("seed")? as u64;
+    // Each task draws its own numbers: the seed is derived from the input model's place in the
+    // sequence (its origin and the tasks it has learnt). Stages at the same place (the baseline
+    // and RID, or an ablation's variants) draw the same numbers, so they compare paired.
+    let place = format!("{}:{}", model.origin, model.tasks.iter().map(|t| t.name()).collect::<Vec<_>>().join(","));
+    let seed = noise::derive_seed(p.i64_of("seed")? as u64, &place);
     let precision = Precision::of_params(&p)?;
     let diffusion = Diffusion::load(model, adapters, device, precision)?;
     let lora = &diffusion.lora;

@@ -14,6 +14,7 @@ use crate::exec::{Params, StageContext, StageError, StageKind};
 use crate::pipeline::schema::{KindSchema, ParamSpec, ParamType};
 
 use crate::rewards::clip_loader::{ClipFiles, ClipLayout};
+use crate::rewards::compressibility::Reduction;
 
 use super::records::Task;
 
@@ -54,6 +55,9 @@ pub struct WorldSpec {
     pub test_prompts: PathBuf,
     /// JPEG quality of the compressibility reward.
     pub jpeg_quality: f64,
+    /// Reduction of the compressibility reward over channels and pixels (Eq. 2: sum).
+    #[serde(default)]
+    pub compress_reduction: Reduction,
 }
 
 /// `model.json`: a diffusion model as stages pass it along.
@@ -142,6 +146,21 @@ fn lora_targets_param() -> ParamSpec {
     }
 }
 
+/// The `compress_reduction` parameter; `default` is the world's.
+fn reduction_param(default: &'static str, doc: &'static str) -> ParamSpec {
+    ParamSpec {
+        name: "compress_reduction",
+        ty: ParamType::Enum(vec!["sum", "mean"]),
+        default: Some(json!(default)),
+        doc,
+    }
+}
+
+fn reduction_of(p: &serde_json::Map<String, serde_json::Value>) -> Result<Reduction, StageError> {
+    let name = p.str_of("compress_reduction")?;
+    Reduction::parse(name).ok_or_else(|| StageError::Failed(format!("compress_reduction `{name}`: expected sum or mean")))
+}
+
 fn lora_targets(ctx: &StageContext) -> Vec<String> {
     ctx.params()
         .get("lora_targets")
@@ -164,14 +183,18 @@ impl StageKind for TinyWorld {
             version: 1,
             doc: "the embedded tiny world (its models, rewards and prompts) as the base model of a study",
             uses_input_labels: false,
-            params: vec![path_param("root", "the tiny world's folder with world.json (the repo's tiny/weights, or a pretrain pipeline's export)"), lora_targets_param()],
+            params: vec![
+                path_param("root", "the tiny world's folder with world.json (the repo's tiny/weights, or a pretrain pipeline's export)"),
+                reduction_param("mean", "reduction of the compressibility reward's squared JPEG error over channels and pixels: mean (the tiny world's recipe was set with it; docs/tiny-world.md) or sum (Eq. 2)"),
+                lora_targets_param(),
+            ],
             inputs: Vec::new(),
         }
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let root = PathBuf::from(ctx.params().str_of("root")?);
-        let world = tiny_world_spec(&root)?;
+        let world = WorldSpec { compress_reduction: reduction_of(ctx.params())?, ..tiny_world_spec(&root)? };
         // A shipped bundle lists its files' blake3 hashes: a damaged or edited file stops the
         // study here rather than skewing its numbers.
         if root.join(BUNDLE_MANIFEST).is_file() {
@@ -231,6 +254,7 @@ pub fn tiny_world_spec(root: &Path) -> Result<WorldSpec, StageError> {
         train_prompts: at(&m.train_prompts, "training prompts")?,
         test_prompts: at(&m.test_prompts, "test prompts")?,
         jpeg_quality: m.jpeg_quality,
+        compress_reduction: Reduction::Mean,
     };
     Ok(world)
 }
@@ -278,6 +302,7 @@ impl StageKind for Sd15World {
                     default: Some(json!(80.0)),
                     doc: "JPEG quality of the differentiable JPEG in the compressibility reward",
                 },
+                reduction_param("sum", "reduction of the compressibility reward's squared JPEG error over channels and pixels: sum (the paper's Eq. 2) or mean"),
                 lora_targets_param(),
             ],
             inputs: Vec::new(),
@@ -326,6 +351,7 @@ pub fn sd15_world_spec(p: &serde_json::Map<String, serde_json::Value>) -> Result
         train_prompts: path("train_prompts")?,
         test_prompts: path("test_prompts")?,
         jpeg_quality: p.f64_of("jpeg_quality")?,
+        compress_reduction: reduction_of(p)?,
     };
     Ok(world)
 }

@@ -2,7 +2,7 @@
 //! implementation of the same formulas, and against Pillow's real JPEG codec.
 use std::collections::HashMap;
 
-use ril_pipe::rewards::compressibility::Compressibility;
+use ril_pipe::rewards::compressibility::{Compressibility, Reduction};
 use ril_pipe::rewards::diff_jpeg::DiffJpeg;
 use ril_pipe::rewards::Reward;
 use tch::{Kind, Tensor};
@@ -94,7 +94,7 @@ fn compressibility_matches_reference() {
     for case in cases() {
         let t = load(&format!("jpeg_{case}.safetensors"));
         for q in qualities() {
-            let reward = Compressibility::new(DiffJpeg::new(q).unwrap());
+            let reward = Compressibility::new(DiffJpeg::new(q).unwrap(), Reduction::Mean);
             let x = t["x"].copy().set_requires_grad(true);
             let score = reward.score(&x, &[]).unwrap();
             let score_diff = max_abs_diff(&score, &t[&format!("reward_q{q}")]);
