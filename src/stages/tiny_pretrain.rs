@@ -14,7 +14,9 @@
 //! - `tiny_export`: the shipped bundle (f16 weights, `world.json`, prompts, FID reference,
 //!   `MANIFEST.txt` of blake3 hashes), loaded back through `tiny_world`'s manifest reader,
 //!   `Diffusion::load` and the rewards, and every gate measured again on it, plus the sample
-//!   gates (CLIP score with the own vs a shuffled prompt, FID vs pure noise) and a sample grid.
+//!   gates (CLIP score with the own vs a shuffled prompt, FID vs pure noise), the shape gates
+//!   (a shape probe trained on renders reads the samples of the one-object test prompts) and a
+//!   sample grid.
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
@@ -35,7 +37,7 @@ use crate::tiny::train::io::{read_safetensors, write_file, write_json, write_saf
 use crate::tiny::train::unet::{self as tunet, DiffusionSettings, LatentPool, TextConditioning, TinyUnetConfig, TrainableUnet};
 use crate::tiny::train::vae::{self as tvae, TinyVaeConfig, TrainableVae};
 use crate::tiny::train::vocab::{caption_words, Vocabulary};
-use crate::tiny::train::{aesthetic as taesthetic, preference as tpreference, Monitor, TrainError};
+use crate::tiny::train::{aesthetic as taesthetic, preference as tpreference, shape_probe, Monitor, TrainError};
 use crate::tiny::{prompt_split, write_png_grid, write_prompts, IMAGE_SIZE};
 
 use super::device::tch_device;
@@ -262,6 +264,7 @@ impl StageKind for TinyClip {
             int("embed_dim", 64, "joint embedding size"),
             float("alt_text", 0.8, "probability that a training text is the render's alt-text (caption + look words) rather than its caption"),
             float("look_weight", 1.0, "weight of the look-grading loss (a linear probe per quality on the image embedding, not shipped)"),
+            float("factor_weight", 0.0, "weight of the factor loss (a linear probe on the image embedding regressing the aesthetic rating's eight factors, not shipped; 0: none)"),
             int("eval_sets", 4, "independent render sets of the test prompts for the retrieval gate"),
         ]);
         KindSchema {
@@ -300,7 +303,7 @@ impl StageKind for TinyClip {
         let checkpoint = ctx.resume_dir()?.join("checkpoint.safetensors");
         let summary = {
             let mut monitor = StageMonitor::new(ctx, schedule.steps);
-            let look = tclip::LookSettings { alt_text: p.f64_of("alt_text")?, look_weight: p.f64_of("look_weight")? };
+            let look = tclip::LookSettings { alt_text: p.f64_of("alt_text")?, look_weight: p.f64_of("look_weight")?, factor_weight: p.f64_of("factor_weight")? };
             tclip::train(&model, &prompts.tokenizer, &prompts.excluded, &schedule, &look, Some(&checkpoint), &mut monitor).map_err(stage_error)?
         };
         model.save(&out.join(CLIP_DIR), &clip_json, Precision::F32).map_err(stage_error)?;
@@ -335,6 +338,7 @@ impl StageKind for TinyVae {
             int("latent_channels", 4, "latent channels"),
             int("norm_num_groups", 8, "GroupNorm groups"),
             float("kl_weight", 1e-6, "weight of the KL term (per-image sums, as SD's VAE)"),
+            float("edge_weight", 0.0, "weight of the edge term (mean absolute difference of neighbour-pixel differences; 0: none)"),
             int("eval_renders", 8, "renders per test prompt for the PSNR gate"),
         ]);
         KindSchema {
@@ -363,7 +367,8 @@ impl StageKind for TinyVae {
         let checkpoint = ctx.resume_dir()?.join("checkpoint.safetensors");
         let summary = {
             let mut monitor = StageMonitor::new(ctx, schedule.steps);
-            tvae::train(&model, &prompts.excluded, &schedule, p.f64_of("kl_weight")?, Some(&checkpoint), &mut monitor).map_err(stage_error)?
+            let terms = tvae::VaeLoss { kl_weight: p.f64_of("kl_weight")?, edge_weight: p.f64_of("edge_weight")? };
+            tvae::train(&model, &prompts.excluded, &schedule, &terms, Some(&checkpoint), &mut monitor).map_err(stage_error)?
         };
         model.config.scaling_factor = tvae::latent_scale(&model.vae, &prompts.excluded, 4096, schedule.seed, device).map_err(stage_error)?;
         let out = ctx.out_dir().to_path_buf();
@@ -592,6 +597,8 @@ impl StageKind for TinyExport {
                 int("rating_renders", 20, "renders per test prompt for the Pearson gate"),
                 int("preference_pairs", 20, "labelled pairs per test prompt for the preference gate"),
                 float("jpeg_quality", 80.0, "JPEG quality of the compressibility reward (world.json)"),
+                int("probe_steps", 600, "training steps of the shape probe (the shape gates' instrument, not shipped)"),
+                int("probe_batch", 128, "renders per step of the shape probe"),
             ],
             inputs: vec![
                 input("prompts", "a tiny_prompts stage"),
@@ -644,7 +651,14 @@ impl StageKind for TinyExport {
             seed,
             sweep: p.get("guidance_sweep").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default(),
         };
-        sample_gates(ctx, &mut report, &diffusion, &clip, &test, &settings, (&mu, &sigma), usize_of(&p, "grid_prompts")?)?;
+        let samples = sample_gates(ctx, &mut report, &diffusion, &clip, &test, &settings, (&mu, &sigma), usize_of(&p, "grid_prompts")?)?;
+        let probe_schedule = Schedule { steps: usize_of(&p, "probe_steps")?, batch: count("probe_batch")?, lr: 2e-3, warmup: 50, weight_decay: 0.0, seed, checkpoint_every: 0 };
+        let (probe, _) = {
+            let mut monitor = StageMonitor::new(ctx, probe_schedule.steps);
+            shape_probe::train(&probe_schedule, &Excluded::new(&test), device, &mut monitor).map_err(stage_error)?
+        };
+        let reconstruct = |images: &Tensor| tvae::reconstruct(&diffusion.vae, images);
+        shape_probe::shape_gates(&mut report, &probe, &test, &samples, settings.per_prompt, seed + 4000, &reconstruct).map_err(stage_error)?;
         publish(ctx, &report)?;
         write_manifest(&out)
     }
@@ -769,9 +783,9 @@ fn sample(diffusion: &Diffusion, prompts: &[String], settings: &SampleSettings) 
 
 /// The sample gates: CLIP score with the own prompt vs a shuffled one (each sample scored
 /// against the next prompt's text), FID of the samples vs that of pure-noise images (and of
-/// fresh renders, the floor); the sample grid.
+/// fresh renders, the floor); the sample grid. Returns the samples (for the shape gates).
 #[allow(clippy::too_many_arguments)]
-fn sample_gates(ctx: &StageContext, report: &mut GateReport, diffusion: &Diffusion, clip: &FrozenClip, test: &[String], settings: &SampleSettings, reference: (&Tensor, &Tensor), grid_prompts: usize) -> Result<(), StageError> {
+fn sample_gates(ctx: &StageContext, report: &mut GateReport, diffusion: &Diffusion, clip: &FrozenClip, test: &[String], settings: &SampleSettings, reference: (&Tensor, &Tensor), grid_prompts: usize) -> Result<Tensor, StageError> {
     let device = diffusion.device;
     let per = settings.per_prompt;
     let samples = sample(diffusion, test, settings)?;
@@ -832,7 +846,7 @@ fn sample_gates(ctx: &StageContext, report: &mut GateReport, diffusion: &Diffusi
     write_png_grid(&ctx.out_dir().join("samples.png"), &grid, columns, 4).map_err(StageError::failed)?;
     let legend: String = test[..shown].iter().enumerate().map(|(i, p)| format!("row {}: {p}\n", i + 1)).collect();
     write_file(&ctx.out_dir().join("samples.txt"), format!("first column: a render of the prompt; then base-model samples ({how})\n{legend}").as_bytes()).map_err(stage_error)?;
-    Ok(())
+    Ok(samples)
 }
 
 /// Images of independent uniform pixels, seeded.

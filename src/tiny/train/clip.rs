@@ -296,6 +296,11 @@ pub struct LookSettings {
     /// Weight of the look-grading loss: cross-entropy of a linear probe per quality on the
     /// image embedding (the probe is not part of the shipped model); 0 for none.
     pub look_weight: f64,
+    /// Weight of the factor loss: squared error of a linear probe on the image embedding
+    /// predicting the eight factors of the aesthetic rating (harmony, composition, contrast,
+    /// texture, shading, saturation, clutter, grain; each in [0, 1], mapped to [-1, 1]); the
+    /// probe is not shipped; 0 for none.
+    pub factor_weight: f64,
 }
 
 /// Contrastive training on fresh renders each step, each described by its alt-text with
@@ -314,9 +319,10 @@ pub fn train(model: &TrainableClip, tokenizer: &ClipTokenizer, excluded: &Exclud
     let probe_vs = VarStore::new(device);
     let qualities = data::LOOK_QUALITIES.len() as i64;
     let probe = tch::nn::linear(probe_vs.root() / "look_probe", embed, 3 * qualities, Default::default());
+    let factor_probe = tch::nn::linear(probe_vs.root() / "factor_probe", embed, data::FACTORS as i64, Default::default());
     seeded_init(&probe_vs, schedule.seed ^ 0x100);
     let mut params: Vec<Tensor> = trainable(&model.vs).into_iter().map(|(_, t)| t).collect();
-    if look.look_weight > 0.0 {
+    if look.look_weight > 0.0 || look.factor_weight > 0.0 {
         params.extend(trainable(&probe_vs).into_iter().map(|(_, t)| t));
     }
     let mut optimizer = adamw(&params, schedule);
@@ -347,6 +353,12 @@ pub fn train(model: &TrainableClip, tokenizer: &ClipTokenizer, excluded: &Exclud
             // The embedding is unit-length: scale it so that the probe's logits can be large.
             let logits = tch::nn::Module::forward(&probe, &(&image * 10.0)).view([-1, 3]);
             loss += logits.cross_entropy_for_logits(&targets) * look.look_weight;
+        }
+        if look.factor_weight > 0.0 {
+            let factors: Vec<f32> = batch.scenes.iter().flat_map(data::factor_values).collect();
+            let targets = Tensor::from_slice(&factors).view([-1, data::FACTORS as i64]).to_device(device) * 2.0 - 1.0;
+            let predicted = tch::nn::Module::forward(&factor_probe, &(&image * 10.0));
+            loss += (predicted - targets).square().mean(Kind::Float) * look.factor_weight;
         }
         schedule.update(&mut optimizer, &params, &loss, step);
         track.push(loss.double_value(&[]));
@@ -381,7 +393,7 @@ mod tests {
     use crate::tiny::train::vocab::caption_words;
     use crate::tiny::train::Quiet;
 
-    const LOOK: LookSettings = LookSettings { alt_text: 0.5, look_weight: 1.0 };
+    const LOOK: LookSettings = LookSettings { alt_text: 0.5, look_weight: 1.0, factor_weight: 1.0 };
 
     fn tiny(dir: &Path) -> (TrainableClip, ClipTokenizer, serde_json::Value) {
         let vocab = Vocabulary::for_words(&caption_words(&LOOK_WORDS)).unwrap();

@@ -68,6 +68,16 @@ pub fn look_bins(scene: &Scene) -> [usize; 8] {
     ]
 }
 
+/// How many factors the aesthetic rating has ([`factor_values`]).
+pub const FACTORS: usize = 8;
+
+/// The eight factors of a render's aesthetic rating, each in [0, 1] (see `tiny::rating`):
+/// harmony, composition, contrast, texture, shading, saturation, clutter, grain.
+pub fn factor_values(scene: &Scene) -> [f32; FACTORS] {
+    let f = aesthetic_factors(scene);
+    [f.harmony, f.composition, f.contrast, f.texture, f.shading, f.saturation, f.clutter, f.noise]
+}
+
 /// The words of a render's alt-text after its caption (see the module docs), in a fixed order.
 pub fn look_words(scene: &Scene) -> Vec<&'static str> {
     look_bins(scene).iter().zip(LOOK_QUALITIES).map(|(&b, (_, words))| words[b]).filter(|w| !w.is_empty()).collect()

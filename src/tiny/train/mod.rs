@@ -8,6 +8,8 @@
 //!   encoder's hidden states (DDPM, epsilon prediction, SD1.5 noise schedule, prompt dropout).
 //! - [`aesthetic`]: a LAION-style head on the CLIP image embedding, fit to the procedural rating.
 //! - [`preference`]: a copy of the CLIP fine-tuned on preference pairs as HPSv2 was.
+//! - [`shape_probe`]: a small classifier reading the shape of the object in one-object images
+//!   (the shape gate's instrument).
 //! - [`gates`]: the quality measurements (retrieval, PSNR, Pearson r, pairwise accuracy, CLIP
 //!   score, FID).
 //! - [`io`]: safetensors writing (f32 or f16) and resumable checkpoints.
@@ -21,6 +23,7 @@ pub mod data;
 pub mod gates;
 pub mod io;
 pub mod preference;
+pub mod shape_probe;
 pub mod unet;
 pub mod vae;
 pub mod vocab;
