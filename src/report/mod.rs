@@ -9,6 +9,7 @@
 //! - [`render`]: Markdown, CSV and LaTeX (booktabs) writers.
 //! - [`charts`] and [`montage`]: trajectories, forgetting bars, training curves, sample grids.
 //! - [`check`]: comparison of a run's metrics with a committed baseline file.
+//! - [`seeds`]: a study over several training seeds (mean ± std, claims counted, error bars).
 //! - [`publish`]: the report stages of a pipeline, run if needed and copied to `reports/<name>/`.
 pub mod charts;
 pub mod check;
@@ -17,6 +18,7 @@ pub mod inputs;
 pub mod montage;
 pub mod publish;
 pub mod render;
+pub mod seeds;
 pub mod tables;
 
 use std::collections::BTreeMap;

@@ -20,6 +20,8 @@ use super::{ReportError, REPORT_METRICS_FILE};
 
 /// The kind name of report stages.
 pub const REPORT_KIND: &str = "report";
+/// The kind name of the report over seeds, published beside the reports.
+pub const SEEDS_REPORT_KIND: &str = "seeds_report";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -51,7 +53,7 @@ pub struct ReportObject {
 }
 
 fn report_stages(plan: &Plan) -> Vec<&PlannedStage> {
-    plan.unique().filter(|s| s.stage.kind == REPORT_KIND).collect()
+    plan.unique().filter(|s| s.stage.kind == REPORT_KIND || s.stage.kind == SEEDS_REPORT_KIND).collect()
 }
 
 fn status_text(s: &Status) -> String {

@@ -13,6 +13,7 @@ pub mod records;
 pub mod report;
 pub mod reward_set;
 pub mod sample;
+pub mod seeds_report;
 pub mod soup;
 pub mod tiny_pretrain;
 pub mod train;
@@ -31,6 +32,7 @@ pub fn registry() -> Registry {
     r.register(evaluate::Evaluate);
     r.register(forgetting::Forgetting);
     r.register(report::Report);
+    r.register(seeds_report::SeedsReport);
     r.register(tiny_pretrain::TinyPrompts);
     r.register(tiny_pretrain::TinyClip);
     r.register(tiny_pretrain::TinyVae);
