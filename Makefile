@@ -16,7 +16,7 @@ export CARGO_TARGET_DIR ?= $(RIL_HOME)/target
 export RIL_FIXTURES ?= $(RIL_HOME)/fixtures
 BIN := $(CARGO_TARGET_DIR)/debug/ril-pipe
 
-.PHONY: setup build test hardening demo tiny-world ablations fixtures bench clean-cache slurm-check smoke
+.PHONY: setup build test hardening demo study tiny-world ablations fixtures bench clean-cache slurm-check smoke
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,11 @@ hardening: build fixtures
 
 demo: build
 	$(BIN) run pipelines/all_orders.yaml
+
+# The main study over three training seeds (seed 0 is the demo's, from the cache after `make
+# demo`); its report: reports/all_orders_seeds/ (one folder per seed and the seeds report).
+study: build
+	$(BIN) run pipelines/all_orders_seeds.yaml
 
 # Regenerates tiny/weights/ from pipelines/tiny_world.yaml with a release build, as the committed
 # weights were made (34 minutes of training on 2 idle cores, measured).

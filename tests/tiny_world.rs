@@ -21,7 +21,7 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-const GATES: [&str; 7] = [
+const GATES: [&str; 9] = [
     "clip.retrieval_top1",
     "clip.retrieval_top5",
     "vae.psnr_db",
@@ -29,6 +29,8 @@ const GATES: [&str; 7] = [
     "preference.pairwise_accuracy",
     "samples.clip_score_margin",
     "samples.fid_vs_noise",
+    "shape_probe.renders",
+    "samples.shape_agreement",
 ];
 
 /// Runs a pipeline file with overrides; returns the cache and the object folder of each stage.
@@ -110,6 +112,7 @@ fn miniature_pretraining_pipeline_runs_end_to_end_and_its_bundle_loads() {
         "preference.steps=4", "preference.batch=4", "preference.eval_pairs=1",
         "unet.steps=6", "unet.batch=8", "unet.pool=64", "unet.block_out_channels=[16, 32]",
         "export.samples_per_prompt=2", "export.fid_renders=2", "export.retrieval_sets=1", "export.psnr_renders=1", "export.rating_renders=1", "export.preference_pairs=1",
+        "export.probe_steps=3", "export.probe_batch=8",
     ];
     let sets: Vec<String> = small.iter().map(|s| s.to_string()).collect();
     let objects = run_pipeline(&repo().join("pipelines/tiny_world.yaml"), &sets, &dir.path().join("cache"));
