@@ -104,7 +104,7 @@ fn a_bf16_finetune_keeps_fp32_adapters_and_stays_close_to_fp32() {
     assert!(norm > 1e-4, "the fp32 fine-tune did not move B");
     assert!(diff > 0.0, "bf16 changed nothing: the precision was not applied");
     let relative = (dsq / nsq).sqrt();
-    assert!(relative < 0.15, "bf16 adapters differ from the fp32 ones by {relative} (relative Frobenius)");
+    assert!(relative < 0.10, "bf16 adapters differ from the fp32 ones by {relative} (relative Frobenius)");
     assert!(agree / count > 0.95, "only {} of the B elements moved the same way", agree / count);
     assert!(diff <= 2.0 * 1e-2 * 2.0 + 1e-6, "an element moved further than two AdamW steps: {diff}");
     // Finite rewards, losses and gradients at every step, in both precisions; close rewards.
@@ -113,7 +113,7 @@ fn a_bf16_finetune_keeps_fp32_adapters_and_stays_close_to_fp32() {
     for (a, b) in log32.iter().zip(&log16) {
         assert!(b.reward.is_finite() && b.loss.is_finite() && b.grad_norm.is_finite() && b.grad_norm > 0.0, "{b:?}");
         println!("step {}: reward fp32 {:.6} bf16 {:.6}, grad norm fp32 {:.4e} bf16 {:.4e}", a.step, a.reward, b.reward, a.grad_norm, b.grad_norm);
-        assert!((a.reward - b.reward).abs() <= 0.05 * a.reward.abs().max(1e-3), "step {}: {} vs {}", a.step, a.reward, b.reward);
+        assert!((a.reward - b.reward).abs() <= 0.02 * a.reward.abs().max(1e-3), "step {}: {} vs {}", a.step, a.reward, b.reward);
         assert!((a.grad_norm - b.grad_norm).abs() <= 0.02 * a.grad_norm, "step {}: gradient norm {} vs {}", a.step, a.grad_norm, b.grad_norm);
     }
     // Evaluating the same model in bf16 gives nearly the fp32 metrics.
