@@ -24,7 +24,7 @@ use tch::{Device, Tensor};
 
 const BATCH: usize = 8;
 const STEPS: usize = 10;
-const REPEATS: usize = 7;
+const REPEATS: usize = 21;
 
 fn world_root() -> PathBuf {
     if let Some(arg) = std::env::args().skip(1).find(|a| !a.starts_with('-')) {

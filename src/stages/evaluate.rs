@@ -2,7 +2,6 @@
 //! depends only on (seed, prompt, image) so every model evaluated sees the same z_N, and measure
 //! aesthetic score, HPS, PNG and JPEG sizes, CLIP score and FID.
 use std::io::Write as _;
-use std::path::Path;
 
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
@@ -194,7 +193,7 @@ impl StageKind for Evaluate {
         let n = total as f64;
         let features = Tensor::cat(&features, 0);
         let stats = FeatureStats::from_features(&features).map_err(StageError::failed)?;
-        let reference = load_reference(&world.fid_reference)?;
+        let reference = FeatureStats::read(&world.fid_reference).map_err(StageError::failed)?;
         let fid_value = frechet_distance(&stats, &reference).map_err(StageError::failed)?;
         let metrics = [
             (Metric::Aesthetic, sums[0] / n),
@@ -256,15 +255,6 @@ impl FidExtractor {
 }
 
 /// FID reference statistics from a `.safetensors` holding `mu` and `sigma`.
-pub fn load_reference(path: &Path) -> Result<FeatureStats, StageError> {
-    let tensors: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(path)
-        .map_err(|e| StageError::Failed(format!("FID reference {}: {e}", path.display())))?
-        .into_iter()
-        .collect();
-    let get = |name: &str| tensors.get(name).map(Tensor::shallow_clone).ok_or_else(|| StageError::Failed(format!("FID reference {} has no tensor `{name}`", path.display())));
-    FeatureStats::new(get("mu")?, get("sigma")?).map_err(StageError::failed)
-}
-
 /// Images side by side with `gap` white pixels between them.
 pub fn grid_row(images: &[RgbImage], gap: u32) -> Result<RgbImage, crate::metrics::filesize::ImageCodecError> {
     let h = images.iter().map(RgbImage::height).max().unwrap_or(0);

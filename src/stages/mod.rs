@@ -3,6 +3,7 @@ pub mod device;
 pub mod diffusion;
 pub mod estimate;
 pub mod evaluate;
+pub mod fid_stats;
 pub mod finetune;
 pub mod forgetting;
 pub mod joint;
@@ -29,6 +30,7 @@ pub fn registry() -> Registry {
     r.register(joint::Joint);
     r.register(soup::Soup);
     r.register(evaluate::Evaluate);
+    r.register(fid_stats::FidStats);
     r.register(forgetting::Forgetting);
     r.register(report::Report);
     r.register(tiny_pretrain::TinyPrompts);

@@ -11,11 +11,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::exec::{Params, StageContext, StageError, StageKind};
-use crate::pipeline::schema::{KindSchema, ParamSpec, ParamType};
+use crate::pipeline::schema::{InputSpec, KindSchema, ParamSpec, ParamType};
 
 use crate::rewards::clip_loader::{ClipFiles, ClipLayout};
 use crate::rewards::compressibility::Reduction;
 
+use super::fid_stats::FID_STATS_FILE;
 use super::records::Task;
 
 /// How FID features are computed.
@@ -287,7 +288,12 @@ impl StageKind for Sd15World {
                 path_param("hpsv2_config", "open_clip's ViT-H-14.json model config; public original: src/open_clip/model_configs/ViT-H-14.json in https://github.com/mlfoundations/open_clip"),
                 path_param("bpe", "the CLIP BPE vocabulary bpe_simple_vocab_16e6.txt.gz; public original: https://github.com/openai/CLIP (also in the open_clip_torch wheel)"),
                 path_param("inception", "pytorch-fid's Inception weights pt_inception-2015-12-05-6726825d.pth; public original: https://github.com/mseitzer/pytorch-fid/releases"),
-                path_param("fid_reference", "FID reference: a folder of images (e.g. MS-COCO val2014) or a .safetensors with mu and sigma; public original: https://cocodataset.org"),
+                ParamSpec {
+                    name: "fid_reference",
+                    ty: ParamType::Path,
+                    default: Some(serde_json::Value::Null),
+                    doc: "FID reference statistics: a .safetensors with mu and sigma, or pytorch-fid's --save-stats .npz; or instead give a `fid_stats` stage (e.g. over MS-COCO val2014 images, https://cocodataset.org) as the input `fid_stats`",
+                },
                 path_param("train_prompts", "training prompts, one a line (the 750 HPD photo prompts); public original: assets/hps_v2_all.txt in https://github.com/mihirp1998/AlignProp"),
                 path_param("test_prompts", "test prompts, one a line (the 50 held-out HPD photo prompts); public original: assets/hps_v2_all_eval.txt in https://github.com/mihirp1998/AlignProp"),
                 ParamSpec {
@@ -305,12 +311,25 @@ impl StageKind for Sd15World {
                 reduction_param("sum", "reduction of the compressibility reward's squared JPEG error over channels and pixels: sum (the paper's Eq. 2) or mean"),
                 lora_targets_param(),
             ],
-            inputs: Vec::new(),
+            inputs: vec![InputSpec {
+                name: "fid_stats",
+                required: false,
+                many: false,
+                doc: "a `fid_stats` stage: the FID reference statistics of a folder of images (instead of `fid_reference`)",
+            }],
         }
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let world = sd15_world_spec(ctx.params())?;
+        let given = ctx.params().get("fid_reference").is_some_and(|v| !v.is_null());
+        let fid_reference = match (ctx.input_list("fid_stats").first(), given) {
+            (Some(_), true) => return Err(StageError::Failed("give the FID reference once: the input `fid_stats` or the parameter `fid_reference`, not both".into())),
+            (Some(stats), false) => stats.file(FID_STATS_FILE)?,
+            (None, true) => PathBuf::from(ctx.params().str_of("fid_reference")?),
+            (None, false) => return Err(StageError::Failed("no FID reference: give a `fid_stats` stage over reference images (MS-COCO) as the input `fid_stats`, or a statistics file as `fid_reference`".into())),
+        };
+        crate::metrics::fid::FeatureStats::read(&fid_reference).map_err(StageError::failed)?;
+        let world = WorldSpec { fid_reference, ..sd15_world_spec(ctx.params())? };
         for (what, dir) in [("sd15", &world.diffusion)] {
             for sub in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
                 if !dir.join(sub).is_dir() {
@@ -347,7 +366,8 @@ pub fn sd15_world_spec(p: &serde_json::Map<String, serde_json::Value>) -> Result
         clip_score: clip_l14_spec,
         fid_features: FidFeatures::Inception,
         inception: Some(path("inception")?),
-        fid_reference: path("fid_reference")?,
+        // Set by the stage from its input or parameter; absent when only estimating.
+        fid_reference: PathBuf::new(),
         train_prompts: path("train_prompts")?,
         test_prompts: path("test_prompts")?,
         jpeg_quality: p.f64_of("jpeg_quality")?,

@@ -7,6 +7,7 @@ mod common;
 mod aesthetic;
 mod clip;
 mod ddim;
+mod fid_stats;
 mod inception;
 mod lora;
 mod lora_export;
