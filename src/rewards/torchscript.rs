@@ -188,7 +188,7 @@ impl TorchScriptReward {
         };
         let floating = matches!(scores.kind(), Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16);
         if scores.size() != [batch] || !floating {
-            return Err(self.output_error(batch, format!("a {:?} tensor of shape {:?}", scores.kind(), scores.size())));
+            return Err(self.output_error(batch, format!("a tensor of dtype {:?} and shape {:?}", scores.kind(), scores.size())));
         }
         Ok(scores.to_kind(Kind::Float).to_device(images.device()))
     }

@@ -14,6 +14,7 @@ mod memory;
 mod metrics;
 mod optim;
 mod rewards;
+mod torchscript;
 mod tokenizer;
 mod unet;
 mod vae;
