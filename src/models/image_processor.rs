@@ -138,11 +138,17 @@ pub struct ImageProcessor {
 }
 
 impl ImageProcessor {
-    /// Reads `preprocessor_config.json` at `path`.
+    /// Reads an image processor config: `preprocessor_config.json` as the hub ships it, or the
+    /// `image_processor` entry of the `processor_config.json` that transformers 5's
+    /// `CLIPProcessor.save_pretrained` writes.
     pub fn from_json(path: &Path) -> Result<Self, ImageProcessorError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ImageProcessorError::Config { path: path.to_path_buf(), reason: e.to_string() })?;
-        let config: HfImageProcessorConfig =
-            serde_json::from_str(&text).map_err(|e| ImageProcessorError::Config { path: path.to_path_buf(), reason: e.to_string() })?;
+        let config_err = |reason: String| ImageProcessorError::Config { path: path.to_path_buf(), reason };
+        let text = std::fs::read_to_string(path).map_err(|e| config_err(e.to_string()))?;
+        let mut value: serde_json::Value = serde_json::from_str(&text).map_err(|e| config_err(e.to_string()))?;
+        if let Some(inner) = value.get_mut("image_processor") {
+            value = inner.take();
+        }
+        let config: HfImageProcessorConfig = serde_json::from_value(value).map_err(|e| config_err(e.to_string()))?;
         Self::from_config(&config).map_err(|reason| ImageProcessorError::Unsupported { path: path.to_path_buf(), reason })
     }
 
@@ -317,6 +323,13 @@ mod tests {
         assert!(err.contains("preprocessor_config.json") && err.contains("resample 0"), "{err}");
         std::fs::write(&path, "{").unwrap();
         assert!(matches!(ImageProcessor::from_json(&path), Err(ImageProcessorError::Config { .. })));
+        std::fs::write(&path, r#"{"size": "large"}"#).unwrap();
+        assert!(matches!(ImageProcessor::from_json(&path), Err(ImageProcessorError::Config { .. })));
+        // transformers 5's processor_config.json nests the image processor's settings.
+        let nested = dir.path().join("processor_config.json");
+        std::fs::write(&nested, r#"{"image_processor": {"size": {"shortest_edge": 36}, "crop_size": {"height": 32, "width": 32}}, "processor_class": "CLIPProcessor"}"#).unwrap();
+        let p = ImageProcessor::from_json(&nested).unwrap();
+        assert_eq!((p.resize, p.output_size()), (Some((Resize::ShortestEdge(36), Filter::Bicubic)), Some((32, 32))));
     }
 
     #[test]

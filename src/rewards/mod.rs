@@ -9,6 +9,7 @@ pub mod compressibility;
 pub mod diff_jpeg;
 pub mod hps;
 pub mod mixture;
+pub mod pickscore;
 pub mod torchscript;
 
 use serde::{Deserialize, Serialize};

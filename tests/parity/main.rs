@@ -13,6 +13,7 @@ mod lora_export;
 mod memory;
 mod metrics;
 mod optim;
+mod pickscore;
 mod rewards;
 mod torchscript;
 mod tokenizer;
