@@ -2,11 +2,13 @@
 //! fine-tuned on Pick-a-Pic preferences. The score of image `x` for prompt `p` is
 //! `logit_scale.exp() * cos(E_img(x), E_txt(p))`, the image preprocessed as the processor
 //! config that ships with the model says (resize, center crop, normalisation), here on tensors
-//! so the score stays differentiable in the images. Typical values at full size: about 18-23.
+//! so the score stays differentiable in the images.
 //!
-//! The folder holds what `CLIPModel.save_pretrained` and `CLIPProcessor.save_pretrained` write
-//! side by side: `config.json`, the weights (`model.safetensors`, `pytorch_model.bin`, or a
-//! sharded index), `preprocessor_config.json`, and the tokenizer's `vocab.json` and `merges.txt`.
+//! The folder holds the model as `CLIPModel.save_pretrained` writes it (`config.json`, the
+//! weights: `model.safetensors`, `pytorch_model.bin` or a sharded index) and the processor's
+//! files as the hub repositories ship them: `preprocessor_config.json` (or the
+//! `processor_config.json` of transformers 5's `CLIPProcessor.save_pretrained`) and the
+//! tokenizer's `vocab.json` and `merges.txt` (`tokenizer.json` alone is not read).
 use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
@@ -72,7 +74,7 @@ impl PickScoreReward {
         Ok(PickScoreReward { clip, processor, scale })
     }
 
-    /// `logit_scale.exp()` of the checkpoint (100 for PickScore_v1).
+    /// `logit_scale.exp()` of the checkpoint.
     pub fn logit_scale(&self) -> f64 {
         self.scale
     }

@@ -2,16 +2,16 @@
 
 - `pickscore_small/`: a small random transformers CLIPModel in PickScore's folder layout, as the hub
   repositories ship it (config.json and model.safetensors as CLIPModel.save_pretrained writes them; a
-  legacy `preprocessor_config.json` like laion/CLIP-ViT-H-14-laion2B-s32B-b79K's, at a small size; the
-  tokenizer's vocab.json and merges.txt built from the CLIP BPE merges). logit_scale is PickScore_v1's
-  (log 100). The oracle is PickScore's reference computation through transformers: the processor
+  legacy-layout `preprocessor_config.json` with the CLIP ViT settings at a small size; the
+  tokenizer's vocab.json and merges.txt built from the CLIP BPE merges). logit_scale is set to log 100,
+  the bound CLIP training clamps it to. The oracle is PickScore's reference computation through transformers: the processor
   (transformers 5's torchvision backend, on the images as float tensors x 255, which keeps them in the
   autograd graph) and the model, score = logit_scale.exp() * cos(image, text), and the gradient of
   sum(score * w) with respect to the images; plus the pixel values, and the scores PickScore's reference
   code gets through the PIL backend from the same images quantised to uint8 (what its users feed it),
   on the random images and on natural-like ones (`pil_natural`: 1/f textures with discs).
-- `processor_<name>/`: processor configs alone, with images and transformers' pixel values: the real
-  ViT-H processor config at 224, bilinear exact resizing without a crop, a crop larger than the resized
+- `processor_<name>/`: processor configs alone, with images and transformers' pixel values: the CLIP
+  ViT settings at 224, bilinear exact resizing without a crop, a crop larger than the resized
   image (zero padding), no rescaling with one mean/std for all channels, and transformers 5's nested
   `processor_config.json`.
 """
@@ -36,8 +36,10 @@ from fixtures_tokenizer import DATA, hf_folder
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]
-# laion/CLIP-ViT-H-14-laion2B-s32B-b79K's preprocessor_config.json, the processor PickScore_v1 uses.
-VIT_H = {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+# A CLIP ViT processor config in the legacy layout (int sizes, CLIPFeatureExtractor): bicubic resize of the
+# short side to 224, 224 center crop, OpenAI mean/std: the settings of the CLIP processors on the hub, such as
+# the one PickScore's reference code loads (laion/CLIP-ViT-H-14-laion2B-s32B-b79K).
+CLIP_224 = {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
          "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": MEAN, "image_std": STD, "resample": 3,
          "size": 224}
 PROMPTS = [
@@ -89,7 +91,7 @@ def pickscore_case(out: pathlib.Path, tokenizer_dir: pathlib.Path, gen: torch.Ge
     model.save_pretrained(folder)
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(tokenizer_dir / name, folder / name)
-    (folder / "preprocessor_config.json").write_text(json.dumps(dict(VIT_H, size=36, crop_size=32), indent=2))
+    (folder / "preprocessor_config.json").write_text(json.dumps(dict(CLIP_224, size=36, crop_size=32), indent=2))
     processor = CLIPProcessor(image_processor=CLIPImageProcessor.from_pretrained(str(folder)),
                               tokenizer=CLIPTokenizer.from_pretrained(str(folder)))
     cases = []
@@ -126,7 +128,7 @@ def pickscore_case(out: pathlib.Path, tokenizer_dir: pathlib.Path, gen: torch.Ge
 
 
 PROCESSORS = {
-    "vit_h": (VIT_H, ((1, 512, 512), (2, 300, 400), (1, 160, 120))),
+    "clip_224": (CLIP_224, ((1, 512, 512), (2, 300, 400), (1, 160, 120))),
     "bilinear_exact": ({"size": {"height": 30, "width": 30}, "do_center_crop": False, "resample": 2},
                        ((2, 40, 56), (1, 20, 24))),
     "crop_pads": ({"size": {"shortest_edge": 20}, "crop_size": {"height": 24, "width": 27}}, ((2, 30, 40),)),
