@@ -176,10 +176,12 @@ impl TorchScriptReward {
     }
 
     /// Scores `[B]` (fp32, on the images' device) of `images` `[B, 3, H, W]` (converted to fp32
-    /// and moved to the reward's device, in the graph) with one prompt per image.
+    /// and moved to the reward's device, in the graph) with one prompt per image. The module
+    /// gets its own copy of the images, so an in-place operation inside it cannot change the
+    /// caller's tensor.
     pub fn forward(&self, images: &Tensor, prompts: &[String]) -> Result<Tensor, TorchScriptError> {
         let batch = images.size().first().copied().unwrap_or(0);
-        let input = images.to_kind(Kind::Float).to_device(self.device);
+        let input = images.to_kind(Kind::Float).to_device(self.device).copy();
         let args = [IValue::Tensor(input), IValue::StringList(prompts.to_vec())];
         let output = self.module.forward_is(&args).map_err(|e| self.call_error(&e, batch, images))?;
         let scores = match output {
@@ -217,6 +219,15 @@ impl TorchScriptReward {
     /// The probe: forward on `probe`'s batch, then a backward pass to the images.
     fn check_on(&self, probe: Probe) -> Result<(), TorchScriptError> {
         let path = || self.path.clone();
+        if probe.batch < 1 || probe.height < 1 || probe.width < 1 {
+            return Err(TorchScriptError::Probe {
+                path: path(),
+                batch: probe.batch,
+                height: probe.height,
+                width: probe.width,
+                reason: "the probe batch must hold at least one image of at least 1x1".into(),
+            });
+        }
         let images = probe.images(self.device).set_requires_grad(true);
         let scores = self.forward(&images, &probe.prompts())?;
         let finite = |t: &Tensor| t.isfinite().all().int64_value(&[]) != 0;

@@ -7,6 +7,7 @@
   refusal they must get: the wrong signature, the wrong output, non-finite scores or gradients,
   scores that are not differentiable in the images, files that are not TorchScript, and a module
   that raises on the probe batch.
+- `inplace.pt`: accepted, but changes its input in place: the caller's images must stay as they were.
 """
 # depends: examples/rewards/saturation.py
 # depends: examples/rewards/clip_phrase.py
@@ -143,6 +144,14 @@ class Raises(torch.nn.Module):
         return images.mean(dim=(1, 2, 3))
 
 
+class InPlace(torch.nn.Module):
+    """Accepted: changes its input in place, which must not reach the caller's images."""
+
+    def forward(self, images: torch.Tensor, prompts: List[str]) -> torch.Tensor:
+        images.mul_(0.5)
+        return images.mean(dim=(1, 2, 3))
+
+
 SCRIPTED = {
     "signature_one_argument": (OneArgument, "Signature"),
     "signature_prompt_is_str": (PromptIsStr, "Signature"),
@@ -184,6 +193,8 @@ def main(out_dir: pathlib.Path) -> None:
             "parameters": sum(p.numel() for p in model.parameters()),
             "cases": cases,
         }
+    torch.jit.script(InPlace()).save(str(out_dir / "inplace.pt"))
+    index["accepted"] = ["inplace.pt"]
     for name, (cls, refusal) in SCRIPTED.items():
         torch.jit.script(cls()).save(str(out_dir / f"{name}.pt"))
         index["refusals"][f"{name}.pt"] = refusal

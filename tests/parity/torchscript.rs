@@ -118,6 +118,25 @@ fn refusals_say_what_is_wrong() {
     assert!(m.contains("only scores 512x512 images") && m.contains("64x64"), "{m}");
 }
 
+/// A module that changes its input in place works on its own copy: the caller's images (here
+/// a non-leaf, as decoded samples are) keep their values and their gradient is the module's.
+#[test]
+fn in_place_changes_inside_the_module_do_not_reach_the_images() {
+    let path = fixture_dir("torchscript").join(index()["accepted"][0].as_str().unwrap());
+    let reward = TorchScriptReward::load("inplace", &path, Device::Cpu).unwrap();
+    let leaf = Tensor::rand([2, 3, 4, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let images = &leaf * 1.0;
+    let before = images.detach().copy();
+    let scores = reward.score(&images, &["a".to_string(), "b".to_string()]).unwrap();
+    assert_eq!(max_abs_diff(&images, &before), 0.0, "the module changed the caller's images");
+    let expected = before.mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float) * 0.5;
+    assert!(max_abs_diff(&scores, &expected) < 1e-7);
+    scores.sum(Kind::Float).backward();
+    // d(0.5 mean)/dx = 0.5 / 48 everywhere.
+    let grad = leaf.grad();
+    assert!((grad - 0.5 / 48.0).abs().max().double_value(&[]) < 1e-9);
+}
+
 /// The probe batch is the caller's: a reward that only takes 512-wide images passes a probe of
 /// that size.
 #[test]
@@ -126,6 +145,8 @@ fn the_probe_batch_can_match_the_world() {
     validate_with(&path, Device::Cpu, Probe { batch: 2, height: 8, width: 512 }).unwrap();
     let err = validate_with(&path, Device::Cpu, Probe { batch: 3, height: 8, width: 256 }).unwrap_err();
     assert!(matches!(err, TorchScriptError::Probe { batch: 3, width: 256, .. }), "{err}");
+    let err = validate_with(&path, Device::Cpu, Probe { batch: 0, height: 8, width: 512 }).unwrap_err();
+    assert!(matches!(err, TorchScriptError::Probe { batch: 0, .. }), "{err}");
 }
 
 /// On a GPU when there is one: the example rewards load there and give the CPU's scores.
