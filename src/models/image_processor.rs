@@ -270,7 +270,11 @@ impl ImageProcessor {
             x = x.narrow(2, top, ch).narrow(3, left, cw);
         }
         if self.scale != 1.0 {
-            x = x * self.scale;
+            // Out of place: `x` may still share the caller's storage (`to_kind` of a float tensor).
+            #[allow(clippy::assign_op_pattern)]
+            {
+                x = x * self.scale;
+            }
         }
         if let Some((mean, std)) = self.normalize {
             let opts = (Kind::Float, x.device());
@@ -355,6 +359,8 @@ mod tests {
         assert!((kept - x.narrow(3, 1, 3)).abs().max().double_value(&[]) < 1e-6);
         // Without rescaling the model sees 0..255.
         let raw = parse(r#"{"do_resize": false, "do_center_crop": false, "do_rescale": false, "do_normalize": false}"#).unwrap();
+        let before = x.copy();
         assert!((raw.apply(&x).unwrap() - &x * 255.0).abs().max().double_value(&[]) < 1e-4);
+        assert_eq!((&x - before).abs().max().double_value(&[]), 0.0, "the caller's images changed");
     }
 }
