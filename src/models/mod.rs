@@ -4,6 +4,7 @@ pub mod aesthetic;
 pub mod clip;
 pub mod component;
 pub mod ddim;
+pub mod image_processor;
 pub mod inception;
 pub mod inspect;
 pub mod lora;
