@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ril_pipe::exec::kind::{StageContext, StageError, StageKind};
-use ril_pipe::exec::{run, Cache, Params, Registry, RunOptions};
-use ril_pipe::pipeline::schema::{InputSpec, KindSchema, ParamSpec, ParamType};
+use ril_pipe::exec::{run, Cache, Registry, RunOptions};
+use ril_pipe::pipeline::params::StageParams;
+use ril_pipe::pipeline::schema::{InputSpec, KindSchema};
 use ril_pipe::pipeline::{load_resolved, Override};
 use ril_pipe::report::check::{compare, judge, Baseline, BaselineMetric, Direction, Verdict};
 use ril_pipe::report::frames::Frames;
@@ -529,6 +530,14 @@ fn check_command_exit_codes_and_update() {
 /// line to `count_file` whenever it really runs.
 struct FakeEval;
 
+ril_pipe::stage_params! {
+    struct FakeEvalParams {
+        tasks: String = param(String::new()).doc("task letters"),
+        values: Vec<f64> = required().doc("six metrics"),
+        count_file: String = param(String::new()),
+    }
+}
+
 impl StageKind for FakeEval {
     fn schema(&self) -> KindSchema {
         KindSchema {
@@ -536,20 +545,16 @@ impl StageKind for FakeEval {
             version: 1,
             doc: "test kind",
             uses_input_labels: false,
-            params: vec![
-                ParamSpec { name: "tasks", ty: ParamType::String, default: Some(json!("")), doc: "task letters" },
-                ParamSpec { name: "values", ty: ParamType::List(Box::new(ParamType::Float)), default: None, doc: "six metrics" },
-                ParamSpec { name: "count_file", ty: ParamType::String, default: Some(json!("")), doc: "" },
-            ],
+            params: FakeEvalParams::specs(),
             inputs: vec![],
         }
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let p = ctx.params().clone();
-        count(&p)?;
-        let tasks: Vec<Task> = p.str_of("tasks")?.chars().filter_map(|c| Task::parse(&c.to_string())).collect();
-        let values: Vec<f64> = p["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let p: FakeEvalParams = ctx.typed_params()?;
+        count(&p.count_file)?;
+        let tasks: Vec<Task> = p.tasks.chars().filter_map(|c| Task::parse(&c.to_string())).collect();
+        let values = p.values;
         let r = EvaluationRecord {
             tasks,
             origin: "finetune".into(),
@@ -567,6 +572,14 @@ impl StageKind for FakeEval {
 /// Writes a training log and summary.
 struct FakeTrain;
 
+ril_pipe::stage_params! {
+    struct FakeTrainParams {
+        method: String = required(),
+        seconds_per_epoch: f64 = required(),
+        count_file: String = param(String::new()),
+    }
+}
+
 impl StageKind for FakeTrain {
     fn schema(&self) -> KindSchema {
         KindSchema {
@@ -574,20 +587,16 @@ impl StageKind for FakeTrain {
             version: 1,
             doc: "test kind",
             uses_input_labels: false,
-            params: vec![
-                ParamSpec { name: "method", ty: ParamType::String, default: None, doc: "" },
-                ParamSpec { name: "seconds_per_epoch", ty: ParamType::Float, default: None, doc: "" },
-                ParamSpec { name: "count_file", ty: ParamType::String, default: Some(json!("")), doc: "" },
-            ],
+            params: FakeTrainParams::specs(),
             inputs: vec![],
         }
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let p = ctx.params().clone();
-        count(&p)?;
-        let method = p.str_of("method")?.to_string();
-        let t = training(&ctx.stage.id, "", &method, Task::Aesthetic, p.f64_of("seconds_per_epoch")?, method == "rid");
+        let p: FakeTrainParams = ctx.typed_params()?;
+        count(&p.count_file)?;
+        let method = p.method;
+        let t = training(&ctx.stage.id, "", &method, Task::Aesthetic, p.seconds_per_epoch, method == "rid");
         let log: String = t.log.iter().map(|l| serde_json::to_string(l).unwrap() + "\n").collect();
         std::fs::write(ctx.out_dir().join("train_log.jsonl"), log)?;
         std::fs::write(ctx.out_dir().join("train_summary.json"), serde_json::to_vec(&t.summary).unwrap())?;
@@ -595,9 +604,8 @@ impl StageKind for FakeTrain {
     }
 }
 
-fn count(p: &serde_json::Map<String, serde_json::Value>) -> Result<(), StageError> {
+fn count(file: &str) -> Result<(), StageError> {
     use std::io::Write as _;
-    let file = p.str_of("count_file")?;
     if !file.is_empty() {
         writeln!(std::fs::OpenOptions::new().create(true).append(true).open(file)?, "x")?;
     }

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use cache::{Cache, CacheError};
-pub use kind::{InputObject, Params, Registry, StageContext, StageError, StageKind};
+pub use kind::{InputObject, Registry, StageContext, StageError, StageKind};
 pub use plan::{Plan, PlannedStage, Status};
 pub use run::{run, Executor, RunOptions, RunSummary};
 

@@ -68,6 +68,15 @@ pub enum LoraInit {
     Normal,
 }
 
+impl LoraInit {
+    pub fn name(self) -> &'static str {
+        match self {
+            LoraInit::KaimingUniform => "kaiming_uniform",
+            LoraInit::Normal => "normal",
+        }
+    }
+}
+
 /// Which layers get adapters and how new adapters are made.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -5,8 +5,8 @@ use std::path::Path;
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
-use crate::exec::{Params, StageError};
-use crate::method::sampling::{initial_latents, CastUnet, Sampler, SamplerConfig};
+use crate::exec::StageError;
+use crate::method::sampling::{initial_latents, CastUnet, Sampler};
 use crate::models::clip::{Clip, ClipConfig, ClipTextTransformer};
 use crate::models::ddim::DdimConfig;
 use crate::models::lora::LoraGroup;
@@ -78,8 +78,7 @@ impl Diffusion {
         let tokenizer = ClipTokenizer::from_hf_folder(&root.join("tokenizer")).map_err(StageError::failed)?;
         let ddim = DdimConfig::from_json_file(&root.join("scheduler").join("scheduler_config.json")).map_err(StageError::failed)?;
 
-        let down = 1i64 << (vae_cfg.block_out_channels.len().saturating_sub(1));
-        let side = record.world.resolution / down;
+        let side = vae_cfg.latent_side(record.world.resolution);
         for vs in [&unet_vs, &vae_vs, &text_vs] {
             for (_, mut v) in vs.variables() {
                 let _ = v.requires_grad_(false);
@@ -143,18 +142,4 @@ impl Diffusion {
     pub fn frozen_parameters(&self) -> i64 {
         self.stores.iter().flat_map(|vs| vs.variables().into_values()).map(|t| t.numel() as i64).sum()
     }
-}
-
-/// The sampler settings a stage's `ddim_steps`, `eta` and `guidance` parameters describe.
-pub fn sampler_config_of_params(p: &impl Params) -> Result<SamplerConfig, StageError> {
-    Ok(SamplerConfig {
-        steps: p.i64_of("ddim_steps")?.max(1) as usize,
-        eta: p.f64_of("eta")?,
-        guidance: p.f64_of("guidance")?,
-    })
-}
-
-/// The DDIM sampler that a stage's `ddim_steps`, `eta` and `guidance` parameters describe.
-pub fn sampler_of_params(diffusion: &Diffusion, p: &impl Params) -> Result<Sampler, StageError> {
-    Sampler::new(diffusion.ddim.clone(), sampler_config_of_params(p)?).map_err(StageError::failed)
 }

@@ -8,6 +8,7 @@ pub mod forgetting;
 pub mod joint;
 pub mod lora_export;
 pub mod memory;
+pub mod params;
 pub mod precision;
 pub mod records;
 pub mod report;

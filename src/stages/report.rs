@@ -1,13 +1,22 @@
 //! `report`: the paper's tables and figures from a study's evaluations, forgetting records and
 //! training logs (see [`crate::report`]). Its outputs depend on the input stages' labels
 //! (method, order, step, task), so those are part of its cache key.
-use serde_json::json;
-
-use crate::exec::{Params, StageContext, StageError, StageKind};
-use crate::pipeline::schema::{InputSpec, KindSchema, ParamSpec, ParamType};
+use crate::exec::{StageContext, StageError, StageKind};
+use crate::pipeline::params::StageParams;
+use crate::pipeline::schema::{InputSpec, KindSchema};
 use crate::report::{inputs::parse_order, write_report, ReportOptions, StudyInputs};
+use crate::stage_params;
 
 pub struct Report;
+
+stage_params! {
+    /// The parameters of a `report` stage (defaults: [`ReportOptions::default`]).
+    pub struct ReportParams {
+        pub title: String = param(ReportOptions::default().title).doc("heading of index.md"),
+        pub table2_order: String = param(ReportOptions::default().table2_order).doc("the task order (letters A, H, C) whose steps the Table 2 analog and the sample montages show"),
+        pub paper_numbers: bool = param(ReportOptions::default().paper_numbers).doc("show the paper's numbers (SD v1.5) beside ours; for paper-scale pipelines"),
+    }
+}
 
 fn input(name: &'static str, required: bool, many: bool, doc: &'static str) -> InputSpec {
     InputSpec { name, required, many, doc }
@@ -15,32 +24,12 @@ fn input(name: &'static str, required: bool, many: bool, doc: &'static str) -> I
 
 impl StageKind for Report {
     fn schema(&self) -> KindSchema {
-        let defaults = ReportOptions::default();
         KindSchema {
             kind: "report",
             version: 3,
             doc: "tables (Markdown, CSV, LaTeX) and charts (PNG, SVG) of a study, and metrics.json for `ril-pipe check`",
             uses_input_labels: true,
-            params: vec![
-                ParamSpec {
-                    name: "title",
-                    ty: ParamType::String,
-                    default: Some(json!(defaults.title)),
-                    doc: "heading of index.md",
-                },
-                ParamSpec {
-                    name: "table2_order",
-                    ty: ParamType::String,
-                    default: Some(json!(defaults.table2_order)),
-                    doc: "the task order (letters A, H, C) whose steps the Table 2 analog and the sample montages show",
-                },
-                ParamSpec {
-                    name: "paper_numbers",
-                    ty: ParamType::Bool,
-                    default: Some(json!(defaults.paper_numbers)),
-                    doc: "show the paper's numbers (SD v1.5) beside ours; for paper-scale pipelines",
-                },
-            ],
+            params: ReportParams::specs(),
             inputs: vec![
                 input("base", true, false, "evaluation of the base model"),
                 input("evals", false, true, "evaluations after each task, labelled method, order, step"),
@@ -53,12 +42,8 @@ impl StageKind for Report {
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let params = ctx.params().clone();
-        let options = ReportOptions {
-            title: params.str_of("title")?.to_string(),
-            table2_order: params.str_of("table2_order")?.to_string(),
-            paper_numbers: params.bool_of("paper_numbers")?,
-        };
+        let p: ReportParams = ctx.typed_params()?;
+        let options = ReportOptions { title: p.title, table2_order: p.table2_order, paper_numbers: p.paper_numbers };
         parse_order(&options.table2_order).map_err(StageError::failed)?;
         let inputs = StudyInputs::from_context(ctx).map_err(StageError::failed)?;
         ctx.log(format!(

@@ -9,53 +9,74 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use tch::Tensor;
 
-use crate::exec::{atomic_write, Params, StageContext, StageError};
+use crate::exec::{atomic_write, StageContext, StageError};
 use crate::method::noise;
-use crate::method::objective::{Backprop, Distill, DistillSpace, MicroBatch, Objective, Parts, Step};
+use crate::method::objective::{Backprop, MicroBatch, Objective, Parts, Step};
 use crate::method::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::method::sampling::Sampler;
 use crate::models::lora::LoraInit;
-use crate::pipeline::schema::{ParamSpec, ParamType};
 use crate::rewards::Reward;
+use crate::stage_params;
 
 use super::diffusion::Diffusion;
 use super::memory;
+use super::params::{precision_param, SamplerParams};
 use super::precision::Precision;
 use super::records::{Task, TrainLogLine, TrainSummary, TRAIN_LOG_FILE, TRAIN_SUMMARY_FILE};
 use super::world::{read_prompts, ModelRecord, ADAPTERS_FILE};
 
-/// Parameters common to every training stage (AlignProp's recipe as defaults).
-pub fn training_params() -> Vec<ParamSpec> {
-    let p = |name, ty, default: serde_json::Value, doc| ParamSpec {
-        name,
-        ty,
-        default: Some(default),
-        doc,
-    };
-    vec![
-        p("epochs", ParamType::Int, json!(1), "epochs; an epoch is `prompts_per_epoch` prompts (default: every training prompt once)"),
-        p("prompts_per_epoch", ParamType::Int, json!(0), "prompts per epoch; 0 = the number of training prompts"),
-        p("batch_size", ParamType::Int, json!(8), "prompts per optimizer step (paper: baseline 128, RID 8)"),
-        p("micro_batch", ParamType::Int, json!(0), "prompts per forward pass, gradients accumulated over the batch; 0 = the batch"),
-        p("lr", ParamType::Float, json!(5e-5), "AdamW learning rate (paper: baseline 1e-3, RID 5e-5)"),
-        p("weight_decay", ParamType::Float, json!(0.1), "AdamW decoupled weight decay (AlignProp: 0.1)"),
-        p("beta1", ParamType::Float, json!(0.9), "AdamW beta1"),
-        p("beta2", ParamType::Float, json!(0.999), "AdamW beta2"),
-        p("adam_eps", ParamType::Float, json!(1e-8), "AdamW epsilon"),
-        p("grad_clip", ParamType::Float, json!(5.0), "gradient-norm clip (AlignProp: 5.0)"),
-        p("ddim_steps", ParamType::Int, json!(50), "DDIM steps N of sampling (paper: 50)"),
-        p("eta", ParamType::Float, json!(0.0), "DDIM eta"),
-        p("guidance", ParamType::Float, json!(7.5), "classifier-free guidance scale"),
-        p("lora_rank", ParamType::Int, json!(4), "rank of the new adapter (paper: 4)"),
-        p("lora_init", ParamType::Enum(vec!["kaiming_uniform", "normal"]), json!("kaiming_uniform"), "initialisation of the adapter's down matrix A (B starts at zero)"),
-        p("seed", ParamType::Int, json!(0), "seed of prompts order, initial noise and adapter initialisation; each stage derives its streams from it and the input model's place in the sequence (its origin and tasks so far), so consecutive tasks differ, variants at the same place compare paired, and a rerun repeats"),
-        p("checkpoint_every", ParamType::Int, json!(20), "optimizer steps between resumable checkpoints"),
-        p("grad_checkpointing", ParamType::Bool, json!(false), "decode and score `decode_chunk` samples at a time on a detached z_0 and push the collected gradient through the last UNet call (AlignProp, DRaFT): the decode's graph of one chunk is alive at a time; same gradients"),
-        p("decode_chunk", ParamType::Int, json!(1), "samples decoded and scored at once with `grad_checkpointing`"),
-        Precision::param(),
-    ]
+stage_params! {
+    /// Parameters common to every training stage (AlignProp's recipe as defaults).
+    pub struct TrainParams {
+        pub epochs: i64 = param(1).doc("epochs; an epoch is `prompts_per_epoch` prompts (default: every training prompt once)"),
+        pub prompts_per_epoch: i64 = param(0).doc("prompts per epoch; 0 = the number of training prompts"),
+        pub batch_size: i64 = param(8).doc("prompts per optimizer step (paper: baseline 128, RID 8)"),
+        pub micro_batch: i64 = param(0).doc("prompts per forward pass, gradients accumulated over the batch; 0 = the batch"),
+        pub lr: f64 = param(5e-5).doc("AdamW learning rate (paper: baseline 1e-3, RID 5e-5)"),
+        pub weight_decay: f64 = param(0.1).doc("AdamW decoupled weight decay (AlignProp: 0.1)"),
+        pub beta1: f64 = param(0.9).doc("AdamW beta1"),
+        pub beta2: f64 = param(0.999).doc("AdamW beta2"),
+        pub adam_eps: f64 = param(1e-8).doc("AdamW epsilon"),
+        pub grad_clip: f64 = param(5.0).doc("gradient-norm clip (AlignProp: 5.0)"),
+        pub sampler: SamplerParams = flatten(),
+        pub lora_rank: i64 = param(4).doc("rank of the new adapter (paper: 4)"),
+        pub lora_init: LoraInit = param(LoraInit::KaimingUniform).doc("initialisation of the adapter's down matrix A (B starts at zero)"),
+        pub seed: i64 = param(0).doc("seed of prompts order, initial noise and adapter initialisation; each stage derives its streams from it and the input model's place in the sequence (its origin and tasks so far), so consecutive tasks differ, variants at the same place compare paired, and a rerun repeats"),
+        pub checkpoint_every: i64 = param(20).doc("optimizer steps between resumable checkpoints"),
+        pub grad_checkpointing: bool = param(false).doc("decode and score `decode_chunk` samples at a time on a detached z_0 and push the collected gradient through the last UNet call (AlignProp, DRaFT): the decode's graph of one chunk is alive at a time; same gradients"),
+        pub decode_chunk: i64 = param(1).doc("samples decoded and scored at once with `grad_checkpointing`"),
+        pub precision: Precision = precision_param(),
+    }
+}
+
+impl TrainParams {
+    /// Prompts per optimizer step.
+    pub fn batch(&self) -> usize {
+        self.batch_size.max(1) as usize
+    }
+
+    /// Prompts per forward pass (the batch when `micro_batch` is 0).
+    pub fn micro(&self) -> usize {
+        match self.micro_batch {
+            m if m <= 0 => self.batch(),
+            m => (m as usize).min(self.batch()),
+        }
+    }
+
+    /// How `grad_checkpointing` and `decode_chunk` differentiate the decode.
+    pub fn backprop(&self) -> Backprop {
+        if self.grad_checkpointing {
+            Backprop::Checkpointed { chunk: self.decode_chunk.max(1) as usize }
+        } else {
+            Backprop::Whole
+        }
+    }
+
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig { lr: self.lr, beta1: self.beta1, beta2: self.beta2, eps: self.adam_eps, weight_decay: self.weight_decay }
+    }
 }
 
 /// What a training stage optimises.
@@ -69,30 +90,7 @@ pub struct TrainSpec {
     /// Add a new adapter (the paper), or keep training the input's newest one when it has one.
     pub new_adapter: bool,
     pub reward: Box<dyn Reward>,
-}
-
-/// Parses `method`, `distill`, `distill_space` and `lambda` into an objective.
-pub fn objective_of(method: &str, distill: &str, space: &str, lambda: f64) -> Result<Objective, StageError> {
-    let space = match space {
-        "image" => DistillSpace::Image,
-        "latent" => DistillSpace::Latent,
-        s => return Err(StageError::Failed(format!("unknown distill_space {s}"))),
-    };
-    Ok(match (method, distill) {
-        ("baseline", _) | ("rid", "none") => Objective::Baseline,
-        ("rid", "last_step") => Objective::Rid { lambda, distill: Distill::LastStep, space },
-        ("rid", "full_step") => Objective::Rid { lambda, distill: Distill::FullStep, space },
-        (m, d) => return Err(StageError::Failed(format!("unknown method/distill {m}/{d}"))),
-    })
-}
-
-/// How a training stage's `grad_checkpointing` and `decode_chunk` differentiate the decode.
-pub fn backprop_of(p: &impl Params) -> Result<Backprop, StageError> {
-    Ok(if p.bool_of("grad_checkpointing")? {
-        Backprop::Checkpointed { chunk: p.i64_of("decode_chunk")?.max(1) as usize }
-    } else {
-        Backprop::Whole
-    })
+    pub params: TrainParams,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -112,61 +110,48 @@ const STREAM_LATENTS: u32 = 10;
 
 /// Logs the training stage's peak-memory estimate and, on a GPU, fails when it exceeds the free
 /// memory: called before any model (the reward's included) is loaded.
-pub fn check_memory(ctx: &StageContext, model: &ModelRecord, adapters: Option<&std::path::Path>, tasks: Vec<Task>) -> Result<(), StageError> {
+pub fn check_memory(ctx: &StageContext, model: &ModelRecord, adapters: Option<&std::path::Path>, params: &TrainParams, objective: &Objective, tasks: Vec<Task>) -> Result<(), StageError> {
     // A bad adapter file fails when it is loaded, with its own message.
     let earlier_ranks = adapters.map_or(0, |path| memory::adapter_file_ranks(path).unwrap_or(0));
-    let job = memory::training_job(ctx.params(), tasks, earlier_ranks);
-    memory::check_fits(ctx, &model.world, &model.lora_targets, &job, Precision::of_params(ctx.params())?)
+    let job = memory::training_job(params, objective, tasks, earlier_ranks);
+    memory::check_fits(ctx, &model.world, &model.lora_targets, &job, params.precision)
 }
 
 /// Runs the training; writes model.json, adapters, teacher, log and summary into the output.
 pub fn train(ctx: &mut StageContext, spec: TrainSpec, model: &ModelRecord, adapters: Option<&std::path::Path>) -> Result<(), StageError> {
-    let p = ctx.params().clone();
+    let p = &spec.params;
     let device = super::device::tch_device(&ctx.device);
     tch::set_num_threads(ctx.threads.max(1) as i32);
     // Each task draws its own numbers: the seed is derived from the input model's place in the
     // sequence (its origin and the tasks it has learnt). Stages at the same place (the baseline
     // and RID, or an ablation's variants) draw the same numbers, so they compare paired.
     let place = format!("{}:{}", model.origin, model.tasks.iter().map(|t| t.name()).collect::<Vec<_>>().join(","));
-    let seed = noise::derive_seed(p.i64_of("seed")? as u64, &place);
-    let precision = Precision::of_params(&p)?;
+    let seed = noise::derive_seed(p.seed as u64, &place);
+    let precision = p.precision;
     let diffusion = Diffusion::load(model, adapters, device, precision)?;
     let lora = &diffusion.lora;
-    let init = match p.str_of("lora_init")? {
-        "normal" => LoraInit::Normal,
-        _ => LoraInit::KaimingUniform,
-    };
     let adapter_index = match lora.num_adapters() {
         n if n > 0 && !spec.new_adapter => n - 1,
-        _ => lora.add_adapter(p.i64_of("lora_rank")?, init, seed).map_err(StageError::failed)?,
+        _ => lora.add_adapter(p.lora_rank, p.lora_init, seed).map_err(StageError::failed)?,
     };
     let rid = matches!(spec.objective, Objective::Rid { .. });
     if rid {
         lora.init_teacher().map_err(StageError::failed)?;
     }
-    let sampler = super::diffusion::sampler_of_params(&diffusion, &p)?;
+    let sampler = Sampler::new(diffusion.ddim.clone(), p.sampler.config()).map_err(StageError::failed)?;
     let prompts = read_prompts(&model.world.train_prompts)?;
-    let batch = p.i64_of("batch_size")?.max(1) as usize;
-    let micro = match p.i64_of("micro_batch")? {
-        m if m <= 0 => batch,
-        m => (m as usize).min(batch),
-    };
-    let per_epoch = match p.i64_of("prompts_per_epoch")? {
+    let batch = p.batch();
+    let micro = p.micro();
+    let per_epoch = match p.prompts_per_epoch {
         n if n <= 0 => prompts.len(),
         n => n as usize,
     };
-    let epochs = p.i64_of("epochs")?.max(1) as u64;
+    let epochs = p.epochs.max(1) as u64;
     let steps_per_epoch = per_epoch.div_ceil(batch) as u64;
     let total_steps = epochs * steps_per_epoch;
-    let clip = p.f64_of("grad_clip")?;
-    let checkpoint_every = p.i64_of("checkpoint_every")?.max(1) as u64;
-    let config = AdamWConfig {
-        lr: p.f64_of("lr")?,
-        beta1: p.f64_of("beta1")?,
-        beta2: p.f64_of("beta2")?,
-        eps: p.f64_of("adam_eps")?,
-        weight_decay: p.f64_of("weight_decay")?,
-    };
+    let clip = p.grad_clip;
+    let checkpoint_every = p.checkpoint_every.max(1) as u64;
+    let config = p.adamw();
 
     // Resume from the last checkpoint of this exact stage, if an earlier run was interrupted.
     let resume_dir = ctx.resume_dir()?.to_path_buf();
@@ -193,7 +178,7 @@ pub fn train(ctx: &mut StageContext, spec: TrainSpec, model: &ModelRecord, adapt
         spec.method,
         spec.tasks.iter().map(|t| t.name()).collect::<Vec<_>>().join("+"),
         adapter_index,
-        p.i64_of("lora_rank")?,
+        p.lora_rank,
         total_steps,
         epochs,
         steps_per_epoch,
@@ -207,7 +192,7 @@ pub fn train(ctx: &mut StageContext, spec: TrainSpec, model: &ModelRecord, adapt
     let denoiser = diffusion.denoiser();
     let method_step = Step {
         objective: spec.objective,
-        backprop: backprop_of(&p)?,
+        backprop: p.backprop(),
         sampler: &sampler,
         parts: Parts { model: &denoiser, lora, decode: &decode, reward: &reward },
     };
