@@ -358,7 +358,8 @@ pub fn kinds(args: KindsArgs) -> anyhow::Result<i32> {
                 Some(v) => format!("default {v}"),
                 None => "required".to_string(),
             };
-            println!("  param  {:<18} {:?}, {default} - {}", p.name, p.ty, p.doc);
+            let range = p.range.map(|r| format!(", range {r}")).unwrap_or_default();
+            println!("  param  {:<18} {:?}, {default}{range} - {}", p.name, p.ty, p.doc);
         }
     }
     if let Some(k) = &args.kind {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde_json::{Map, Value};
 
-use super::schema::{ParamSpec, ParamType};
+use super::schema::{Bound, ParamSpec, ParamType, Range};
 
 /// A resolved parameter that does not have its schema's type: a bug in the kind (the pipeline
 /// layer checked every value against the schema the same declaration made).
@@ -45,6 +45,31 @@ impl ParamValue for i64 {
     }
     fn from_value(value: &Value) -> Option<Self> {
         value.as_i64()
+    }
+    fn to_value(&self) -> Value {
+        Value::from(*self)
+    }
+}
+
+/// Counts and sizes (the schema's range keeps them non-negative before a stage reads them).
+impl ParamValue for u64 {
+    fn param_type() -> ParamType {
+        ParamType::Int
+    }
+    fn from_value(value: &Value) -> Option<Self> {
+        value.as_u64()
+    }
+    fn to_value(&self) -> Value {
+        Value::from(*self)
+    }
+}
+
+impl ParamValue for usize {
+    fn param_type() -> ParamType {
+        ParamType::Int
+    }
+    fn from_value(value: &Value) -> Option<Self> {
+        value.as_u64().and_then(|v| usize::try_from(v).ok())
     }
     fn to_value(&self) -> Value {
         Value::from(*self)
@@ -157,20 +182,21 @@ pub trait FieldDef<T> {
     fn write(&self, name: &'static str, value: &T, params: &mut Map<String, Value>);
 }
 
-/// One parameter: its default (`None`: required) and doc.
+/// One parameter: its default (`None`: required), its range and doc.
 pub struct Field<T> {
     default: Option<T>,
+    range: Option<Range>,
     doc: &'static str,
 }
 
 /// A parameter with a default.
 pub fn param<T: ParamValue>(default: T) -> Field<T> {
-    Field { default: Some(default), doc: "" }
+    Field { default: Some(default), range: None, doc: "" }
 }
 
 /// A parameter every stage of the kind must give.
 pub fn required<T: ParamValue>() -> Field<T> {
-    Field { default: None, doc: "" }
+    Field { default: None, range: None, doc: "" }
 }
 
 impl<T> Field<T> {
@@ -180,9 +206,63 @@ impl<T> Field<T> {
     }
 }
 
+/// Types whose values are numbers, or lists or mappings of numbers: the ones with a range.
+pub trait Numeric {}
+impl Numeric for i64 {}
+impl Numeric for u64 {}
+impl Numeric for usize {}
+impl Numeric for f64 {}
+impl<T: Numeric> Numeric for Vec<T> {}
+impl<T: Numeric> Numeric for BTreeMap<String, T> {}
+
+/// A bound as written in a declaration: an integer or a float literal.
+pub trait BoundValue {
+    fn into_f64(self) -> f64;
+}
+
+impl BoundValue for i32 {
+    fn into_f64(self) -> f64 {
+        f64::from(self)
+    }
+}
+
+impl BoundValue for f64 {
+    fn into_f64(self) -> f64 {
+        self
+    }
+}
+
+impl<T: Numeric> Field<T> {
+    /// Values `>= min`.
+    pub fn min(self, min: impl BoundValue) -> Self {
+        self.bound(|r| r.min = Some(Bound { value: min.into_f64(), inclusive: true }))
+    }
+
+    /// Values `> min`.
+    pub fn min_exclusive(self, min: impl BoundValue) -> Self {
+        self.bound(|r| r.min = Some(Bound { value: min.into_f64(), inclusive: false }))
+    }
+
+    /// Values `<= max`.
+    pub fn max(self, max: impl BoundValue) -> Self {
+        self.bound(|r| r.max = Some(Bound { value: max.into_f64(), inclusive: true }))
+    }
+
+    /// Values `< max`.
+    pub fn max_exclusive(self, max: impl BoundValue) -> Self {
+        self.bound(|r| r.max = Some(Bound { value: max.into_f64(), inclusive: false }))
+    }
+
+    fn bound(self, set: impl FnOnce(&mut Range)) -> Self {
+        let mut range = self.range.unwrap_or_default();
+        set(&mut range);
+        Field { range: Some(range), ..self }
+    }
+}
+
 impl<T: ParamValue> FieldDef<T> for Field<T> {
     fn specs(&self, name: &'static str) -> Vec<ParamSpec> {
-        vec![ParamSpec { name, ty: T::param_type(), default: self.default.as_ref().map(T::to_value), doc: self.doc }]
+        vec![ParamSpec { name, ty: T::param_type(), default: self.default.as_ref().map(T::to_value), range: self.range, doc: self.doc }]
     }
 
     fn read(&self, name: &'static str, params: &Map<String, Value>) -> Result<T, ParamError> {
@@ -249,6 +329,14 @@ pub trait StageParams: Sized {
         }
         Self::from_params(&map).ok()
     }
+}
+
+/// Checks a value given outside a pipeline (a command-line flag) against the type and range of
+/// parameter `name` of `P`, as validation checks a pipeline's.
+pub fn check_param<P: StageParams>(name: &str, value: &Value) -> Result<(), String> {
+    let spec = P::specs().into_iter().find(|s| s.name == name).ok_or_else(|| format!("no parameter `{name}`"))?;
+    let typed = super::expand::check_type(value, &spec.ty, std::path::Path::new("."), &mut super::expand::FileSink::default())?;
+    spec.range.map_or(Ok(()), |range| super::expand::check_range(&typed, &range))
 }
 
 /// Declares a kind's parameters: a struct whose fields are read from a stage's parameters, and
@@ -323,7 +411,7 @@ mod tests {
 
     crate::stage_params! {
         struct Inner {
-            steps: i64 = param(3).doc("steps"),
+            steps: u64 = param(3).min(1).doc("steps"),
         }
     }
 
@@ -333,7 +421,7 @@ mod tests {
             colour: Colour = param(Colour::Blue).doc("a colour"),
             weights: BTreeMap<String, f64> = param(BTreeMap::from([("a".to_string(), 0.5)])).doc("weights"),
             inner: Inner = flatten(),
-            sizes: Vec<i64> = param(vec![1, 2]).doc("sizes"),
+            sizes: Vec<f64> = param(vec![1.0, 2.0]).min_exclusive(0).max(10.5).doc("sizes"),
         }
     }
 
@@ -346,8 +434,12 @@ mod tests {
         assert_eq!(specs[1].ty, ParamType::Enum(vec!["red", "blue"]));
         assert_eq!(specs[1].default, Some(json!("blue")));
         assert_eq!(specs[2].ty, ParamType::Map(Box::new(ParamType::Float)));
-        assert_eq!(specs[4].default, Some(json!([1, 2])));
+        assert_eq!(specs[4].default, Some(json!([1.0, 2.0])));
+        assert_eq!(specs[3].range.map(|r| r.to_string()).as_deref(), Some(">= 1"));
+        assert_eq!(specs[4].range.map(|r| r.to_string()).as_deref(), Some("(0, 10.5]"));
+        assert_eq!(specs[0].range, None);
         let params = json!({"name": "x", "colour": "red", "weights": {"b": 2.0}, "steps": 7, "sizes": []});
+        assert!(Outer::from_params(json!({"name": "x", "colour": "red", "weights": {}, "steps": -7, "sizes": []}).as_object().unwrap()).is_err(), "a count is not negative");
         let outer = Outer::from_params(params.as_object().unwrap()).unwrap();
         assert_eq!(outer, Outer { name: "x".into(), colour: Colour::Red, weights: BTreeMap::from([("b".into(), 2.0)]), inner: Inner { steps: 7 }, sizes: vec![] });
         assert_eq!(Outer::defaults(), None, "`name` is required");
@@ -359,6 +451,18 @@ mod tests {
         struct WithOwnDefaults {
             inner: Inner = flatten_with(Inner { steps: 9 }),
         }
+    }
+
+    #[test]
+    fn ranges_contain_their_ends_as_declared() {
+        let spec = |field: Field<f64>| field.specs("x")[0].range.unwrap();
+        let r = spec(param(0.5).min(0).max_exclusive(1));
+        assert!(r.contains(0.0) && r.contains(0.999) && !r.contains(1.0) && !r.contains(-0.1));
+        assert_eq!(r.to_string(), "[0, 1)");
+        let r = spec(param(1.0).min_exclusive(0));
+        assert!(!r.contains(0.0) && r.contains(1e-300) && r.contains(f64::MAX));
+        assert_eq!(r.to_string(), "> 0");
+        assert_eq!(spec(param(1.0).max(5)).to_string(), "<= 5");
     }
 
     #[test]

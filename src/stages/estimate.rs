@@ -161,16 +161,16 @@ pub fn training_estimate(stage: &ResolvedStage, pipeline: &ResolvedPipeline, p: 
         Objective::Baseline => 0.0,
     };
     let per_prompt = forward * ((n - 1.0) * guided + 3.0 * guided + teacher);
-    let batch = p.batch() as i64;
+    let batch = p.batch_size as i64;
     let per_epoch = match p.prompts_per_epoch {
-        n if n > 0 => Ok(n),
-        _ => world.as_ref().map_err(Clone::clone).and_then(|(w, _)| prompt_count(&w.train_prompts)),
+        0 => world.as_ref().map_err(Clone::clone).and_then(|(w, _)| prompt_count(&w.train_prompts)),
+        n => Ok(n as i64),
     };
     let per_epoch = match per_epoch {
         Ok(n) => n,
         Err(reason) => return Estimate { note: Some(format!("prompts per epoch unknown: {reason}")), ..Estimate::default() },
     };
-    let steps = p.epochs * ((per_epoch + batch - 1) / batch);
+    let steps = p.epochs as i64 * ((per_epoch + batch - 1) / batch);
     let job = memory::training_job(p, objective, tasks, input_ranks(stage, pipeline, "model", 0));
     let memory = peak_memory(&world, &job, p.precision);
     Estimate {
@@ -189,14 +189,14 @@ pub fn sampling_estimate(stage: &ResolvedStage, pipeline: &ResolvedPipeline, p: 
     let n = p.sampler.ddim_steps as f64;
     let guided = if p.sampler.guided() { 2.0 } else { 1.0 };
     let prompts = match p.max_prompts {
-        m if m > 0 => Ok(m),
-        _ => world.as_ref().map_err(Clone::clone).and_then(|(w, _)| prompt_count(&w.test_prompts)),
+        0 => world.as_ref().map_err(Clone::clone).and_then(|(w, _)| prompt_count(&w.test_prompts)),
+        m => Ok(m as i64),
     };
     let prompts = match prompts {
         Ok(n) => n,
         Err(reason) => return Estimate { note: Some(format!("prompts unknown: {reason}")), ..Estimate::default() },
     };
-    let images = prompts * p.images_per_prompt;
+    let images = prompts * p.images_per_prompt as i64;
     let job = memory::evaluation_job(p, input_ranks(stage, pipeline, "model", 0));
     let memory = peak_memory(&world, &job, p.precision);
     Estimate {

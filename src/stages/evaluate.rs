@@ -48,28 +48,21 @@ pub struct SamplingSettings {
 stage_params! {
     /// The parameters of an `evaluate` stage.
     pub struct EvaluateParams {
-        pub images_per_prompt: i64 = param(4).doc("images per test prompt (paper: 200)"),
-        pub max_prompts: i64 = param(0).doc("use only the first N test prompts; 0 = all"),
-        pub seed: i64 = param(1234).doc("seed of the initial noise, the same for every model evaluated"),
-        pub batch_size: i64 = param(16).doc("images sampled at once"),
+        pub images_per_prompt: usize = param(4).min(1).doc("images per test prompt (paper: 200)"),
+        pub max_prompts: usize = param(0).min(0).doc("use only the first N test prompts; 0 = all"),
+        pub seed: u64 = param(1234).min(0).doc("seed of the initial noise, the same for every model evaluated"),
+        pub batch_size: usize = param(16).min(1).doc("images sampled at once"),
         pub sampler: SamplerParams = flatten(),
-        pub jpeg_quality: i64 = param(80).doc("JPEG quality of the file-size metric"),
-        pub grid_prompts: i64 = param(8).doc("prompts (columns) of the sample grid, first image of each"),
+        pub jpeg_quality: i64 = param(80).min(1).max(100).doc("JPEG quality of the file-size metric"),
+        pub grid_prompts: usize = param(8).min(0).doc("prompts (columns) of the sample grid, first image of each"),
         pub precision: Precision = precision_param(),
-    }
-}
-
-impl EvaluateParams {
-    /// Images sampled at once.
-    pub fn batch(&self) -> usize {
-        self.batch_size.max(1) as usize
     }
 }
 
 impl SamplingSettings {
     /// The settings of an `evaluate` stage's parameters.
     pub fn of_params(p: &EvaluateParams) -> Self {
-        SamplingSettings { seed: p.seed as u64, sampler: p.sampler.config(), batch_size: p.batch(), precision: p.precision }
+        SamplingSettings { seed: p.seed, sampler: p.sampler.config(), batch_size: p.batch_size, precision: p.precision }
     }
 
     /// The settings with which `pipeline` evaluates the model of stage `model`: those of the
@@ -124,11 +117,11 @@ impl StageKind for Evaluate {
         let diffusion = Diffusion::load(&model, adapters.as_deref(), device, precision)?;
         let mut prompts = read_prompts(&world.test_prompts)?;
         if p.max_prompts > 0 {
-            prompts.truncate(p.max_prompts as usize);
+            prompts.truncate(p.max_prompts);
         }
-        let per_prompt = p.images_per_prompt.max(1) as usize;
+        let per_prompt = p.images_per_prompt;
         let (seed, batch) = (settings.seed, settings.batch_size);
-        let quality = p.jpeg_quality.clamp(1, 100) as u8;
+        let quality = p.jpeg_quality as u8;
         let sampler = Sampler::new(diffusion.ddim.clone(), settings.sampler).map_err(StageError::failed)?;
         let kind = precision.kind();
         let aesthetic = AestheticReward::load(&world.aesthetic_clip, &world.aesthetic_head, device, kind).map_err(StageError::failed)?;
@@ -151,7 +144,7 @@ impl StageKind for Evaluate {
         let mut sums = [0.0f64; 4];
         let mut clip_sum = 0.0;
         let mut features = Vec::new();
-        let grid_prompts = (p.grid_prompts.max(0) as usize).min(prompts.len());
+        let grid_prompts = p.grid_prompts.min(prompts.len());
         let mut grid: Vec<RgbImage> = Vec::new();
         let mut start = 0;
         while start < total {

@@ -82,8 +82,8 @@ stage_params! {
         pub method: Method = required().doc("baseline (Eq. 5) or RID (Eq. 6-9)"),
         pub distill: Distillation = param(Distillation::LastStep).doc("RID's distillation: the teacher denoises the student's z_1 (last_step), follows its own trajectory from z_N (full_step, the Eq. 7 ablation), or is absent (none)"),
         pub distill_space: DistillSpace = param(DistillSpace::Image).doc("where RID's distance is taken: decoded images (Eq. 7: mse(D(z_0), D(z_0^T)), the teacher decoded without gradient) or latents mse(z_0, z_0^T) (the ablation)"),
-        pub lambda: f64 = param(0.1).doc("weight of the distillation term (paper: 0.1)"),
-        pub ema_momentum: f64 = param(0.99).doc("EMA momentum alpha of the teacher (Eq. 6)"),
+        pub lambda: f64 = param(0.1).min(0).doc("weight of the distillation term (paper: 0.1)"),
+        pub ema_momentum: f64 = param(0.99).min(0).max(1).doc("EMA momentum alpha of the teacher (Eq. 6)"),
         pub adapter: Adapter = param(Adapter::New).doc("new: add an adapter to the input's group and train only it (the paper's adapter group); shared: keep training the input's newest adapter, so that every task of an order shares one LoRA (the ablation; the base model gets its first)"),
         pub train: TrainParams = flatten(),
     }

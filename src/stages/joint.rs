@@ -20,6 +20,7 @@ stage_params! {
     /// The parameters of a `joint` stage.
     pub struct JointParams {
         pub weights: BTreeMap<String, f64> = param(BTreeMap::from([("aesthetic".to_string(), 0.01), ("hps".to_string(), 2.0), ("compress".to_string(), 1.0)]))
+            .min(0)
             .doc("reward weights by task (Eq. 10: 0.01 R_a + 2 R_h + R_c)"),
         pub train: TrainParams = flatten(),
     }

@@ -596,14 +596,14 @@ pub fn training_job(params: &TrainParams, objective: &Objective, tasks: Vec<Task
             rank: params.lora_rank,
             earlier_ranks,
             teacher,
-            decode_chunk: params.grad_checkpointing.then(|| params.decode_chunk.max(1)),
+            decode_chunk: params.grad_checkpointing.then_some(params.decode_chunk as i64),
         },
     }
 }
 
 /// The memory-relevant settings of an `evaluate` stage.
 pub fn evaluation_job(params: &EvaluateParams, ranks: i64) -> Job {
-    Job::Evaluate { batch: params.batch() as i64, guided: params.sampler.guided(), ranks }
+    Job::Evaluate { batch: params.batch_size as i64, guided: params.sampler.guided(), ranks }
 }
 
 /// The summed rank of the adapters in an adapter file (from its header: the `lora_A.<i>` tensors

@@ -41,3 +41,23 @@ pub fn registry() -> Registry {
     r.register(tiny_pretrain::TinyExport);
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::pipeline::expand::check_range;
+
+    #[test]
+    fn every_numeric_parameter_has_a_range_that_holds_its_default() {
+        let mut numeric = 0;
+        for (kind, schema) in super::registry().schemas() {
+            for p in &schema.params {
+                assert_eq!(p.ty.is_numeric(), p.range.is_some(), "`{kind}.{}`: a numeric parameter has a range, another has none", p.name);
+                if let (Some(range), Some(default)) = (&p.range, &p.default) {
+                    numeric += 1;
+                    check_range(default, range).unwrap_or_else(|e| panic!("`{kind}.{}`: the default {default}: {e}", p.name));
+                }
+            }
+        }
+        assert!(numeric > 90, "{numeric} numeric parameters");
+    }
+}

@@ -20,15 +20,15 @@ crate::enum_param!(DistillSpace { Image, Latent });
 stage_params! {
     /// DDIM sampling with classifier-free guidance, as training and evaluation sample.
     pub struct SamplerParams {
-        pub ddim_steps: i64 = param(50).doc("DDIM steps N of sampling (paper: 50)"),
-        pub eta: f64 = param(0.0).doc("DDIM eta"),
-        pub guidance: f64 = param(7.5).doc("classifier-free guidance scale"),
+        pub ddim_steps: usize = param(50).min(1).max(1000).doc("DDIM steps N of sampling (paper: 50; at most the scheduler's 1000 training timesteps)"),
+        pub eta: f64 = param(0.0).min(0).max(1).doc("DDIM eta"),
+        pub guidance: f64 = param(7.5).min(0).doc("classifier-free guidance scale (1: no guidance)"),
     }
 }
 
 impl SamplerParams {
     pub fn config(&self) -> SamplerConfig {
-        SamplerConfig { steps: self.ddim_steps.max(1) as usize, eta: self.eta, guidance: self.guidance }
+        SamplerConfig { steps: self.ddim_steps, eta: self.eta, guidance: self.guidance }
     }
 
     /// Whether the UNet runs twice per step (conditional and unconditional).

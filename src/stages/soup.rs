@@ -15,7 +15,7 @@ pub struct Soup;
 stage_params! {
     /// The parameters of a `soup` stage.
     pub struct SoupParams {
-        pub coefficients: Vec<f64> = param(Vec::new()).doc("one coefficient per model, in input order (paper: 1/3 each); empty = equal weights"),
+        pub coefficients: Vec<f64> = param(Vec::new()).min(0).max(1).doc("one coefficient per model, in input order (paper: 1/3 each); empty = equal weights"),
     }
 }
 

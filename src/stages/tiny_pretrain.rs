@@ -65,39 +65,23 @@ fn input(name: &'static str, doc: &'static str) -> InputSpec {
 stage_params! {
     /// The optimisation parameters every trainer has (each kind gives its own defaults).
     pub struct ScheduleParams {
-        pub seed: i64 = required().doc("seed of the initialisation and of every batch"),
-        pub steps: i64 = required().doc("optimizer steps"),
-        pub batch: i64 = required().doc("batch size"),
-        pub lr: f64 = required().doc("peak learning rate (AdamW; linear warm-up, cosine decay to 10%)"),
-        pub warmup: i64 = required().doc("warm-up steps"),
-        pub weight_decay: f64 = required().doc("AdamW weight decay"),
+        pub seed: u64 = required().min(0).doc("seed of the initialisation and of every batch"),
+        pub steps: usize = required().min(1).doc("optimizer steps"),
+        pub batch: usize = required().min(1).doc("batch size"),
+        pub lr: f64 = required().min(0).max(1).doc("peak learning rate (AdamW; linear warm-up, cosine decay to 10%)"),
+        pub warmup: usize = required().min(0).doc("warm-up steps"),
+        pub weight_decay: f64 = required().min(0).doc("AdamW weight decay"),
     }
 }
 
 /// A trainer's schedule defaults: seed 0 and these.
-fn schedule_defaults(steps: i64, batch: i64, lr: f64, warmup: i64, weight_decay: f64) -> ScheduleParams {
+fn schedule_defaults(steps: usize, batch: usize, lr: f64, warmup: usize, weight_decay: f64) -> ScheduleParams {
     ScheduleParams { seed: 0, steps, batch, lr, warmup, weight_decay }
 }
 
-fn usize_of(name: &str, value: i64) -> Result<usize, StageError> {
-    usize::try_from(value).map_err(|_| StageError::Failed(format!("parameter `{name}` must not be negative")))
-}
-
 impl ScheduleParams {
-    fn schedule(&self, checkpoint_every: usize) -> Result<Schedule, StageError> {
-        let schedule = Schedule {
-            steps: usize_of("steps", self.steps)?,
-            batch: usize_of("batch", self.batch)?,
-            lr: self.lr,
-            warmup: usize_of("warmup", self.warmup)?,
-            weight_decay: self.weight_decay,
-            seed: self.seed as u64,
-            checkpoint_every,
-        };
-        if schedule.batch == 0 {
-            return Err(StageError::Failed("`batch` must be positive".into()));
-        }
-        Ok(schedule)
+    fn schedule(&self, checkpoint_every: usize) -> Schedule {
+        Schedule { steps: self.steps, batch: self.batch, lr: self.lr, warmup: self.warmup, weight_decay: self.weight_decay, seed: self.seed, checkpoint_every }
     }
 }
 
@@ -192,8 +176,8 @@ pub struct TinyPrompts;
 stage_params! {
     /// The parameters of a `tiny_prompts` stage.
     pub struct TinyPromptsParams {
-        pub split_seed: i64 = param(0).doc("seed of the prompt split"),
-        pub context_length: i64 = param(28).doc("token positions of the text encoders (the longest alt-text: 16 caption words, 8 look words, start and end)"),
+        pub split_seed: u64 = param(0).min(0).doc("seed of the prompt split"),
+        pub context_length: usize = param(28).min(26).max(512).doc("token positions of the text encoders (the longest alt-text: 16 caption words, 8 look words, start and end)"),
     }
 }
 
@@ -211,8 +195,8 @@ impl StageKind for TinyPrompts {
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let p: TinyPromptsParams = ctx.typed_params()?;
-        let context = usize_of("context_length", p.context_length)?;
-        let split = prompt_split(p.split_seed as u64);
+        let context = p.context_length;
+        let split = prompt_split(p.split_seed);
         let out = ctx.out_dir().to_path_buf();
         let vocab = Vocabulary::for_words(&caption_words(&LOOK_WORDS)).map_err(stage_error)?;
         vocab.write_folder(&out.join(TOKENIZER_DIR), context).map_err(stage_error)?;
@@ -243,17 +227,17 @@ stage_params! {
     /// The parameters of a `tiny_clip` stage.
     pub struct TinyClipParams {
         pub schedule: ScheduleParams = flatten_with(schedule_defaults(1200, 128, 1e-3, 100, 0.1)),
-        pub text_width: i64 = param(64).doc("text tower width (the UNet's cross-attention dimension)"),
-        pub text_layers: i64 = param(3).doc("text tower layers"),
-        pub text_heads: i64 = param(4).doc("text tower heads"),
-        pub vision_width: i64 = param(64).doc("vision tower width"),
-        pub vision_layers: i64 = param(3).doc("vision tower layers"),
-        pub vision_heads: i64 = param(4).doc("vision tower heads"),
-        pub patch_size: i64 = param(8).doc("ViT patch size (32 / patch_size patches a side)"),
-        pub embed_dim: i64 = param(64).doc("joint embedding size"),
-        pub alt_text: f64 = param(0.8).doc("probability that a training text is the render's alt-text (caption + look words) rather than its caption"),
-        pub look_weight: f64 = param(1.0).doc("weight of the look-grading loss (a linear probe per quality on the image embedding, not shipped)"),
-        pub eval_sets: i64 = param(4).doc("independent render sets of the test prompts for the retrieval gate"),
+        pub text_width: i64 = param(64).min(1).doc("text tower width (the UNet's cross-attention dimension)"),
+        pub text_layers: i64 = param(3).min(1).doc("text tower layers"),
+        pub text_heads: i64 = param(4).min(1).doc("text tower heads"),
+        pub vision_width: i64 = param(64).min(1).doc("vision tower width"),
+        pub vision_layers: i64 = param(3).min(1).doc("vision tower layers"),
+        pub vision_heads: i64 = param(4).min(1).doc("vision tower heads"),
+        pub patch_size: i64 = param(8).min(1).max(32).doc("ViT patch size (32 / patch_size patches a side)"),
+        pub embed_dim: i64 = param(64).min(1).doc("joint embedding size"),
+        pub alt_text: f64 = param(0.8).min(0).max(1).doc("probability that a training text is the render's alt-text (caption + look words) rather than its caption"),
+        pub look_weight: f64 = param(1.0).min(0).doc("weight of the look-grading loss (a linear probe per quality on the image embedding, not shipped)"),
+        pub eval_sets: usize = param(4).min(1).doc("independent render sets of the test prompts for the retrieval gate"),
     }
 }
 
@@ -287,7 +271,7 @@ impl StageKind for TinyClip {
             patch_size: p.patch_size,
             embed_dim: p.embed_dim,
         };
-        let schedule = p.schedule.schedule(250)?;
+        let schedule = p.schedule.schedule(250);
         let out = ctx.out_dir().to_path_buf();
         let clip_json = config.clip_model_json(&vocab);
         write_json(&out.join(CLIP_DIR).join("config.json"), &clip_json).map_err(stage_error)?;
@@ -304,7 +288,7 @@ impl StageKind for TinyClip {
 
         let frozen = frozen_clip(&clip_files(out.join(CLIP_DIR), &prompts.tokenizer_dir), device)?;
         let mut report = GateReport::default();
-        retrieval_gates(&mut report, &frozen, &prompts.test, usize_of("eval_sets", p.eval_sets)?.max(1))?;
+        retrieval_gates(&mut report, &frozen, &prompts.test, p.eval_sets)?;
         publish(ctx, &report)
     }
 }
@@ -326,11 +310,11 @@ stage_params! {
     /// The parameters of a `tiny_vae` stage.
     pub struct TinyVaeParams {
         pub schedule: ScheduleParams = flatten_with(schedule_defaults(1500, 32, 1e-3, 100, 0.0)),
-        pub block_out_channels: Vec<i64> = param(vec![16, 32, 32]).doc("channels per block (3 blocks: 32x32 -> 8x8 latents)"),
-        pub latent_channels: i64 = param(4).doc("latent channels"),
-        pub norm_num_groups: i64 = param(8).doc("GroupNorm groups"),
-        pub kl_weight: f64 = param(1e-6).doc("weight of the KL term (per-image sums, as SD's VAE)"),
-        pub eval_renders: i64 = param(8).doc("renders per test prompt for the PSNR gate"),
+        pub block_out_channels: Vec<i64> = param(vec![16, 32, 32]).min(1).doc("channels per block (3 blocks: 32x32 -> 8x8 latents)"),
+        pub latent_channels: i64 = param(4).min(1).doc("latent channels"),
+        pub norm_num_groups: i64 = param(8).min(1).doc("GroupNorm groups"),
+        pub kl_weight: f64 = param(1e-6).min(0).doc("weight of the KL term (per-image sums, as SD's VAE)"),
+        pub eval_renders: usize = param(8).min(1).doc("renders per test prompt for the PSNR gate"),
     }
 }
 
@@ -357,7 +341,7 @@ impl StageKind for TinyVae {
             norm_num_groups: p.norm_num_groups,
         }
         .diffusers(IMAGE_SIZE as i64);
-        let schedule = p.schedule.schedule(250)?;
+        let schedule = p.schedule.schedule(250);
         let mut model = TrainableVae::new(&config, schedule.seed, device).map_err(stage_error)?;
         let checkpoint = ctx.resume_dir()?.join("checkpoint.safetensors");
         let summary = {
@@ -371,7 +355,7 @@ impl StageKind for TinyVae {
 
         let saved = TrainableVae::load(&out.join(VAE_DIR), device).map_err(stage_error)?;
         let mut report = GateReport::default();
-        psnr_gate(&mut report, &saved.vae, &prompts.test, usize_of("eval_renders", p.eval_renders)?.max(1), device)?;
+        psnr_gate(&mut report, &saved.vae, &prompts.test, p.eval_renders, device)?;
         report.measure("vae.scaling_factor", saved.config.scaling_factor);
         publish(ctx, &report)
     }
@@ -392,9 +376,9 @@ stage_params! {
     /// The parameters of a `tiny_aesthetic` stage.
     pub struct TinyAestheticParams {
         pub schedule: ScheduleParams = flatten_with(schedule_defaults(4000, 256, 1e-3, 100, 0.0)),
-        pub hidden: Vec<i64> = param(vec![256, 64, 32, 16]).doc("hidden widths of the head (LAION's: 1024, 128, 64, 16)"),
-        pub pool: i64 = param(20000).doc("training renders (embedded once by the frozen CLIP)"),
-        pub eval_renders: i64 = param(20).doc("renders per test prompt for the Pearson gate"),
+        pub hidden: Vec<i64> = param(vec![256, 64, 32, 16]).min(1).doc("hidden widths of the head (LAION's: 1024, 128, 64, 16)"),
+        pub pool: usize = param(20000).min(1).doc("training renders (embedded once by the frozen CLIP)"),
+        pub eval_renders: usize = param(20).min(1).doc("renders per test prompt for the Pearson gate"),
     }
 }
 
@@ -416,8 +400,8 @@ impl StageKind for TinyAesthetic {
         let prompts = prompts_input(ctx)?;
         let files = clip_files(input_dir(ctx.input("clip")?, CLIP_DIR, "config.json")?, &prompts.tokenizer_dir);
         let clip = frozen_clip(&files, device)?;
-        let schedule = p.schedule.schedule(0)?;
-        let (embeddings, ratings) = taesthetic::embedded_ratings(&clip, &prompts.excluded, usize_of("pool", p.pool)?, schedule.seed, device).map_err(stage_error)?;
+        let schedule = p.schedule.schedule(0);
+        let (embeddings, ratings) = taesthetic::embedded_ratings(&clip, &prompts.excluded, p.pool, schedule.seed, device).map_err(stage_error)?;
         let mut dims = vec![embeddings.size()[1]];
         dims.extend(p.hidden.clone());
         dims.push(1);
@@ -432,7 +416,7 @@ impl StageKind for TinyAesthetic {
 
         let reward = AestheticReward::load(&files, &out.join(HEAD_FILE), device, Kind::Float).map_err(StageError::failed)?;
         let mut report = GateReport::default();
-        pearson_gate(&mut report, &reward, &prompts.test, usize_of("eval_renders", p.eval_renders)?.max(1), device)?;
+        pearson_gate(&mut report, &reward, &prompts.test, p.eval_renders, device)?;
         publish(ctx, &report)
     }
 }
@@ -452,7 +436,7 @@ stage_params! {
     /// The parameters of a `tiny_preference` stage.
     pub struct TinyPreferenceParams {
         pub schedule: ScheduleParams = flatten_with(schedule_defaults(600, 64, 1e-4, 50, 0.1)),
-        pub eval_pairs: i64 = param(20).doc("labelled pairs per test prompt for the accuracy gate"),
+        pub eval_pairs: usize = param(20).min(1).doc("labelled pairs per test prompt for the accuracy gate"),
     }
 }
 
@@ -474,7 +458,7 @@ impl StageKind for TinyPreference {
         let prompts = prompts_input(ctx)?;
         let clip_dir = input_dir(ctx.input("clip")?, CLIP_DIR, "config.json")?;
         let model = TrainableClip::load(&clip_dir, device).map_err(stage_error)?;
-        let schedule = p.schedule.schedule(200)?;
+        let schedule = p.schedule.schedule(200);
         let checkpoint = ctx.resume_dir()?.join("checkpoint.safetensors");
         let summary = {
             let mut monitor = StageMonitor::new(ctx, schedule.steps);
@@ -485,7 +469,7 @@ impl StageKind for TinyPreference {
         model.save(&out.join(HPS_DIR), &config, Precision::F32).map_err(stage_error)?;
         write_json(&out.join(TRAIN_FILE), &json!({"summary": summary, "schedule": schedule})).map_err(stage_error)?;
 
-        let per_prompt = usize_of("eval_pairs", p.eval_pairs)?.max(1);
+        let per_prompt = p.eval_pairs;
         let mut report = GateReport::default();
         let hps = HpsReward::load(&clip_files(out.join(HPS_DIR), &prompts.tokenizer_dir), device, Kind::Float).map_err(StageError::failed)?;
         preference_gate(&mut report, &hps, &prompts.test, per_prompt, device)?;
@@ -513,15 +497,15 @@ stage_params! {
     /// The parameters of a `tiny_unet` stage.
     pub struct TinyUnetParams {
         pub schedule: ScheduleParams = flatten_with(schedule_defaults(5000, 64, 1e-3, 200, 0.0)),
-        pub block_out_channels: Vec<i64> = param(vec![24, 48]).doc("channels per block"),
-        pub layers_per_block: i64 = param(1).doc("resnets per down block"),
-        pub attention_heads: i64 = param(1).doc("attention heads per block (diffusers' attention_head_dim; one wide head is several times faster on a CPU than several narrow ones)"),
-        pub norm_num_groups: i64 = param(8).doc("GroupNorm groups"),
+        pub block_out_channels: Vec<i64> = param(vec![24, 48]).min(1).doc("channels per block"),
+        pub layers_per_block: i64 = param(1).min(1).doc("resnets per down block"),
+        pub attention_heads: i64 = param(1).min(1).doc("attention heads per block (diffusers' attention_head_dim; one wide head is several times faster on a CPU than several narrow ones)"),
+        pub norm_num_groups: i64 = param(8).min(1).doc("GroupNorm groups"),
         pub cross_attention: Vec<bool> = param(vec![true, false]).doc("which down blocks have cross-attention (up blocks mirror them)"),
-        pub prompt_dropout: f64 = param(0.1).doc("probability of the empty prompt (classifier-free guidance)"),
-        pub min_snr_gamma: f64 = param(5.0).doc("Min-SNR-gamma loss weighting (0: unweighted)"),
-        pub ema_decay: f64 = param(0.999).doc("decay of the weights' moving average (the shipped weights)"),
-        pub pool: i64 = param(20000).doc("training renders encoded once by the VAE"),
+        pub prompt_dropout: f64 = param(0.1).min(0).max(1).doc("probability of the empty prompt (classifier-free guidance)"),
+        pub min_snr_gamma: f64 = param(5.0).min(0).doc("Min-SNR-gamma loss weighting (0: unweighted)"),
+        pub ema_decay: f64 = param(0.999).min(0).max(1).doc("decay of the weights' moving average (the shipped weights)"),
+        pub pool: usize = param(20000).min(1).doc("training renders encoded once by the VAE"),
     }
 }
 
@@ -553,7 +537,7 @@ impl StageKind for TinyUnet {
         }
         .diffusers(vae.config.latent_channels, latent_size, text.config().transformer.width)
         .map_err(stage_error)?;
-        let schedule = p.schedule.schedule(500)?;
+        let schedule = p.schedule.schedule(500);
         let settings = DiffusionSettings {
             prompt_dropout: p.prompt_dropout,
             min_snr_gamma: p.min_snr_gamma,
@@ -561,7 +545,7 @@ impl StageKind for TinyUnet {
             scaling_factor: vae.config.scaling_factor,
         };
         ctx.log("encoding the latent pool");
-        let pool = LatentPool::encode(&vae.vae, &prompts.excluded, usize_of("pool", p.pool)?, schedule.seed, device).map_err(stage_error)?;
+        let pool = LatentPool::encode(&vae.vae, &prompts.excluded, p.pool, schedule.seed, device).map_err(stage_error)?;
         drop(vae);
         let model = TrainableUnet::new(&config, schedule.seed, device).map_err(stage_error)?;
         let parameters: i64 = model.vs.variables().values().map(|t| t.numel() as i64).sum();
@@ -587,18 +571,18 @@ pub struct TinyExport;
 stage_params! {
     /// The parameters of a `tiny_export` stage.
     pub struct TinyExportParams {
-        pub seed: i64 = param(0).doc("seed of the samples and of the evaluation renders"),
-        pub sample_steps: i64 = param(10).doc("DDIM steps of the sample gates (the study's)"),
-        pub guidance: f64 = param(3.0).doc("classifier-free guidance of the sample gates (the study's, pipelines/all_orders.yaml)"),
-        pub guidance_sweep: Vec<f64> = param(vec![1.0, 5.0, 7.5]).doc("further guidance scales whose sample measurements gates.json records"),
-        pub samples_per_prompt: i64 = param(8).doc("samples of each test prompt for the sample gates"),
-        pub fid_renders: i64 = param(40).doc("renders of each test prompt for the FID reference"),
-        pub grid_prompts: i64 = param(10).doc("test prompts shown in samples.png"),
-        pub retrieval_sets: i64 = param(4).doc("render sets of the test prompts for the retrieval gate"),
-        pub psnr_renders: i64 = param(8).doc("renders per test prompt for the PSNR gate"),
-        pub rating_renders: i64 = param(20).doc("renders per test prompt for the Pearson gate"),
-        pub preference_pairs: i64 = param(20).doc("labelled pairs per test prompt for the preference gate"),
-        pub jpeg_quality: f64 = param(80.0).doc("JPEG quality of the compressibility reward (world.json)"),
+        pub seed: u64 = param(0).min(0).doc("seed of the samples and of the evaluation renders"),
+        pub sample_steps: usize = param(10).min(1).max(1000).doc("DDIM steps of the sample gates (the study's)"),
+        pub guidance: f64 = param(3.0).min(0).doc("classifier-free guidance of the sample gates (the study's, pipelines/all_orders.yaml)"),
+        pub guidance_sweep: Vec<f64> = param(vec![1.0, 5.0, 7.5]).min(0).doc("further guidance scales whose sample measurements gates.json records"),
+        pub samples_per_prompt: usize = param(8).min(1).doc("samples of each test prompt for the sample gates"),
+        pub fid_renders: usize = param(40).min(2).doc("renders of each test prompt for the FID reference"),
+        pub grid_prompts: usize = param(10).min(0).doc("test prompts shown in samples.png"),
+        pub retrieval_sets: usize = param(4).min(1).doc("render sets of the test prompts for the retrieval gate"),
+        pub psnr_renders: usize = param(8).min(1).doc("renders per test prompt for the PSNR gate"),
+        pub rating_renders: usize = param(20).min(1).doc("renders per test prompt for the Pearson gate"),
+        pub preference_pairs: usize = param(20).min(1).doc("labelled pairs per test prompt for the preference gate"),
+        pub jpeg_quality: f64 = param(80.0).min(1).max(100).doc("JPEG quality of the compressibility reward (world.json)"),
     }
 }
 
@@ -629,9 +613,9 @@ impl StageKind for TinyExport {
 
         // The FID reference: the CLIP-score model's embeddings of renders of the test prompts.
         let test = read_prompts(&out.join(TEST_PROMPTS))?;
-        let seed = p.seed as u64;
+        let seed = p.seed;
         let clip = frozen_clip(&clip_files(out.join(CLIP_DIR), &out.join("diffusion").join(TOKENIZER_DIR)), device)?;
-        let renders = prompt_scenes(&test, usize_of("fid_renders", p.fid_renders)?.max(2), seed + 2000, device).map_err(stage_error)?;
+        let renders = prompt_scenes(&test, p.fid_renders, seed + 2000, device).map_err(stage_error)?;
         let (mu, sigma) = feature_stats(&embed_images(&clip, &renders.images)?).map_err(stage_error)?;
         write_safetensors(&out.join("fid_reference.safetensors"), &[("mu".into(), mu.shallow_clone()), ("sigma".into(), sigma.shallow_clone())], Precision::F32).map_err(stage_error)?;
         drop(clip);
@@ -642,26 +626,25 @@ impl StageKind for TinyExport {
         let diffusion = Diffusion::load(&record, None, device, ComputePrecision::Fp32)?;
         let clip = frozen_clip(&world.clip_score, device)?;
         let mut report = GateReport::default();
-        let count = |name: &str, value: i64| usize_of(name, value).map(|n| n.max(1));
-        retrieval_gates(&mut report, &clip, &test, count("retrieval_sets", p.retrieval_sets)?)?;
-        psnr_gate(&mut report, &diffusion.vae, &test, count("psnr_renders", p.psnr_renders)?, device)?;
+        retrieval_gates(&mut report, &clip, &test, p.retrieval_sets)?;
+        psnr_gate(&mut report, &diffusion.vae, &test, p.psnr_renders, device)?;
         let aesthetic = AestheticReward::load(&world.aesthetic_clip, &world.aesthetic_head, device, Kind::Float).map_err(StageError::failed)?;
-        pearson_gate(&mut report, &aesthetic, &test, count("rating_renders", p.rating_renders)?, device)?;
+        pearson_gate(&mut report, &aesthetic, &test, p.rating_renders, device)?;
         let hps = HpsReward::load(&world.hps, device, Kind::Float).map_err(StageError::failed)?;
-        preference_gate(&mut report, &hps, &test, count("preference_pairs", p.preference_pairs)?, device)?;
+        preference_gate(&mut report, &hps, &test, p.preference_pairs, device)?;
         let reference = read_safetensors(&world.fid_reference).map_err(stage_error)?;
         let reference = (reference.get("mu").map(Tensor::shallow_clone), reference.get("sigma").map(Tensor::shallow_clone));
         let (Some(mu), Some(sigma)) = reference else {
             return Err(StageError::Failed("fid_reference.safetensors lacks mu or sigma".into()));
         };
         let settings = SampleSettings {
-            steps: usize_of("sample_steps", p.sample_steps)?,
+            steps: p.sample_steps,
             guidance: p.guidance,
-            per_prompt: usize_of("samples_per_prompt", p.samples_per_prompt)?.max(1),
+            per_prompt: p.samples_per_prompt,
             seed,
             sweep: p.guidance_sweep.clone(),
         };
-        sample_gates(ctx, &mut report, &diffusion, &clip, &test, &settings, (&mu, &sigma), usize_of("grid_prompts", p.grid_prompts)?)?;
+        sample_gates(ctx, &mut report, &diffusion, &clip, &test, &settings, (&mu, &sigma), p.grid_prompts)?;
         publish(ctx, &report)?;
         write_manifest(&out)
     }

@@ -30,45 +30,40 @@ use super::world::{read_prompts, ModelRecord, ADAPTERS_FILE};
 stage_params! {
     /// Parameters common to every training stage (AlignProp's recipe as defaults).
     pub struct TrainParams {
-        pub epochs: i64 = param(1).doc("epochs; an epoch is `prompts_per_epoch` prompts (default: every training prompt once)"),
-        pub prompts_per_epoch: i64 = param(0).doc("prompts per epoch; 0 = the number of training prompts"),
-        pub batch_size: i64 = param(8).doc("prompts per optimizer step (paper: baseline 128, RID 8)"),
-        pub micro_batch: i64 = param(0).doc("prompts per forward pass, gradients accumulated over the batch; 0 = the batch"),
-        pub lr: f64 = param(5e-5).doc("AdamW learning rate (paper: baseline 1e-3, RID 5e-5)"),
-        pub weight_decay: f64 = param(0.1).doc("AdamW decoupled weight decay (AlignProp: 0.1)"),
-        pub beta1: f64 = param(0.9).doc("AdamW beta1"),
-        pub beta2: f64 = param(0.999).doc("AdamW beta2"),
-        pub adam_eps: f64 = param(1e-8).doc("AdamW epsilon"),
-        pub grad_clip: f64 = param(5.0).doc("gradient-norm clip (AlignProp: 5.0)"),
+        pub epochs: u64 = param(1).min(1).doc("epochs; an epoch is `prompts_per_epoch` prompts (default: every training prompt once)"),
+        pub prompts_per_epoch: usize = param(0).min(0).doc("prompts per epoch; 0 = the number of training prompts"),
+        pub batch_size: usize = param(8).min(1).doc("prompts per optimizer step (paper: baseline 128, RID 8)"),
+        pub micro_batch: usize = param(0).min(0).doc("prompts per forward pass, gradients accumulated over the batch; 0 = the batch"),
+        pub lr: f64 = param(5e-5).min(0).max(1).doc("AdamW learning rate (paper: baseline 1e-3, RID 5e-5; 0 keeps the adapter at its initialisation)"),
+        pub weight_decay: f64 = param(0.1).min(0).doc("AdamW decoupled weight decay (AlignProp: 0.1)"),
+        pub beta1: f64 = param(0.9).min(0).max_exclusive(1).doc("AdamW beta1"),
+        pub beta2: f64 = param(0.999).min(0).max_exclusive(1).doc("AdamW beta2"),
+        pub adam_eps: f64 = param(1e-8).min_exclusive(0).doc("AdamW epsilon"),
+        pub grad_clip: f64 = param(5.0).min_exclusive(0).doc("gradient-norm clip (AlignProp: 5.0)"),
         pub sampler: SamplerParams = flatten(),
-        pub lora_rank: i64 = param(4).doc("rank of the new adapter (paper: 4)"),
+        pub lora_rank: i64 = param(4).min(1).doc("rank of the new adapter (paper: 4)"),
         pub lora_init: LoraInit = param(LoraInit::KaimingUniform).doc("initialisation of the adapter's down matrix A (B starts at zero)"),
-        pub seed: i64 = param(0).doc("seed of prompts order, initial noise and adapter initialisation; each stage derives its streams from it and the input model's place in the sequence (its origin and tasks so far), so consecutive tasks differ, variants at the same place compare paired, and a rerun repeats"),
-        pub checkpoint_every: i64 = param(20).doc("optimizer steps between resumable checkpoints"),
+        pub seed: u64 = param(0).min(0).doc("seed of prompts order, initial noise and adapter initialisation; each stage derives its streams from it and the input model's place in the sequence (its origin and tasks so far), so consecutive tasks differ, variants at the same place compare paired, and a rerun repeats"),
+        pub checkpoint_every: u64 = param(20).min(1).doc("optimizer steps between resumable checkpoints"),
         pub grad_checkpointing: bool = param(false).doc("decode and score `decode_chunk` samples at a time on a detached z_0 and push the collected gradient through the last UNet call (AlignProp, DRaFT): the decode's graph of one chunk is alive at a time; same gradients"),
-        pub decode_chunk: i64 = param(1).doc("samples decoded and scored at once with `grad_checkpointing`"),
+        pub decode_chunk: usize = param(1).min(1).doc("samples decoded and scored at once with `grad_checkpointing`"),
         pub precision: Precision = precision_param(),
     }
 }
 
 impl TrainParams {
-    /// Prompts per optimizer step.
-    pub fn batch(&self) -> usize {
-        self.batch_size.max(1) as usize
-    }
-
     /// Prompts per forward pass (the batch when `micro_batch` is 0).
     pub fn micro(&self) -> usize {
         match self.micro_batch {
-            m if m <= 0 => self.batch(),
-            m => (m as usize).min(self.batch()),
+            0 => self.batch_size,
+            m => m.min(self.batch_size),
         }
     }
 
     /// How `grad_checkpointing` and `decode_chunk` differentiate the decode.
     pub fn backprop(&self) -> Backprop {
         if self.grad_checkpointing {
-            Backprop::Checkpointed { chunk: self.decode_chunk.max(1) as usize }
+            Backprop::Checkpointed { chunk: self.decode_chunk }
         } else {
             Backprop::Whole
         }
@@ -126,7 +121,7 @@ pub fn train(ctx: &mut StageContext, spec: TrainSpec, model: &ModelRecord, adapt
     // sequence (its origin and the tasks it has learnt). Stages at the same place (the baseline
     // and RID, or an ablation's variants) draw the same numbers, so they compare paired.
     let place = format!("{}:{}", model.origin, model.tasks.iter().map(|t| t.name()).collect::<Vec<_>>().join(","));
-    let seed = noise::derive_seed(p.seed as u64, &place);
+    let seed = noise::derive_seed(p.seed, &place);
     let precision = p.precision;
     let diffusion = Diffusion::load(model, adapters, device, precision)?;
     let lora = &diffusion.lora;
@@ -140,17 +135,17 @@ pub fn train(ctx: &mut StageContext, spec: TrainSpec, model: &ModelRecord, adapt
     }
     let sampler = Sampler::new(diffusion.ddim.clone(), p.sampler.config()).map_err(StageError::failed)?;
     let prompts = read_prompts(&model.world.train_prompts)?;
-    let batch = p.batch();
+    let batch = p.batch_size;
     let micro = p.micro();
     let per_epoch = match p.prompts_per_epoch {
-        n if n <= 0 => prompts.len(),
-        n => n as usize,
+        0 => prompts.len(),
+        n => n,
     };
-    let epochs = p.epochs.max(1) as u64;
+    let epochs = p.epochs;
     let steps_per_epoch = per_epoch.div_ceil(batch) as u64;
     let total_steps = epochs * steps_per_epoch;
     let clip = p.grad_clip;
-    let checkpoint_every = p.checkpoint_every.max(1) as u64;
+    let checkpoint_every = p.checkpoint_every;
     let config = p.adamw();
 
     // Resume from the last checkpoint of this exact stage, if an earlier run was interrupted.

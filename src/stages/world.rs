@@ -155,8 +155,8 @@ stage_params! {
         pub fid_reference: PathBuf = required().doc("FID reference: a folder of images (e.g. MS-COCO val2014) or a .safetensors with mu and sigma; public original: https://cocodataset.org"),
         pub train_prompts: PathBuf = required().doc("training prompts, one a line (the 750 HPD photo prompts); public original: assets/hps_v2_all.txt in https://github.com/mihirp1998/AlignProp"),
         pub test_prompts: PathBuf = required().doc("test prompts, one a line (the 50 held-out HPD photo prompts); public original: assets/hps_v2_all_eval.txt in https://github.com/mihirp1998/AlignProp"),
-        pub resolution: i64 = param(512).doc("image side in pixels"),
-        pub jpeg_quality: f64 = param(80.0).doc("JPEG quality of the differentiable JPEG in the compressibility reward"),
+        pub resolution: i64 = param(512).min(64).max(4096).doc("image side in pixels"),
+        pub jpeg_quality: f64 = param(80.0).min(1).max(100).doc("JPEG quality of the differentiable JPEG in the compressibility reward"),
         pub compress_reduction: Reduction = param(Reduction::Sum).doc("reduction of the compressibility reward's squared JPEG error over channels and pixels: sum (the paper's Eq. 2) or mean"),
         pub lora_targets: Vec<String> = lora_targets_param(),
     }

@@ -16,13 +16,13 @@ pub struct WriteKind;
 ril_pipe::stage_params! {
     pub struct WriteParams {
         pub text: String = param(String::new()).doc("text to write"),
-        pub steps: i64 = param(1).doc("steps"),
-        pub sleep_ms: i64 = param(0).doc("sleep per step"),
+        pub steps: u64 = param(1).min(1).doc("steps"),
+        pub sleep_ms: u64 = param(0).min(0).doc("sleep per step"),
         pub fail: bool = param(false).doc("fail at the end"),
         pub panic: bool = param(false).doc("panic at the end"),
         pub count_file: String = param(String::new()).doc("append a line per execution"),
         pub data: Option<PathBuf> = param(None).doc("an external file"),
-        pub rate: f64 = param(0.5).doc("a float"),
+        pub rate: f64 = param(0.5).min(0).max(10).doc("a float"),
         pub mode: WriteMode = param(WriteMode::A).doc("an enum"),
     }
 }
@@ -68,8 +68,7 @@ impl StageKind for WriteKind {
             let mut f = std::fs::OpenOptions::new().create(true).append(true).open(count_file)?;
             writeln!(f, "{}", ctx.stage.id)?;
         }
-        let steps = params.steps.max(1) as u64;
-        let sleep = params.sleep_ms as u64;
+        let (steps, sleep) = (params.steps, params.sleep_ms);
         let ckpt = ctx.resume_dir()?.join("step.txt");
         let mut start = 0;
         if let Ok(text) = std::fs::read_to_string(&ckpt) {
