@@ -18,7 +18,7 @@ use ril_pipe::models::lora::LoraInit;
 use ril_pipe::stages::diffusion::Diffusion;
 use ril_pipe::stages::precision::Precision;
 use ril_pipe::stages::reward_set::task_reward;
-use ril_pipe::stages::records::Task;
+use ril_pipe::records::Task;
 use ril_pipe::stages::world::{read_prompts, ModelRecord, WorldSpec};
 use tch::{Device, Tensor};
 

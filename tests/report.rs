@@ -18,8 +18,8 @@ use ril_pipe::report::publish::{cached_reports, ensure_reports, merged_metrics, 
 use ril_pipe::report::render::{csv, latex, latex_escape, markdown};
 use ril_pipe::report::tables::{build_all, BuiltTables, Table};
 use ril_pipe::report::{write_report, Evaluation, ForgettingRun, ReportOptions, StudyInputs, Training};
-use ril_pipe::stages::forgetting::forgetting;
-use ril_pipe::stages::records::{EvaluationRecord, Metric, Task, TrainLogLine, TrainSummary};
+use ril_pipe::records::forgetting;
+use ril_pipe::records::{EvaluationRecord, Metric, Task, TrainLogLine, TrainSummary};
 use serde_json::json;
 
 // ---------------------------------------------------------------- fixture

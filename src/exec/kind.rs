@@ -75,6 +75,15 @@ impl From<crate::pipeline::params::ParamError> for StageError {
     }
 }
 
+impl From<crate::records::RecordError> for StageError {
+    fn from(e: crate::records::RecordError) -> Self {
+        match e {
+            crate::records::RecordError::Io { context, source } => StageError::Io { context, source },
+            crate::records::RecordError::Format(message) => StageError::Failed(message),
+        }
+    }
+}
+
 impl From<std::io::Error> for StageError {
     fn from(source: std::io::Error) -> Self {
         StageError::Io {

@@ -22,7 +22,7 @@ pub mod tables;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::stages::records::Metric;
+use crate::records::Metric;
 
 pub use inputs::{Evaluation, ForgettingRun, StudyInputs, Training};
 

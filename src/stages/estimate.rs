@@ -15,7 +15,7 @@ use super::finetune::FinetuneParams;
 use super::joint::JointParams;
 use super::memory::{self, Job};
 use super::precision::Precision;
-use super::records::Task;
+use crate::records::Task;
 use super::train::TrainParams;
 use super::world::{read_prompts, world_of_stage, WorldSpec};
 

@@ -25,11 +25,10 @@ use super::diffusion::Diffusion;
 use super::finetune::model_input;
 use super::params::{precision_param, SamplerParams};
 use super::precision::Precision;
-use super::records::{EvaluationRecord, Metric, METRICS_FILE};
+use crate::records::{EvaluationRecord, Metric, GRID_FILE, METRICS_FILE};
 use super::world::{read_prompts, FidFeatures, ModelRecord, WorldSpec};
 
 pub const SCORES_FILE: &str = "scores.jsonl";
-pub const GRID_FILE: &str = "grid.png";
 
 pub struct Evaluate;
 

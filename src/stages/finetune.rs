@@ -7,7 +7,7 @@ use crate::pipeline::params::StageParams;
 use crate::pipeline::schema::{InputSpec, KindSchema};
 use crate::stage_params;
 
-use super::records::Task;
+use crate::records::Task;
 use super::reward_set::task_reward;
 use super::train::{check_memory, train, TrainParams, TrainSpec};
 use super::world::ModelRecord;

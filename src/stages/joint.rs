@@ -9,7 +9,7 @@ use crate::pipeline::schema::KindSchema;
 use crate::stage_params;
 
 use super::finetune::model_input;
-use super::records::Task;
+use crate::records::Task;
 use super::reward_set::mixture;
 use super::train::{check_memory, train, TrainParams, TrainSpec};
 use super::world::ModelRecord;

@@ -53,7 +53,7 @@ use crate::rewards::clip_loader::{ClipFiles, ClipLayout};
 
 use super::evaluate::EvaluateParams;
 use super::precision::Precision;
-use super::records::Task;
+use crate::records::Task;
 use super::train::TrainParams;
 use super::world::{FidFeatures, WorldSpec};
 

@@ -10,7 +10,6 @@ pub mod lora_export;
 pub mod memory;
 pub mod params;
 pub mod precision;
-pub mod records;
 pub mod report;
 pub mod reward_set;
 pub mod sample;

@@ -9,7 +9,7 @@ use crate::rewards::compressibility::Reduction;
 use crate::stage_params;
 
 use super::precision::Precision;
-use super::records::Task;
+use crate::records::Task;
 
 crate::enum_param!(Task { Aesthetic, Hps, Compress });
 crate::enum_param!(Precision { Fp32, Fp16, Bf16 });

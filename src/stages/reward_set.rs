@@ -10,7 +10,7 @@ use crate::rewards::mixture::RewardMixture;
 use crate::rewards::{Reward, RewardError};
 
 use super::precision::Precision;
-use super::records::Task;
+use crate::records::Task;
 use super::world::WorldSpec;
 
 impl Reward for AestheticReward {

@@ -24,7 +24,7 @@ use super::diffusion::Diffusion;
 use super::memory;
 use super::params::{precision_param, SamplerParams};
 use super::precision::Precision;
-use super::records::{Task, TrainLogLine, TrainSummary, TRAIN_LOG_FILE, TRAIN_SUMMARY_FILE};
+use crate::records::{Task, TrainLogLine, TrainSummary, TRAIN_LOG_FILE, TRAIN_SUMMARY_FILE};
 use super::world::{read_prompts, ModelRecord, ADAPTERS_FILE};
 
 stage_params! {

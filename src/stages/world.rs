@@ -21,7 +21,7 @@ use crate::rewards::clip_loader::{ClipFiles, ClipLayout};
 use crate::rewards::compressibility::Reduction;
 
 use super::params::lora_targets_param;
-use super::records::Task;
+use crate::records::Task;
 
 /// How FID features are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,7 +15,7 @@ use ril_pipe::models::weights::{self, read_safetensors_metadata, TensorMap};
 use ril_pipe::stages::diffusion::Diffusion;
 use ril_pipe::stages::lora_export::export_lora;
 use ril_pipe::stages::precision::Precision;
-use ril_pipe::stages::records::Task;
+use ril_pipe::records::Task;
 use ril_pipe::stages::world::{tiny_world_spec, ModelRecord, ADAPTERS_FILE};
 use tch::{Device, Tensor};
 
