@@ -28,7 +28,7 @@ use ril_pipe::rewards::aesthetic::AestheticReward;
 use ril_pipe::rewards::Reward;
 use ril_pipe::stages::device::{cuda_memory, gpus_for, tch_device};
 use ril_pipe::stages::memory::{training_estimate, TrainShapes, TrainStep};
-use ril_pipe::stages::precision::Precision;
+use ril_pipe::models::precision::Precision;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 

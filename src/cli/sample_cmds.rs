@@ -9,7 +9,7 @@ use ril_pipe::exec::Cache;
 use ril_pipe::stages::device::{gpus_for, tch_device};
 use ril_pipe::pipeline::params::check_param;
 use ril_pipe::stages::evaluate::{EvaluateParams, SamplingSettings};
-use ril_pipe::stages::precision::Precision;
+use ril_pipe::models::precision::Precision;
 use ril_pipe::stages::sample::{sample_model, SampleRequest};
 use ril_pipe::stages::world::{read_prompts, ModelRecord};
 

@@ -14,7 +14,7 @@ use super::evaluate::EvaluateParams;
 use super::finetune::FinetuneParams;
 use super::joint::JointParams;
 use super::memory::{self, Job};
-use super::precision::Precision;
+use crate::models::precision::Precision;
 use crate::records::Task;
 use super::train::TrainParams;
 use super::world::{read_prompts, world_of_stage, WorldSpec};

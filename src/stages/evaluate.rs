@@ -21,10 +21,9 @@ use crate::rewards::clip_loader::FrozenClip;
 use crate::rewards::hps::HpsReward;
 use crate::stage_params;
 
-use super::diffusion::Diffusion;
 use super::finetune::model_input;
 use super::params::{precision_param, SamplerParams};
-use super::precision::Precision;
+use crate::models::precision::Precision;
 use crate::records::{EvaluationRecord, Metric, GRID_FILE, METRICS_FILE};
 use super::world::{read_prompts, FidFeatures, ModelRecord, WorldSpec};
 
@@ -113,7 +112,7 @@ impl StageKind for Evaluate {
         let precision = settings.precision;
         let ranks = adapters.as_deref().map_or(0, |path| super::memory::adapter_file_ranks(path).unwrap_or(0));
         super::memory::check_fits(ctx, world, &model.lora_targets, &super::memory::evaluation_job(&p, ranks), precision)?;
-        let diffusion = Diffusion::load(&model, adapters.as_deref(), device, precision)?;
+        let diffusion = model.load_diffusion(adapters.as_deref(), device, precision)?;
         let mut prompts = read_prompts(&world.test_prompts)?;
         if p.max_prompts > 0 {
             prompts.truncate(p.max_prompts);
@@ -150,7 +149,7 @@ impl StageKind for Evaluate {
             ctx.check_cancelled()?;
             let end = (start + batch).min(total);
             let batch_prompts: Vec<String> = (start..end).map(|i| prompts[i / per_prompt].clone()).collect();
-            let images = diffusion.generate(&sampler, &batch_prompts, &uncond, seed, start as u64)?;
+            let images = sampler.generate(&diffusion, &batch_prompts, &uncond, seed, start as u64)?;
             let (a, h, clip_scores, feats) = tch::no_grad(|| -> Result<_, StageError> {
                 let a = aesthetic.score(&images).map_err(StageError::failed)?;
                 let h = hps.score(&images, &batch_prompts).map_err(StageError::failed)?;

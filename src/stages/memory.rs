@@ -52,7 +52,7 @@ use crate::models::weights;
 use crate::rewards::clip_loader::{ClipFiles, ClipLayout};
 
 use super::evaluate::EvaluateParams;
-use super::precision::Precision;
+use crate::models::precision::Precision;
 use crate::records::Task;
 use super::train::TrainParams;
 use super::world::{FidFeatures, WorldSpec};

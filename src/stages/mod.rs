@@ -1,6 +1,5 @@
 //! Stage kinds, one file per kind: the glue between the pipeline runner and the models.
 pub mod device;
-pub mod diffusion;
 pub mod estimate;
 pub mod evaluate;
 pub mod finetune;
@@ -9,7 +8,6 @@ pub mod joint;
 pub mod lora_export;
 pub mod memory;
 pub mod params;
-pub mod precision;
 pub mod report;
 pub mod reward_set;
 pub mod sample;
@@ -18,7 +16,15 @@ pub mod tiny_pretrain;
 pub mod train;
 pub mod world;
 
-use crate::exec::Registry;
+use crate::exec::{Registry, StageError};
+use crate::models::diffusion::DiffusionError;
+
+/// A diffusion model that cannot be loaded or run fails the stage with the reason.
+impl From<DiffusionError> for StageError {
+    fn from(e: DiffusionError) -> Self {
+        StageError::failed(e)
+    }
+}
 
 /// Every stage kind of the shipped binary.
 pub fn registry() -> Registry {

@@ -2,13 +2,13 @@
 //! the precision of the frozen models, the LoRA target layers, and the enums of other layers
 //! (task, precision, reduction, adapter initialisation, distillation space) as parameters.
 use crate::method::objective::DistillSpace;
+use crate::models::precision::Precision;
 use crate::method::sampling::SamplerConfig;
 use crate::models::lora::LoraInit;
 use crate::pipeline::params::{param, Field};
 use crate::rewards::compressibility::Reduction;
 use crate::stage_params;
 
-use super::precision::Precision;
 use crate::records::Task;
 
 crate::enum_param!(Task { Aesthetic, Hps, Compress });
@@ -45,4 +45,17 @@ pub fn precision_param() -> Field<Precision> {
 /// The `lora_targets` parameter of the worlds.
 pub fn lora_targets_param() -> Field<Vec<String>> {
     param(crate::models::lora::default_targets()).doc("suffixes of the layers the LoRA adapters wrap (AlignProp: the attention projections)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::params::{FieldDef, ParamValue};
+    use serde_json::json;
+
+    #[test]
+    fn the_precision_parameter_defaults_to_fp32_and_reads_its_names() {
+        assert_eq!(precision_param().specs("precision")[0].default, Some(json!("fp32")));
+        assert_eq!(Precision::from_value(&json!("bf16")), Some(Precision::Bf16));
+    }
 }

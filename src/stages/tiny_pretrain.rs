@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
 use crate::exec::{InputObject, StageContext, StageError, StageKind};
-use crate::method::sampling::{initial_latents, Sampler, SamplerConfig};
+use crate::method::sampling::{initial_latents, CastUnet, Sampler, SamplerConfig};
 use crate::models::aesthetic::AestheticConfig;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::pipeline::params::StageParams;
@@ -41,8 +41,8 @@ use crate::stage_params;
 use crate::tiny::{prompt_split, write_png_grid, write_prompts, IMAGE_SIZE};
 
 use super::device::tch_device;
-use super::diffusion::Diffusion;
-use super::precision::Precision as ComputePrecision;
+use crate::models::diffusion::Diffusion;
+use crate::models::precision::Precision as ComputePrecision;
 use super::world::{read_prompts, tiny_world_spec, ModelRecord, BUNDLE_MANIFEST};
 
 const TOKENIZER_DIR: &str = "tokenizer";
@@ -623,7 +623,7 @@ impl StageKind for TinyExport {
         // Everything below reads the bundle as a study does.
         let world = tiny_world_spec(&out)?;
         let record = ModelRecord { world: world.clone(), tasks: Vec::new(), origin: "base".into(), adapters: None, lora_targets: crate::models::lora::default_targets() };
-        let diffusion = Diffusion::load(&record, None, device, ComputePrecision::Fp32)?;
+        let diffusion = record.load_diffusion(None, device, ComputePrecision::Fp32)?;
         let clip = frozen_clip(&world.clip_score, device)?;
         let mut report = GateReport::default();
         retrieval_gates(&mut report, &clip, &test, p.retrieval_sets)?;
@@ -761,7 +761,7 @@ fn sample(diffusion: &Diffusion, prompts: &[String], settings: &SampleSettings) 
     for (k, chunk) in all.chunks(64).enumerate() {
         let cond = diffusion.encode_prompts(chunk)?;
         let z = initial_latents(settings.seed, (k * 64) as u64, chunk.len() as i64, diffusion.latent_shape, diffusion.device);
-        let z0 = sampler.sample(&diffusion.denoiser(), &z, &cond, &uncond, settings.seed).map_err(StageError::failed)?;
+        let z0 = sampler.sample(&CastUnet::of(diffusion), &z, &cond, &uncond, settings.seed).map_err(StageError::failed)?;
         images.push(tch::no_grad(|| diffusion.decode(&z0)));
     }
     Ok(Tensor::cat(&images, 0))

@@ -15,15 +15,14 @@ use crate::exec::{atomic_write, StageContext, StageError};
 use crate::method::noise;
 use crate::method::objective::{Backprop, MicroBatch, Objective, Parts, Step};
 use crate::method::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use crate::method::sampling::Sampler;
+use crate::method::sampling::{CastUnet, Sampler};
 use crate::models::lora::LoraInit;
 use crate::rewards::Reward;
 use crate::stage_params;
 
-use super::diffusion::Diffusion;
 use super::memory;
 use super::params::{precision_param, SamplerParams};
-use super::precision::Precision;
+use crate::models::precision::Precision;
 use crate::records::{Task, TrainLogLine, TrainSummary, TRAIN_LOG_FILE, TRAIN_SUMMARY_FILE};
 use super::world::{read_prompts, ModelRecord, ADAPTERS_FILE};
 
@@ -123,7 +122,7 @@ pub fn train(ctx: &mut StageContext, spec: TrainSpec, model: &ModelRecord, adapt
     let place = format!("{}:{}", model.origin, model.tasks.iter().map(|t| t.name()).collect::<Vec<_>>().join(","));
     let seed = noise::derive_seed(p.seed, &place);
     let precision = p.precision;
-    let diffusion = Diffusion::load(model, adapters, device, precision)?;
+    let diffusion = model.load_diffusion(adapters, device, precision)?;
     let lora = &diffusion.lora;
     let adapter_index = match lora.num_adapters() {
         n if n > 0 && !spec.new_adapter => n - 1,
@@ -184,7 +183,7 @@ pub fn train(ctx: &mut StageContext, spec: TrainSpec, model: &ModelRecord, adapt
     let uncond = diffusion.uncond()?;
     let decode = |z: &Tensor| diffusion.decode(z);
     let reward = |images: &Tensor, prompts: &[String]| spec.reward.score(images, prompts).map_err(|e| e.to_string());
-    let denoiser = diffusion.denoiser();
+    let denoiser = CastUnet::of(&diffusion);
     let method_step = Step {
         objective: spec.objective,
         backprop: p.backprop(),

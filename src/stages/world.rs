@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::exec::{StageContext, StageError, StageKind};
+use crate::models::diffusion::Diffusion;
+use crate::models::precision::Precision;
 use crate::models::unet::UNet2DConditionConfig;
 use crate::models::vae::AutoencoderKLConfig;
 use crate::pipeline::params::StageParams;
@@ -108,6 +110,12 @@ impl ModelRecord {
         let record = Self::read(&path, &format!("stage `{stage}`"))?;
         let adapters = record.adapters.as_ref().map(|name| dir.join(name));
         Ok((record, adapters))
+    }
+
+    /// The record's diffusion model with the adapters of the file `adapters` (see
+    /// [`ModelRecord::of_input`]).
+    pub fn load_diffusion(&self, adapters: Option<&Path>, device: tch::Device, precision: Precision) -> Result<Diffusion, StageError> {
+        Ok(Diffusion::load(&self.world.diffusion, self.world.resolution, self.lora_targets.clone(), adapters, device, precision)?)
     }
 
     fn read(path: &Path, what: &str) -> Result<ModelRecord, StageError> {
