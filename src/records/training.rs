@@ -46,6 +46,33 @@ pub struct TrainSummary {
     pub reward_last_epoch: f64,
 }
 
+impl TrainSummary {
+    /// The summary of a training's log: its seconds and the mean reward of its first and last
+    /// epoch (NaN for an epoch without steps).
+    pub fn of_log(method: &str, tasks: &[Task], log: &[TrainLogLine], epochs: u64, steps: u64, batch_size: u64) -> Self {
+        let epoch_mean = |e: u64| {
+            let lines: Vec<f64> = log.iter().filter(|l| l.epoch == e).map(|l| l.reward).collect();
+            if lines.is_empty() {
+                f64::NAN
+            } else {
+                lines.iter().sum::<f64>() / lines.len() as f64
+            }
+        };
+        let seconds: f64 = log.iter().map(|l| l.seconds).sum();
+        TrainSummary {
+            method: method.to_string(),
+            tasks: tasks.to_vec(),
+            epochs,
+            steps,
+            batch_size,
+            seconds,
+            seconds_per_epoch: seconds / epochs as f64,
+            reward_first_epoch: epoch_mean(1),
+            reward_last_epoch: epoch_mean(epochs),
+        }
+    }
+}
+
 /// Reads `train_log.jsonl`; a line that is not a log record is an error naming the line.
 pub fn read_train_log(path: &Path) -> Result<Vec<TrainLogLine>, RecordError> {
     let text = std::fs::read_to_string(path).map_err(|source| RecordError::Io { context: format!("cannot read {}", path.display()), source })?;

@@ -7,6 +7,7 @@ pub mod forgetting;
 pub mod joint;
 pub mod lora_export;
 pub mod memory;
+pub mod monitor;
 pub mod params;
 pub mod report;
 pub mod reward_set;

@@ -36,11 +36,12 @@ use crate::tiny::train::io::{read_safetensors, write_file, write_json, write_saf
 use crate::tiny::train::unet::{self as tunet, DiffusionSettings, LatentPool, TextConditioning, TinyUnetConfig, TrainableUnet};
 use crate::tiny::train::vae::{self as tvae, TinyVaeConfig, TrainableVae};
 use crate::tiny::train::vocab::{caption_words, Vocabulary};
-use crate::tiny::train::{aesthetic as taesthetic, preference as tpreference, Monitor, TrainError};
+use crate::tiny::train::{aesthetic as taesthetic, preference as tpreference, TrainError};
 use crate::stage_params;
 use crate::tiny::{prompt_split, write_png_grid, write_prompts, IMAGE_SIZE};
 
 use super::device::tch_device;
+use super::monitor::StageMonitor;
 use crate::models::diffusion::Diffusion;
 use crate::models::precision::Precision as ComputePrecision;
 use super::world::{read_prompts, tiny_world_spec, ModelRecord, BUNDLE_MANIFEST};
@@ -90,31 +91,6 @@ fn stage_error(e: TrainError) -> StageError {
     match e {
         TrainError::Cancelled => StageError::Cancelled,
         other => StageError::Failed(other.to_string()),
-    }
-}
-
-/// Progress, cancellation and log lines of a trainer, through the stage context.
-struct StageMonitor<'a> {
-    ctx: &'a StageContext,
-    reported: usize,
-}
-
-impl<'a> StageMonitor<'a> {
-    fn new(ctx: &'a StageContext, total: usize) -> Self {
-        ctx.progress.set_length(total as u64);
-        StageMonitor { ctx, reported: 0 }
-    }
-}
-
-impl Monitor for StageMonitor<'_> {
-    fn step(&mut self, step: usize, _total: usize) -> Result<(), TrainError> {
-        self.ctx.progress.inc(step.saturating_sub(self.reported) as u64);
-        self.reported = step;
-        self.ctx.check_cancelled().map_err(|_| TrainError::Cancelled)
-    }
-
-    fn log(&mut self, line: &str) {
-        self.ctx.log(line);
     }
 }
 
