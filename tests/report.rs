@@ -11,10 +11,11 @@ use ril_pipe::exec::kind::{StageContext, StageError, StageKind};
 use ril_pipe::exec::{run, Cache, Registry, RunOptions};
 use ril_pipe::pipeline::params::StageParams;
 use ril_pipe::pipeline::schema::{InputSpec, KindSchema};
-use ril_pipe::pipeline::{load_resolved, Override};
-use ril_pipe::report::check::{compare, judge, Baseline, BaselineMetric, Direction, Verdict};
+use ril_pipe::pipeline::{load_resolved, Override, ResolvedPipeline};
+use ril_pipe::report::check::{compare, judge, merged_metrics, Baseline, BaselineMetric, Direction, Verdict};
 use ril_pipe::report::frames::Frames;
-use ril_pipe::report::publish::{cached_reports, ensure_reports, merged_metrics, publish, PublishError};
+use ril_pipe::exec::publish::{cached_of_kind, ensure_of_kind, publish_objects, CachedObject, PublishError};
+use ril_pipe::report::charts::file_stem;
 use ril_pipe::report::render::{csv, latex, latex_escape, markdown};
 use ril_pipe::report::tables::{build_all, BuiltTables, Table};
 use ril_pipe::report::{write_report, Evaluation, ForgettingRun, ReportOptions, StudyInputs, Training};
@@ -694,11 +695,11 @@ fn the_report_stage_runs_from_the_cache_and_publishes_atomically() {
     let cache = Cache::new(dir.path().join("cache"));
 
     // Nothing cached: the report lists what it lacks and runs nothing.
-    match ensure_reports(&pipeline, &registry(), &cache) {
-        Err(PublishError::MissingInputs(list)) => {
+    match ensure_reports(&pipeline, &cache) {
+        Err(PublishError::MissingInputs { kind, list }) => {
             assert!(list.iter().any(|l| l.starts_with("eval/base (fake_eval, not computed")), "{list:?}");
             assert!(list.iter().any(|l| l.starts_with("forgetting/rid/AHC (forgetting")), "{list:?}");
-            let text = PublishError::MissingInputs(list).to_string();
+            let text = PublishError::MissingInputs { kind, list }.to_string();
             assert!(text.contains("ril-pipe run"), "{text}");
         }
         other => panic!("expected missing inputs, got {other:?}"),
@@ -710,7 +711,7 @@ fn the_report_stage_runs_from_the_cache_and_publishes_atomically() {
     let ran = lines(&counter);
     assert_eq!(ran, 7 + 2, "7 evaluations, 2 trainings");
 
-    let reports = ensure_reports(&pipeline, &registry(), &cache).unwrap();
+    let reports = ensure_reports(&pipeline, &cache).unwrap();
     assert_eq!(reports.len(), 1);
     let root = dir.path().join("reports");
     let dest = publish(&reports, &root, &pipeline.name).unwrap();
@@ -728,7 +729,7 @@ fn the_report_stage_runs_from_the_cache_and_publishes_atomically() {
     changed.push("report.title=Second look".into());
     let pipeline2 = resolve(&file, &changed);
     std::fs::write(dest.join("stale.txt"), "from an older report").unwrap();
-    let reports = ensure_reports(&pipeline2, &registry(), &cache).unwrap();
+    let reports = ensure_reports(&pipeline2, &cache).unwrap();
     assert_eq!(lines(&counter), ran, "no input stage ran again");
     let dest = publish(&reports, &root, &pipeline2.name).unwrap();
     assert!(std::fs::read_to_string(dest.join("index.md")).unwrap().starts_with("# Second look"));
@@ -744,12 +745,26 @@ fn the_report_stage_runs_from_the_cache_and_publishes_atomically() {
     assert!(matches!(publish(&reports, &root, "../escape"), Err(PublishError::BadName(_))));
 
     // `check PIPELINE` reads the cached report's metrics; an uncomputed report is an error.
-    let metrics = merged_metrics(&cached_reports(&pipeline2, &registry(), &cache).unwrap()).unwrap();
+    let metrics = merged_metrics(cached_reports(&pipeline2, &cache).unwrap().iter().map(|r| r.dir.as_path())).unwrap();
     assert!(close(metrics["average/rid/aesthetic"], 5.65));
     assert!(close(metrics["forgetting/baseline/AHC/hps"], 0.03));
     let mut third = sets.clone();
     third.push("report.title=Never made".into());
-    assert!(matches!(cached_reports(&resolve(&file, &third), &registry(), &cache), Err(PublishError::NotReported(id)) if id == "report"));
+    assert!(matches!(cached_reports(&resolve(&file, &third), &cache), Err(PublishError::NotCached(id)) if id == "report"));
+}
+
+/// The pipeline's report stages, run from cached inputs if needed (as `ril-pipe report` does).
+fn ensure_reports(pipeline: &ResolvedPipeline, cache: &Cache) -> Result<Vec<CachedObject>, PublishError> {
+    ensure_of_kind(pipeline, &registry(), cache, "report")
+}
+
+fn cached_reports(pipeline: &ResolvedPipeline, cache: &Cache) -> Result<Vec<CachedObject>, PublishError> {
+    cached_of_kind(pipeline, &registry(), cache, "report")
+}
+
+/// Copies the reports to `<root>/<name>/` (as `ril-pipe report` does).
+fn publish(reports: &[CachedObject], root: &Path, name: &str) -> Result<PathBuf, PublishError> {
+    publish_objects(reports, root, name, file_stem)
 }
 
 #[test]

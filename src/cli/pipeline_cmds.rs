@@ -415,7 +415,7 @@ pub fn export(args: ExportArgs, cache: &Cache) -> anyhow::Result<i32> {
     let pipeline = resolve(&args.pipeline, &registry)?;
     let plan = make_plan(&pipeline, &registry, cache, &ril_pipe::exec::filehash::FileHasher::ephemeral())?;
     let object = plan.cached_object(cache, &args.stage, &args.pipeline.set)?;
-    let n = ril_pipe::exec::publish(&object, &args.to).with_context(|| format!("cannot write {}", args.to.display()))?;
+    let n = ril_pipe::exec::publish::export(&object, &args.to).with_context(|| format!("cannot write {}", args.to.display()))?;
     eprintln!("exported {} ({n} files) to {}", args.stage, args.to.display());
     Ok(0)
 }

@@ -11,6 +11,9 @@ use crate::stage_params;
 
 pub struct Report;
 
+/// The kind's name in pipelines.
+pub const KIND: &str = "report";
+
 stage_params! {
     /// The parameters of a `report` stage (defaults: [`ReportOptions::default`]).
     pub struct ReportParams {
@@ -27,7 +30,7 @@ fn input(name: &'static str, required: bool, many: bool, doc: &'static str) -> I
 impl StageKind for Report {
     fn schema(&self) -> KindSchema {
         KindSchema {
-            kind: "report",
+            kind: KIND,
             version: 3,
             doc: "tables (Markdown, CSV, LaTeX) and charts (PNG, SVG) of a study, and metrics.json for `ril-pipe check`",
             uses_input_labels: true,
