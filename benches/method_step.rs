@@ -15,10 +15,9 @@ use ril_pipe::method::objective::{Backprop, Distill, DistillSpace, MicroBatch, O
 use ril_pipe::method::optim::{AdamW, AdamWConfig};
 use ril_pipe::method::sampling::{initial_latents, Sampler, SamplerConfig};
 use ril_pipe::models::lora::LoraInit;
-use ril_pipe::stages::diffusion::Diffusion;
-use ril_pipe::stages::precision::Precision;
+use ril_pipe::models::precision::Precision;
 use ril_pipe::stages::reward_set::task_reward;
-use ril_pipe::stages::records::Task;
+use ril_pipe::records::Task;
 use ril_pipe::stages::world::{read_prompts, ModelRecord, WorldSpec};
 use tch::{Device, Tensor};
 
@@ -82,7 +81,7 @@ fn main() {
     tch::set_num_threads(threads);
     let device = Device::Cpu;
     let model = record(&root);
-    let diffusion = Diffusion::load(&model, None, device, Precision::Fp32).expect("load the world");
+    let diffusion = model.load_diffusion(None, device, Precision::Fp32).expect("load the world");
     diffusion.lora.add_adapter(4, LoraInit::KaimingUniform, 0).expect("adapter");
     diffusion.lora.init_teacher().expect("teacher");
     let reward = task_reward(Task::Aesthetic, &model.world, device, Precision::Fp32).expect("reward");

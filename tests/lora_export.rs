@@ -14,8 +14,7 @@ use ril_pipe::models::lora::peft::AdapterIndex;
 use ril_pipe::models::lora::LoraGroup;
 use ril_pipe::models::weights::TensorMap;
 use ril_pipe::pipeline::{load_resolved, Override};
-use ril_pipe::stages::diffusion::Diffusion;
-use ril_pipe::stages::precision::Precision;
+use ril_pipe::models::precision::Precision;
 use ril_pipe::stages::world::ModelRecord;
 use support::{output_text, ril_in, tiny_weights};
 use tch::{Device, Kind, Tensor};
@@ -49,7 +48,7 @@ fn outputs(dir: &Path, stage: &str, exported: &Path) -> (Tensor, Tensor) {
     let cache = Cache::new(dir.join("cache"));
     let object = plan(&pipeline, &registry, &cache, &FileHasher::ephemeral()).unwrap().cached_object(&cache, stage, &[]).unwrap();
     let (record, adapters) = ModelRecord::of_object(&object, stage).unwrap();
-    let diffusion = Diffusion::load(&record, adapters.as_deref(), Device::Cpu, Precision::Fp32).unwrap();
+    let diffusion = record.load_diffusion(adapters.as_deref(), Device::Cpu, Precision::Fp32).unwrap();
     tch::manual_seed(3);
     let sample = Tensor::randn([2, 4, 8, 8], (Kind::Float, Device::Cpu));
     let timesteps = Tensor::from_slice(&[901i64, 21]);

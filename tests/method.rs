@@ -8,8 +8,9 @@ use ril_pipe::exec::filehash::FileHasher;
 use ril_pipe::exec::plan::plan;
 use ril_pipe::exec::run::Outcome;
 use ril_pipe::exec::{run, Cache, RunOptions};
+use ril_pipe::method::checkpoint::Checkpoint;
 use ril_pipe::pipeline::{load_resolved, Override, ResolvedPipeline};
-use ril_pipe::stages::records::{EvaluationRecord, Metric, TrainLogLine};
+use ril_pipe::records::{EvaluationRecord, Metric, TrainLogLine};
 use ril_pipe::stages::registry;
 use tch::Tensor;
 
@@ -207,15 +208,13 @@ fn an_interrupted_finetune_resumes_to_the_same_result() {
     let cancel = opts.cancel.clone();
     // Stop the run once the fine-tune has checkpointed its third step.
     let pl = plan(&p, &registry(), &cache, &FileHasher::ephemeral()).unwrap();
-    let partial = cache.partial_dir(&pl.stages[1].key).unwrap().join("state.json");
+    let partial = cache.partial_dir(&pl.stages[1].key).unwrap().join("checkpoint.safetensors");
     let watcher = std::thread::spawn(move || {
         let start = std::time::Instant::now();
         while start.elapsed() < std::time::Duration::from_secs(300) {
-            if let Ok(text) = std::fs::read_to_string(&partial) {
-                if serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|v| v["step"].as_u64() >= Some(3)) {
-                    cancel.store(true, std::sync::atomic::Ordering::SeqCst);
-                    return true;
-                }
+            if Checkpoint::saved_step(&partial) >= Some(3) {
+                cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+                return true;
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }

@@ -10,7 +10,7 @@ use ril_pipe::exec::plan::plan;
 use ril_pipe::exec::run::Outcome;
 use ril_pipe::exec::{run, Cache, RunOptions};
 use ril_pipe::pipeline::{load_resolved, ResolvedPipeline};
-use ril_pipe::stages::records::{EvaluationRecord, TrainLogLine};
+use ril_pipe::records::{EvaluationRecord, TrainLogLine};
 use ril_pipe::stages::registry;
 use tch::{Kind, Tensor};
 

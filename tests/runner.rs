@@ -114,6 +114,12 @@ fn validation_errors_name_line_column_and_key() {
     let e = case("type.yaml", "stages:\n  - id: a\n    kind: write\n    params:\n      steps: many\n");
     assert!(e.starts_with("5:14: stage `a`: parameter `steps`: expected an integer, found string `\"many\"`"), "{e}");
 
+    let e = case("range.yaml", "stages:\n  - id: a\n    kind: write\n    params:\n      steps: 0\n");
+    assert!(e.starts_with("5:14: stage `a`: parameter `steps`: expected a value >= 1, found 0"), "{e}");
+
+    let e = case("range_default.yaml", "defaults: {write: {rate: -1}}\nstages:\n  - id: a\n    kind: write\n");
+    assert!(e.starts_with("1:26: stage `a`: parameter `rate`: expected a value in [0, 10], found -1.0"), "{e}");
+
     let e = case("enum.yaml", "stages:\n  - id: a\n    kind: write\n    params: {mode: c}\n");
     assert!(e.starts_with("4:20: stage `a`: parameter `mode`: expected one of a, b, found string `\"c\"`"), "{e}");
     assert!(!e.contains("did you mean"), "no suggestion for one-letter words: {e}");
@@ -165,6 +171,8 @@ fn overrides_reach_variables_defaults_and_stages() {
     }
     let err = resolve(&file, &["ft/AB/1.steps=lots"]).unwrap_err();
     assert!(err.to_string().contains("expected an integer"), "{err}");
+    let err = resolve(&file, &["ft/AB/1.steps=0"]).unwrap_err();
+    assert!(err.to_string().contains("parameter `steps`: expected a value >= 1, found 0"), "{err}");
 }
 
 #[test]

@@ -5,13 +5,12 @@ use std::path::{Path, PathBuf};
 
 use ril_pipe::exec::run::Outcome;
 use ril_pipe::exec::{run, Cache, RunOptions};
-use ril_pipe::method::sampling::{initial_latents, Sampler, SamplerConfig};
+use ril_pipe::method::sampling::{initial_latents, CastUnet, Sampler, SamplerConfig};
 use ril_pipe::pipeline::{load_resolved, Override};
 use ril_pipe::rewards::aesthetic::AestheticReward;
 use ril_pipe::rewards::clip_loader::FrozenClip;
 use ril_pipe::rewards::hps::HpsReward;
-use ril_pipe::stages::diffusion::Diffusion;
-use ril_pipe::stages::precision::Precision;
+use ril_pipe::models::precision::Precision;
 use ril_pipe::stages::registry;
 use ril_pipe::stages::world::{read_prompts, verify_bundle, ModelRecord, MODEL_FILE};
 use ril_pipe::tiny::train::gates::GateReport;
@@ -56,13 +55,13 @@ fn check_bundle_loads(bundle: &Path, work: &Path) {
     assert_eq!(prompts.len(), 50);
     assert_eq!(read_prompts(&world.train_prompts).unwrap().len(), 750);
 
-    let diffusion = Diffusion::load(&record, None, Device::Cpu, Precision::Fp32).unwrap();
+    let diffusion = record.load_diffusion(None, Device::Cpu, Precision::Fp32).unwrap();
     assert_eq!(diffusion.latent_shape, [4, 8, 8]);
     let cond = diffusion.encode_prompts(&prompts[..2]).unwrap();
     let uncond = diffusion.uncond().unwrap();
     let sampler = Sampler::new(diffusion.ddim.clone(), SamplerConfig { steps: 4, eta: 0.0, guidance: 3.0 }).unwrap();
     let z = initial_latents(0, 0, 2, diffusion.latent_shape, Device::Cpu);
-    let z0 = sampler.sample(&diffusion.denoiser(), &z, &cond, &uncond, 0).unwrap();
+    let z0 = sampler.sample(&CastUnet::of(&diffusion), &z, &cond, &uncond, 0).unwrap();
     let images = tch::no_grad(|| diffusion.decode(&z0));
     assert_eq!(images.size(), vec![2, 3, 32, 32]);
     assert!(images.isfinite().all().int64_value(&[]) == 1);

@@ -358,7 +358,8 @@ pub fn kinds(args: KindsArgs) -> anyhow::Result<i32> {
                 Some(v) => format!("default {v}"),
                 None => "required".to_string(),
             };
-            println!("  param  {:<18} {:?}, {default} - {}", p.name, p.ty, p.doc);
+            let range = p.range.map(|r| format!(", range {r}")).unwrap_or_default();
+            println!("  param  {:<18} {:?}, {default}{range} - {}", p.name, p.ty, p.doc);
         }
     }
     if let Some(k) = &args.kind {
@@ -414,7 +415,7 @@ pub fn export(args: ExportArgs, cache: &Cache) -> anyhow::Result<i32> {
     let pipeline = resolve(&args.pipeline, &registry)?;
     let plan = make_plan(&pipeline, &registry, cache, &ril_pipe::exec::filehash::FileHasher::ephemeral())?;
     let object = plan.cached_object(cache, &args.stage, &args.pipeline.set)?;
-    let n = ril_pipe::exec::publish(&object, &args.to).with_context(|| format!("cannot write {}", args.to.display()))?;
+    let n = ril_pipe::exec::publish::export(&object, &args.to).with_context(|| format!("cannot write {}", args.to.display()))?;
     eprintln!("exported {} ({n} files) to {}", args.stage, args.to.display());
     Ok(0)
 }

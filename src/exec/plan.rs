@@ -19,6 +19,17 @@ pub enum Status {
     Corrupt(String),
 }
 
+/// `cached`, `not computed`, `damaged: <reason>`.
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Status::Hit => write!(f, "cached"),
+            Status::Miss => write!(f, "not computed"),
+            Status::Corrupt(reason) => write!(f, "damaged: {reason}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PlannedStage {
     pub stage: ResolvedStage,

@@ -1,6 +1,6 @@
 //! Execution: stages in dependency order, independent ones concurrently up to `jobs`, at most
 //! one stage per GPU, every result committed atomically to the cache.
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -122,6 +122,10 @@ pub enum RunError {
     Cache(#[from] CacheError),
     #[error("{0}")]
     Executor(String),
+    /// Stages asked for alone ([`run_only`]) need inputs that are not in the cache: one line
+    /// per input, `<id> (<kind>, <status>; needed by <stage>)`.
+    #[error("the stages asked for need stages that are not in the cache (run `ril-pipe run` on the pipeline first):\n{}", .0.iter().map(|s| format!("  {s}")).collect::<Vec<_>>().join("\n"))]
+    MissingInputs(Vec<String>),
 }
 
 /// A unit that finished (or could not start).
@@ -249,14 +253,48 @@ impl FrozenStage {
 
 /// Runs a pipeline's plan. Finished stages are committed and journalled as they complete, so
 /// an interrupted run loses at most the stages that were running.
-pub fn run(plan_in: &crate::pipeline::ResolvedPipeline, registry: &Registry, cache: &Cache, opts: &RunOptions) -> Result<RunSummary, RunError> {
+pub fn run(pipeline: &crate::pipeline::ResolvedPipeline, registry: &Registry, cache: &Cache, opts: &RunOptions) -> Result<RunSummary, RunError> {
+    run_selected(pipeline, registry, cache, opts, None)
+}
+
+/// [`run`] of the stages `ids` alone (e.g. a pipeline's reports): those not in the cache are
+/// computed from their inputs, which must all be in the cache already; nothing upstream runs
+/// ([`RunError::MissingInputs`] lists what is missing).
+pub fn run_only(pipeline: &crate::pipeline::ResolvedPipeline, registry: &Registry, cache: &Cache, opts: &RunOptions, ids: &BTreeSet<String>) -> Result<RunSummary, RunError> {
+    run_selected(pipeline, registry, cache, opts, Some(ids))
+}
+
+/// The inputs of the stages `ids` that must run but are not in the cache.
+fn missing_inputs(plan: &Plan, ids: &BTreeSet<String>) -> Vec<String> {
+    let by_id: BTreeMap<&str, &PlannedStage> = plan.stages.iter().map(|s| (s.stage.id.as_str(), s)).collect();
+    let mut missing = Vec::new();
+    for s in plan.stages.iter().filter(|s| ids.contains(&s.stage.id) && s.status != Status::Hit) {
+        for id in s.stage.inputs.values().flatten() {
+            if let Some(input) = by_id.get(id.as_str()).filter(|i| i.status != Status::Hit) {
+                let line = format!("{id} ({}, {}; needed by {})", input.stage.kind, input.status, s.stage.id);
+                if !missing.contains(&line) {
+                    missing.push(line);
+                }
+            }
+        }
+    }
+    missing
+}
+
+fn run_selected(pipeline: &crate::pipeline::ResolvedPipeline, registry: &Registry, cache: &Cache, opts: &RunOptions, only: Option<&BTreeSet<String>>) -> Result<RunSummary, RunError> {
     let started = Instant::now();
     let hub_pre = ProgressHub::new(0, false);
     let _lock = cache.run_lock(opts.wait, &mut |holder| hub_pre.println(&format!("waiting: the cache is in use by {holder}")))?;
     let cleaned_tmp = cache.clean_stale_tmp();
     let hasher = cache.file_hasher();
-    let plan = plan(plan_in, registry, cache, &hasher)?;
-    let units = build_units(&plan);
+    let plan = plan(pipeline, registry, cache, &hasher)?;
+    if let Some(ids) = only {
+        let missing = missing_inputs(&plan, ids);
+        if !missing.is_empty() {
+            return Err(RunError::MissingInputs(missing));
+        }
+    }
+    let units = build_units(&plan, only);
     let to_run = units.iter().filter(|u| u.planned.status != Status::Hit).count();
     let hub = ProgressHub::new(to_run as u64, opts.progress);
     let mut summary = RunSummary {
@@ -454,10 +492,11 @@ pub fn run(plan_in: &crate::pipeline::ResolvedPipeline, registry: &Registry, cac
     Ok(summary)
 }
 
-fn build_units(plan: &Plan) -> Vec<Unit> {
+/// The unique objects of a plan (of the stages `only`, when given) with their dependencies.
+fn build_units(plan: &Plan, only: Option<&BTreeSet<String>>) -> Vec<Unit> {
     let mut index_of_key: HashMap<String, usize> = HashMap::new();
     let mut units: Vec<Unit> = Vec::new();
-    for p in &plan.stages {
+    for p in plan.stages.iter().filter(|p| only.is_none_or(|ids| ids.contains(&p.stage.id))) {
         match index_of_key.get(&p.key) {
             Some(&i) => units[i].merged.push(p.stage.id.clone()),
             None => {

@@ -10,7 +10,7 @@ use super::error::{Diagnostic, PipelineError};
 use super::interp::{interpolate, interpolate_str, scalar_to_text, type_name, Env, Scope};
 use super::locate::YamlPath;
 use super::resolved::{ResolvedPipeline, ResolvedStage, Resources};
-use super::schema::{KindSchema, ParamType};
+use super::schema::{KindSchema, ParamType, Range};
 use super::spec::{check_keys, closest, PipelineSpec, StageTemplate};
 use super::{dag, glob};
 
@@ -627,7 +627,11 @@ fn type_params(
             continue;
         }
         let missing_before = files.missing.len();
-        match check_type(&value, &p.ty, base_dir, files) {
+        let checked = check_type(&value, &p.ty, base_dir, files).and_then(|v| match &p.range {
+            Some(range) => check_range(&v, range).map(|()| v),
+            None => Ok(v),
+        });
+        match checked {
             Ok(v) => {
                 for path in &files.missing[missing_before..] {
                     missing_files.push(super::resolved::MissingFile {
@@ -717,6 +721,23 @@ pub fn check_type(value: &Value, ty: &ParamType, base_dir: &Path, files: &mut Fi
             _ => Err(format!("expected a mapping, {}", found())),
         },
         ParamType::Any => Ok(value.clone()),
+    }
+}
+
+/// Checks every number of a typed value (a number, or the numbers of a list or mapping)
+/// against a parameter's range.
+pub fn check_range(value: &Value, range: &Range) -> Result<(), String> {
+    match value {
+        Value::Number(n) => match n.as_f64() {
+            Some(x) if range.contains(x) => Ok(()),
+            _ => {
+                let wanted = if range.min.is_some() && range.max.is_some() { format!("in {range}") } else { range.to_string() };
+                Err(format!("expected a value {wanted}, found {n}"))
+            }
+        },
+        Value::Array(items) => items.iter().enumerate().try_for_each(|(i, v)| check_range(v, range).map_err(|e| format!("element {i}: {e}"))),
+        Value::Object(map) => map.iter().try_for_each(|(k, v)| check_range(v, range).map_err(|e| format!("key `{k}`: {e}"))),
+        _ => Ok(()),
     }
 }
 

@@ -303,6 +303,23 @@ pub fn read_metrics(path: &Path) -> Result<BTreeMap<String, f64>, BaselineError>
     parse_metrics(&text, &path.display().to_string())
 }
 
+/// The union of several reports' metrics files (`metrics.json` in each folder); a key that two
+/// reports give different values is an error.
+pub fn merged_metrics<'a>(report_dirs: impl IntoIterator<Item = &'a Path>) -> Result<BTreeMap<String, f64>, BaselineError> {
+    let mut out: BTreeMap<String, f64> = BTreeMap::new();
+    for dir in report_dirs {
+        let path = dir.join(super::REPORT_METRICS_FILE);
+        for (k, v) in read_metrics(&path)? {
+            if let Some(old) = out.insert(k.clone(), v) {
+                if old != v {
+                    return Err(invalid(&path.display().to_string(), format!("metric `{k}` differs between the report stages ({old} and {v})")));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 pub fn parse_metrics(text: &str, path: &str) -> Result<BTreeMap<String, f64>, BaselineError> {
     let map: Map<String, Value> = serde_json::from_str(text).map_err(|e| invalid(path, format!("not a metrics file (an object of numbers): {e}")))?;
     map.into_iter()

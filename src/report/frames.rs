@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use polars::prelude::*;
 
-use crate::stages::forgetting::forgetting;
-use crate::stages::records::{EvaluationRecord, Metric};
+use crate::records::forgetting;
+use crate::records::{EvaluationRecord, Metric};
 
 use super::inputs::{Evaluation, StudyInputs};
 use super::ReportError;

@@ -9,20 +9,21 @@
 //! - [`render`]: Markdown, CSV and LaTeX (booktabs) writers.
 //! - [`charts`] and [`montage`]: trajectories, forgetting bars, training curves, sample grids.
 //! - [`check`]: comparison of a run's metrics with a committed baseline file.
-//! - [`publish`]: the report stages of a pipeline, run if needed and copied to `reports/<name>/`.
+//!
+//! A report is a pure function of the study's records to files; the report stage gathers the
+//! records, and publishing to `reports/<name>/` is the runner's copy of the stage's object.
 pub mod charts;
 pub mod check;
 pub mod frames;
 pub mod inputs;
 pub mod montage;
-pub mod publish;
 pub mod render;
 pub mod tables;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::stages::records::Metric;
+use crate::records::Metric;
 
 pub use inputs::{Evaluation, ForgettingRun, StudyInputs, Training};
 

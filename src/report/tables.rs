@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use polars::prelude::*;
 
-use crate::stages::records::{Metric, Task};
+use crate::records::{Metric, Task};
 
 use super::frames::{self, Frames};
 use super::inputs::{method_title, parse_order, task_title, StudyInputs};

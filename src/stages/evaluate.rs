@@ -6,26 +6,27 @@ use std::io::Write as _;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
-use crate::exec::{Params, StageContext, StageError, StageKind};
+use crate::exec::{StageContext, StageError, StageKind};
 use crate::method::sampling::{Sampler, SamplerConfig};
 use crate::metrics::clip_score::clip_pair_scores;
 use crate::metrics::fid::{frechet_distance, FeatureStats};
 use crate::metrics::filesize::{jpeg_size, png_bytes, png_size, to_uint8_images, RgbImage};
 use crate::models::inception::InceptionV3;
-use crate::pipeline::schema::{KindSchema, ParamSpec, ParamType};
+use crate::pipeline::params::StageParams;
+use crate::pipeline::schema::KindSchema;
 use crate::pipeline::ResolvedPipeline;
 use crate::rewards::aesthetic::AestheticReward;
 use crate::rewards::clip_loader::FrozenClip;
 use crate::rewards::hps::HpsReward;
+use crate::stage_params;
 
-use super::diffusion::{sampler_config_of_params, Diffusion};
 use super::finetune::model_input;
-use super::precision::Precision;
-use super::records::{EvaluationRecord, Metric, METRICS_FILE};
+use super::params::{precision_param, SamplerParams};
+use crate::models::precision::Precision;
+use crate::records::{EvaluationRecord, Metric, GRID_FILE, METRICS_FILE};
 use super::world::{read_prompts, FidFeatures, ModelRecord, WorldSpec};
 
 pub const SCORES_FILE: &str = "scores.jsonl";
-pub const GRID_FILE: &str = "grid.png";
 
 pub struct Evaluate;
 
@@ -41,15 +42,24 @@ pub struct SamplingSettings {
     pub precision: Precision,
 }
 
+stage_params! {
+    /// The parameters of an `evaluate` stage.
+    pub struct EvaluateParams {
+        pub images_per_prompt: usize = param(4).min(1).doc("images per test prompt (paper: 200)"),
+        pub max_prompts: usize = param(0).min(0).doc("use only the first N test prompts; 0 = all"),
+        pub seed: u64 = param(1234).min(0).doc("seed of the initial noise, the same for every model evaluated"),
+        pub batch_size: usize = param(16).min(1).doc("images sampled at once"),
+        pub sampler: SamplerParams = flatten(),
+        pub jpeg_quality: i64 = param(80).min(1).max(100).doc("JPEG quality of the file-size metric"),
+        pub grid_prompts: usize = param(8).min(0).doc("prompts (columns) of the sample grid, first image of each"),
+        pub precision: Precision = precision_param(),
+    }
+}
+
 impl SamplingSettings {
     /// The settings of an `evaluate` stage's parameters.
-    pub fn of_params(p: &serde_json::Map<String, serde_json::Value>) -> Result<Self, StageError> {
-        Ok(SamplingSettings {
-            seed: p.i64_of("seed")? as u64,
-            sampler: sampler_config_of_params(p)?,
-            batch_size: p.i64_of("batch_size")?.max(1) as usize,
-            precision: Precision::of_params(p)?,
-        })
+    pub fn of_params(p: &EvaluateParams) -> Self {
+        SamplingSettings { seed: p.seed, sampler: p.sampler.config(), batch_size: p.batch_size, precision: p.precision }
     }
 
     /// The settings with which `pipeline` evaluates the model of stage `model`: those of the
@@ -60,10 +70,10 @@ impl SamplingSettings {
         let evaluations = || pipeline.stages.iter().filter(|s| s.kind == KIND);
         let of_model = evaluations().find(|s| s.inputs.get("model").is_some_and(|ids| ids.iter().any(|id| id == model)));
         match of_model.or_else(|| evaluations().next()) {
-            Some(stage) => Ok((Self::of_params(&stage.params)?, Some(stage.id.clone()))),
+            Some(stage) => Ok((Self::of_params(&EvaluateParams::from_params(&stage.params)?), Some(stage.id.clone()))),
             None => {
-                let defaults = Evaluate.schema().params.into_iter().filter_map(|p| p.default.map(|d| (p.name.to_string(), d))).collect();
-                Ok((Self::of_params(&defaults)?, None))
+                let defaults = EvaluateParams::defaults().ok_or_else(|| StageError::Failed("`evaluate` has a required parameter".into()))?;
+                Ok((Self::of_params(&defaults), None))
             }
         }
     }
@@ -74,56 +84,41 @@ pub const KIND: &str = "evaluate";
 
 impl StageKind for Evaluate {
     fn schema(&self) -> KindSchema {
-        let p = |name, ty, default: serde_json::Value, doc| ParamSpec {
-            name,
-            ty,
-            default: Some(default),
-            doc,
-        };
         KindSchema {
             kind: KIND,
             version: 1,
             doc: "sample the world's test prompts with shared seeds and measure aesthetic, HPS, PNG/JPEG size, CLIP score and FID",
             uses_input_labels: false,
-            params: vec![
-                p("images_per_prompt", ParamType::Int, json!(4), "images per test prompt (paper: 200)"),
-                p("max_prompts", ParamType::Int, json!(0), "use only the first N test prompts; 0 = all"),
-                p("seed", ParamType::Int, json!(1234), "seed of the initial noise, the same for every model evaluated"),
-                p("batch_size", ParamType::Int, json!(16), "images sampled at once"),
-                p("ddim_steps", ParamType::Int, json!(50), "DDIM steps"),
-                p("eta", ParamType::Float, json!(0.0), "DDIM eta"),
-                p("guidance", ParamType::Float, json!(7.5), "classifier-free guidance scale"),
-                p("jpeg_quality", ParamType::Int, json!(80), "JPEG quality of the file-size metric"),
-                p("grid_prompts", ParamType::Int, json!(8), "prompts (columns) of the sample grid, first image of each"),
-                Precision::param(),
-            ],
+            params: EvaluateParams::specs(),
             inputs: vec![model_input("the model to evaluate (a world, finetune, soup or joint)")],
         }
     }
 
     fn estimate(&self, stage: &crate::pipeline::ResolvedStage, pipeline: &crate::pipeline::ResolvedPipeline) -> crate::exec::kind::Estimate {
-        super::estimate::sampling_estimate(stage, pipeline, 50)
+        match EvaluateParams::from_params(&stage.params) {
+            Ok(p) => super::estimate::sampling_estimate(stage, pipeline, &p),
+            Err(_) => Default::default(),
+        }
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let p = ctx.params().clone();
+        let p: EvaluateParams = ctx.typed_params()?;
         let device = super::device::tch_device(&ctx.device);
         tch::set_num_threads(ctx.threads.max(1) as i32);
         let (model, adapters) = ModelRecord::of_input(ctx.input("model")?)?;
         let world = &model.world;
-        let settings = SamplingSettings::of_params(&p)?;
+        let settings = SamplingSettings::of_params(&p);
         let precision = settings.precision;
         let ranks = adapters.as_deref().map_or(0, |path| super::memory::adapter_file_ranks(path).unwrap_or(0));
         super::memory::check_fits(ctx, world, &model.lora_targets, &super::memory::evaluation_job(&p, ranks), precision)?;
-        let diffusion = Diffusion::load(&model, adapters.as_deref(), device, precision)?;
+        let diffusion = model.load_diffusion(adapters.as_deref(), device, precision)?;
         let mut prompts = read_prompts(&world.test_prompts)?;
-        let max = p.i64_of("max_prompts")?;
-        if max > 0 {
-            prompts.truncate(max as usize);
+        if p.max_prompts > 0 {
+            prompts.truncate(p.max_prompts);
         }
-        let per_prompt = p.i64_of("images_per_prompt")?.max(1) as usize;
+        let per_prompt = p.images_per_prompt;
         let (seed, batch) = (settings.seed, settings.batch_size);
-        let quality = p.i64_of("jpeg_quality")?.clamp(1, 100) as u8;
+        let quality = p.jpeg_quality as u8;
         let sampler = Sampler::new(diffusion.ddim.clone(), settings.sampler).map_err(StageError::failed)?;
         let kind = precision.kind();
         let aesthetic = AestheticReward::load(&world.aesthetic_clip, &world.aesthetic_head, device, kind).map_err(StageError::failed)?;
@@ -146,14 +141,14 @@ impl StageKind for Evaluate {
         let mut sums = [0.0f64; 4];
         let mut clip_sum = 0.0;
         let mut features = Vec::new();
-        let grid_prompts = (p.i64_of("grid_prompts")?.max(0) as usize).min(prompts.len());
+        let grid_prompts = p.grid_prompts.min(prompts.len());
         let mut grid: Vec<RgbImage> = Vec::new();
         let mut start = 0;
         while start < total {
             ctx.check_cancelled()?;
             let end = (start + batch).min(total);
             let batch_prompts: Vec<String> = (start..end).map(|i| prompts[i / per_prompt].clone()).collect();
-            let images = diffusion.generate(&sampler, &batch_prompts, &uncond, seed, start as u64)?;
+            let images = sampler.generate(&diffusion, &batch_prompts, &uncond, seed, start as u64)?;
             let (a, h, clip_scores, feats) = tch::no_grad(|| -> Result<_, StageError> {
                 let a = aesthetic.score(&images).map_err(StageError::failed)?;
                 let h = hps.score(&images, &batch_prompts).map_err(StageError::failed)?;

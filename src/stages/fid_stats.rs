@@ -5,50 +5,54 @@
 //! a set of 30,000 is never held in memory at once.
 use std::path::PathBuf;
 
-use serde_json::json;
 use tch::{nn, Tensor};
 
-use crate::exec::{Params, StageContext, StageError, StageKind};
+use crate::exec::{StageContext, StageError, StageKind};
 use crate::metrics::fid::StatsAccumulator;
 use crate::metrics::image_folder::{list_images, read_rgb};
 use crate::models::inception::InceptionV3;
-use crate::pipeline::schema::{KindSchema, ParamSpec, ParamType};
+use crate::pipeline::params::StageParams;
+use crate::pipeline::schema::KindSchema;
+use crate::stage_params;
 
 /// The file the stage writes: `mu` [2048] and `sigma` [2048, 2048], f64.
 pub const FID_STATS_FILE: &str = "fid_stats.safetensors";
 
 pub struct FidStats;
 
+stage_params! {
+    /// The parameters of a `fid_stats` stage.
+    pub struct FidStatsParams {
+        pub images: PathBuf = required().doc("a folder of images (png, jpg, jpeg, webp; recursive, sorted by path); its content hash enters the cache key"),
+        pub inception: PathBuf = required().doc("pytorch-fid's Inception weights pt_inception-2015-12-05-6726825d.pth; public original: https://github.com/mseitzer/pytorch-fid/releases"),
+        pub batch_size: usize = param(50).min(1).max(4096).doc("images per Inception batch (pytorch-fid's default: 50)"),
+    }
+}
+
 impl StageKind for FidStats {
     fn schema(&self) -> KindSchema {
-        let p = |name, ty, default: Option<serde_json::Value>, doc| ParamSpec { name, ty, default, doc };
         KindSchema {
             kind: "fid_stats",
             version: 1,
             doc: "FID reference statistics (mean and covariance of Inception pool features) of a folder of images, e.g. MS-COCO",
             uses_input_labels: false,
-            params: vec![
-                p("images", ParamType::Path, None, "a folder of images (png, jpg, jpeg, webp; recursive, sorted by path); its content hash enters the cache key"),
-                p("inception", ParamType::Path, None, "pytorch-fid's Inception weights pt_inception-2015-12-05-6726825d.pth; public original: https://github.com/mseitzer/pytorch-fid/releases"),
-                p("batch_size", ParamType::Int, Some(json!(50)), "images per Inception batch (pytorch-fid's default: 50)"),
-            ],
+            params: FidStatsParams::specs(),
             inputs: Vec::new(),
         }
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let p = ctx.params().clone();
+        let p: FidStatsParams = ctx.typed_params()?;
         let device = super::device::tch_device(&ctx.device);
         tch::set_num_threads(ctx.threads.max(1) as i32);
-        let folder = PathBuf::from(p.str_of("images")?);
-        let batch = p.i64_of("batch_size")?.max(1) as usize;
-        let files = list_images(&folder).map_err(StageError::failed)?;
+        let (folder, batch) = (&p.images, p.batch_size);
+        let files = list_images(folder).map_err(StageError::failed)?;
         if files.len() < 2 {
             return Err(StageError::Failed(format!("{}: {} image(s) found; FID statistics need at least 2", folder.display(), files.len())));
         }
-        let weights = PathBuf::from(p.str_of("inception")?);
+        let weights = &p.inception;
         let vs = nn::VarStore::new(device);
-        let inception = InceptionV3::load(&vs, &weights).map_err(|e| StageError::Failed(format!("Inception weights {}: {e}", weights.display())))?;
+        let inception = InceptionV3::load(&vs, weights).map_err(|e| StageError::Failed(format!("Inception weights {}: {e}", weights.display())))?;
         ctx.log(format!("{} images under {} on {device:?}, batches of {batch}", files.len(), folder.display()));
         ctx.progress.set_length(files.len() as u64);
         let side = InceptionV3::INPUT_SIZE;

@@ -43,16 +43,18 @@
 
 use std::path::Path;
 
-use crate::exec::{Params, StageContext, StageError};
+use crate::exec::{StageContext, StageError};
 use crate::models::clip::{Activation, ClipConfig, VisionConfig};
 use crate::models::unet::UNet2DConditionConfig;
 use crate::models::vae::AutoencoderKLConfig;
-use crate::method::objective::DistillSpace;
+use crate::method::objective::{DistillSpace, Objective};
 use crate::models::weights;
 use crate::rewards::clip_loader::{ClipFiles, ClipLayout};
 
-use super::precision::Precision;
-use super::records::Task;
+use super::evaluate::EvaluateParams;
+use crate::models::precision::Precision;
+use crate::records::Task;
+use super::train::TrainParams;
 use super::world::{FidFeatures, WorldSpec};
 
 /// The allocator's rounding and fragmentation, as a fraction of the tensors' bytes. Calibrated
@@ -481,8 +483,7 @@ pub fn estimate(world: &WorldSpec, targets: &[String], job: &Job, precision: Pre
     let root = &world.diffusion;
     let unet_cfg = UNet2DConditionConfig::from_file(&root.join("unet/config.json")).map_err(|e| MemoryError::Config(e.to_string()))?;
     let vae_cfg = AutoencoderKLConfig::from_file(&root.join("vae/config.json")).map_err(|e| MemoryError::Config(e.to_string()))?;
-    let down = 1i64 << vae_cfg.block_out_channels.len().saturating_sub(1);
-    let side = world.resolution / down;
+    let side = vae_cfg.latent_side(world.resolution);
     let image = (3 * world.resolution * world.resolution) as f64;
     let context = (CONTEXT_TOKENS * unet_cfg.cross_attention_dim) as f64;
     let latent = (unet_cfg.in_channels * side * side) as f64;
@@ -581,38 +582,28 @@ pub fn fits(estimate: &MemoryEstimate, device: &str, memory: Result<(u64, u64), 
     }
 }
 
-/// The memory-relevant settings of a `finetune` or `joint` stage from its parameters.
-pub fn training_job(params: &serde_json::Map<String, serde_json::Value>, tasks: Vec<Task>, earlier_ranks: i64) -> Job {
-    let batch = params.i64_of("batch_size").unwrap_or(8).max(1);
-    let micro = match params.i64_of("micro_batch").unwrap_or(0) {
-        m if m <= 0 => batch,
-        m => m.min(batch),
+/// The memory-relevant settings of a `finetune` or `joint` stage.
+pub fn training_job(params: &TrainParams, objective: &Objective, tasks: Vec<Task>, earlier_ranks: i64) -> Job {
+    let teacher = match objective {
+        Objective::Rid { space, .. } => Some(*space),
+        Objective::Baseline => None,
     };
-    let teacher = (params.opt_str("method") == Some("rid") && params.opt_str("distill") != Some("none")).then(|| match params.opt_str("distill_space") {
-        Some("latent") => DistillSpace::Latent,
-        _ => DistillSpace::Image,
-    });
-    let decode_chunk = params.bool_of("grad_checkpointing").unwrap_or(false).then(|| params.i64_of("decode_chunk").unwrap_or(1).max(1));
     Job::Train {
         tasks,
         step: TrainStep {
-            micro,
-            guided: params.f64_of("guidance").unwrap_or(7.5) != 1.0,
-            rank: params.i64_of("lora_rank").unwrap_or(4),
+            micro: params.micro() as i64,
+            guided: params.sampler.guided(),
+            rank: params.lora_rank,
             earlier_ranks,
             teacher,
-            decode_chunk,
+            decode_chunk: params.grad_checkpointing.then_some(params.decode_chunk as i64),
         },
     }
 }
 
-/// The memory-relevant settings of an `evaluate` stage from its parameters.
-pub fn evaluation_job(params: &serde_json::Map<String, serde_json::Value>, ranks: i64) -> Job {
-    Job::Evaluate {
-        batch: params.i64_of("batch_size").unwrap_or(16).max(1),
-        guided: params.f64_of("guidance").unwrap_or(7.5) != 1.0,
-        ranks,
-    }
+/// The memory-relevant settings of an `evaluate` stage.
+pub fn evaluation_job(params: &EvaluateParams, ranks: i64) -> Job {
+    Job::Evaluate { batch: params.batch_size as i64, guided: params.sampler.guided(), ranks }
 }
 
 /// The summed rank of the adapters in an adapter file (from its header: the `lora_A.<i>` tensors
@@ -665,8 +656,7 @@ fn training_adapters(cfg: &UNet2DConditionConfig, targets: &[String], rank: i64,
 pub fn training_estimate(shapes: &TrainShapes, targets: &[String], step: &TrainStep, precision: Precision) -> Result<MemoryEstimate, MemoryError> {
     let p = precision.bytes() as f64;
     let cfg = shapes.unet;
-    let down = 1i64 << shapes.vae.block_out_channels.len().saturating_sub(1);
-    let side = shapes.resolution / down;
+    let side = shapes.vae.latent_side(shapes.resolution);
     let image = (3 * shapes.resolution * shapes.resolution) as f64;
     let latent = (cfg.in_channels * side * side) as f64;
     let context = (CONTEXT_TOKENS * cfg.cross_attention_dim) as f64;

@@ -1,6 +1,5 @@
 //! Stage kinds, one file per kind: the glue between the pipeline runner and the models.
 pub mod device;
-pub mod diffusion;
 pub mod estimate;
 pub mod evaluate;
 pub mod fid_stats;
@@ -9,8 +8,8 @@ pub mod forgetting;
 pub mod joint;
 pub mod lora_export;
 pub mod memory;
-pub mod precision;
-pub mod records;
+pub mod monitor;
+pub mod params;
 pub mod report;
 pub mod reward_set;
 pub mod sample;
@@ -19,7 +18,15 @@ pub mod tiny_pretrain;
 pub mod train;
 pub mod world;
 
-use crate::exec::Registry;
+use crate::exec::{Registry, StageError};
+use crate::models::diffusion::DiffusionError;
+
+/// A diffusion model that cannot be loaded or run fails the stage with the reason.
+impl From<DiffusionError> for StageError {
+    fn from(e: DiffusionError) -> Self {
+        StageError::failed(e)
+    }
+}
 
 /// Every stage kind of the shipped binary.
 pub fn registry() -> Registry {
@@ -41,4 +48,24 @@ pub fn registry() -> Registry {
     r.register(tiny_pretrain::TinyUnet);
     r.register(tiny_pretrain::TinyExport);
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::pipeline::expand::check_range;
+
+    #[test]
+    fn every_numeric_parameter_has_a_range_that_holds_its_default() {
+        let mut numeric = 0;
+        for (kind, schema) in super::registry().schemas() {
+            for p in &schema.params {
+                assert_eq!(p.ty.is_numeric(), p.range.is_some(), "`{kind}.{}`: a numeric parameter has a range, another has none", p.name);
+                if let (Some(range), Some(default)) = (&p.range, &p.default) {
+                    numeric += 1;
+                    check_range(default, range).unwrap_or_else(|e| panic!("`{kind}.{}`: the default {default}: {e}", p.name));
+                }
+            }
+        }
+        assert!(numeric > 90, "{numeric} numeric parameters");
+    }
 }

@@ -1,5 +1,5 @@
 //! The reward of each task, built from a world's files: the same reward code at both scales.
-use tch::{Device, Tensor};
+use tch::Device;
 
 use crate::exec::StageError;
 use crate::rewards::aesthetic::AestheticReward;
@@ -7,32 +7,11 @@ use crate::rewards::compressibility::Compressibility;
 use crate::rewards::diff_jpeg::DiffJpeg;
 use crate::rewards::hps::HpsReward;
 use crate::rewards::mixture::RewardMixture;
-use crate::rewards::{Reward, RewardError};
+use crate::rewards::Reward;
+use crate::models::precision::Precision;
+use crate::records::Task;
 
-use super::precision::Precision;
-use super::records::Task;
 use super::world::WorldSpec;
-
-impl Reward for AestheticReward {
-    fn name(&self) -> &str {
-        "aesthetic"
-    }
-
-    fn score(&self, images: &Tensor, _prompts: &[String]) -> Result<Tensor, RewardError> {
-        AestheticReward::score(self, images).map_err(|e| RewardError::Model(Box::new(e)))
-    }
-}
-
-impl Reward for HpsReward {
-    fn name(&self) -> &str {
-        "hps"
-    }
-
-    fn score(&self, images: &Tensor, prompts: &[String]) -> Result<Tensor, RewardError> {
-        crate::rewards::check_prompts(images.size()[0], prompts)?;
-        HpsReward::score(self, images, prompts).map_err(|e| RewardError::Model(Box::new(e)))
-    }
-}
 
 /// The reward model of `task`, loaded on `device` with its weights in `precision` (its scores
 /// are fp32 whatever the precision).

@@ -17,14 +17,15 @@
 //!   gates (CLIP score with the own vs a shuffled prompt, FID vs pure noise) and a sample grid.
 use std::path::{Path, PathBuf};
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
-use crate::exec::{InputObject, Params, StageContext, StageError, StageKind};
-use crate::method::sampling::{initial_latents, Sampler, SamplerConfig};
+use crate::exec::{InputObject, StageContext, StageError, StageKind};
+use crate::method::sampling::{initial_latents, CastUnet, Sampler, SamplerConfig};
 use crate::models::aesthetic::AestheticConfig;
 use crate::models::tokenizer::ClipTokenizer;
-use crate::pipeline::schema::{InputSpec, KindSchema, ParamSpec, ParamType};
+use crate::pipeline::params::StageParams;
+use crate::pipeline::schema::{InputSpec, KindSchema};
 use crate::rewards::aesthetic::AestheticReward;
 use crate::rewards::clip_loader::{ClipFiles, ClipLayout, FrozenClip};
 use crate::rewards::hps::HpsReward;
@@ -35,12 +36,14 @@ use crate::tiny::train::io::{read_safetensors, write_file, write_json, write_saf
 use crate::tiny::train::unet::{self as tunet, DiffusionSettings, LatentPool, TextConditioning, TinyUnetConfig, TrainableUnet};
 use crate::tiny::train::vae::{self as tvae, TinyVaeConfig, TrainableVae};
 use crate::tiny::train::vocab::{caption_words, Vocabulary};
-use crate::tiny::train::{aesthetic as taesthetic, preference as tpreference, Monitor, TrainError};
+use crate::tiny::train::{aesthetic as taesthetic, preference as tpreference, TrainError};
+use crate::stage_params;
 use crate::tiny::{prompt_split, write_png_grid, write_prompts, IMAGE_SIZE};
 
 use super::device::tch_device;
-use super::diffusion::Diffusion;
-use super::precision::Precision as ComputePrecision;
+use super::monitor::StageMonitor;
+use crate::models::diffusion::Diffusion;
+use crate::models::precision::Precision as ComputePrecision;
 use super::world::{read_prompts, tiny_world_spec, ModelRecord, BUNDLE_MANIFEST};
 
 const TOKENIZER_DIR: &str = "tokenizer";
@@ -56,63 +59,31 @@ const TRAIN_FILE: &str = "train.json";
 /// Most look words of an alt-text (one per quality, see `tiny::train::data`).
 const LOOK_WORDS_PER_TEXT: usize = 8;
 
-fn param(name: &'static str, ty: ParamType, default: Value, doc: &'static str) -> ParamSpec {
-    ParamSpec { name, ty, default: Some(default), doc }
-}
-
-fn int(name: &'static str, default: i64, doc: &'static str) -> ParamSpec {
-    param(name, ParamType::Int, json!(default), doc)
-}
-
-fn float(name: &'static str, default: f64, doc: &'static str) -> ParamSpec {
-    param(name, ParamType::Float, json!(default), doc)
-}
-
-fn ints(name: &'static str, default: &[i64], doc: &'static str) -> ParamSpec {
-    param(name, ParamType::List(Box::new(ParamType::Int)), json!(default), doc)
-}
-
 fn input(name: &'static str, doc: &'static str) -> InputSpec {
     InputSpec { name, required: true, many: false, doc }
 }
 
-/// The optimisation parameters every trainer has.
-fn schedule_params(steps: i64, batch: i64, lr: f64, warmup: i64, weight_decay: f64) -> Vec<ParamSpec> {
-    vec![
-        int("seed", 0, "seed of the initialisation and of every batch"),
-        int("steps", steps, "optimizer steps"),
-        int("batch", batch, "batch size"),
-        float("lr", lr, "peak learning rate (AdamW; linear warm-up, cosine decay to 10%)"),
-        int("warmup", warmup, "warm-up steps"),
-        float("weight_decay", weight_decay, "AdamW weight decay"),
-    ]
-}
-
-fn usize_of(p: &Map<String, Value>, name: &str) -> Result<usize, StageError> {
-    usize::try_from(p.i64_of(name)?).map_err(|_| StageError::Failed(format!("parameter `{name}` must not be negative")))
-}
-
-fn ints_of(p: &Map<String, Value>, name: &str) -> Result<Vec<i64>, StageError> {
-    p.get(name)
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_i64).collect())
-        .ok_or_else(|| StageError::Failed(format!("parameter `{name}` is not a list of integers")))
-}
-
-fn schedule_of(p: &Map<String, Value>, checkpoint_every: usize) -> Result<Schedule, StageError> {
-    let schedule = Schedule {
-        steps: usize_of(p, "steps")?,
-        batch: usize_of(p, "batch")?,
-        lr: p.f64_of("lr")?,
-        warmup: usize_of(p, "warmup")?,
-        weight_decay: p.f64_of("weight_decay")?,
-        seed: p.i64_of("seed")? as u64,
-        checkpoint_every,
-    };
-    if schedule.batch == 0 {
-        return Err(StageError::Failed("`batch` must be positive".into()));
+stage_params! {
+    /// The optimisation parameters every trainer has (each kind gives its own defaults).
+    pub struct ScheduleParams {
+        pub seed: u64 = required().min(0).doc("seed of the initialisation and of every batch"),
+        pub steps: usize = required().min(1).doc("optimizer steps"),
+        pub batch: usize = required().min(1).doc("batch size"),
+        pub lr: f64 = required().min(0).max(1).doc("peak learning rate (AdamW; linear warm-up, cosine decay to 10%)"),
+        pub warmup: usize = required().min(0).doc("warm-up steps"),
+        pub weight_decay: f64 = required().min(0).doc("AdamW weight decay"),
     }
-    Ok(schedule)
+}
+
+/// A trainer's schedule defaults: seed 0 and these.
+fn schedule_defaults(steps: usize, batch: usize, lr: f64, warmup: usize, weight_decay: f64) -> ScheduleParams {
+    ScheduleParams { seed: 0, steps, batch, lr, warmup, weight_decay }
+}
+
+impl ScheduleParams {
+    fn schedule(&self, checkpoint_every: usize) -> Schedule {
+        Schedule { steps: self.steps, batch: self.batch, lr: self.lr, warmup: self.warmup, weight_decay: self.weight_decay, seed: self.seed, checkpoint_every }
+    }
 }
 
 /// Errors of training as stage errors (a cancelled run stays a cancellation).
@@ -120,31 +91,6 @@ fn stage_error(e: TrainError) -> StageError {
     match e {
         TrainError::Cancelled => StageError::Cancelled,
         other => StageError::Failed(other.to_string()),
-    }
-}
-
-/// Progress, cancellation and log lines of a trainer, through the stage context.
-struct StageMonitor<'a> {
-    ctx: &'a StageContext,
-    reported: usize,
-}
-
-impl<'a> StageMonitor<'a> {
-    fn new(ctx: &'a StageContext, total: usize) -> Self {
-        ctx.progress.set_length(total as u64);
-        StageMonitor { ctx, reported: 0 }
-    }
-}
-
-impl Monitor for StageMonitor<'_> {
-    fn step(&mut self, step: usize, _total: usize) -> Result<(), TrainError> {
-        self.ctx.progress.inc(step.saturating_sub(self.reported) as u64);
-        self.reported = step;
-        self.ctx.check_cancelled().map_err(|_| TrainError::Cancelled)
-    }
-
-    fn log(&mut self, line: &str) {
-        self.ctx.log(line);
     }
 }
 
@@ -203,6 +149,14 @@ fn frozen_clip(files: &ClipFiles, device: Device) -> Result<FrozenClip, StageErr
 /// `tiny_prompts`: the prompt split and the tokenizer.
 pub struct TinyPrompts;
 
+stage_params! {
+    /// The parameters of a `tiny_prompts` stage.
+    pub struct TinyPromptsParams {
+        pub split_seed: u64 = param(0).min(0).doc("seed of the prompt split"),
+        pub context_length: usize = param(28).min(26).max(512).doc("token positions of the text encoders (the longest alt-text: 16 caption words, 8 look words, start and end)"),
+    }
+}
+
 impl StageKind for TinyPrompts {
     fn schema(&self) -> KindSchema {
         KindSchema {
@@ -210,18 +164,15 @@ impl StageKind for TinyPrompts {
             version: 1,
             doc: "the tiny world's 750/50 prompt split (held-out shape-colour pairs) and its small CLIP BPE tokenizer (each caption word one token)",
             uses_input_labels: false,
-            params: vec![
-                int("split_seed", 0, "seed of the prompt split"),
-                int("context_length", 28, "token positions of the text encoders (the longest alt-text: 16 caption words, 8 look words, start and end)"),
-            ],
+            params: TinyPromptsParams::specs(),
             inputs: Vec::new(),
         }
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let p = ctx.params().clone();
-        let context = usize_of(&p, "context_length")?;
-        let split = prompt_split(p.i64_of("split_seed")? as u64);
+        let p: TinyPromptsParams = ctx.typed_params()?;
+        let context = p.context_length;
+        let split = prompt_split(p.split_seed);
         let out = ctx.out_dir().to_path_buf();
         let vocab = Vocabulary::for_words(&caption_words(&LOOK_WORDS)).map_err(stage_error)?;
         vocab.write_folder(&out.join(TOKENIZER_DIR), context).map_err(stage_error)?;
@@ -248,51 +199,55 @@ impl StageKind for TinyPrompts {
 /// `tiny_clip`: the small CLIP, contrastive on captioned renders.
 pub struct TinyClip;
 
+stage_params! {
+    /// The parameters of a `tiny_clip` stage.
+    pub struct TinyClipParams {
+        pub schedule: ScheduleParams = flatten_with(schedule_defaults(1200, 128, 1e-3, 100, 0.1)),
+        pub text_width: i64 = param(64).min(1).doc("text tower width (the UNet's cross-attention dimension)"),
+        pub text_layers: i64 = param(3).min(1).doc("text tower layers"),
+        pub text_heads: i64 = param(4).min(1).doc("text tower heads"),
+        pub vision_width: i64 = param(64).min(1).doc("vision tower width"),
+        pub vision_layers: i64 = param(3).min(1).doc("vision tower layers"),
+        pub vision_heads: i64 = param(4).min(1).doc("vision tower heads"),
+        pub patch_size: i64 = param(8).min(1).max(32).doc("ViT patch size (32 / patch_size patches a side)"),
+        pub embed_dim: i64 = param(64).min(1).doc("joint embedding size"),
+        pub alt_text: f64 = param(0.8).min(0).max(1).doc("probability that a training text is the render's alt-text (caption + look words) rather than its caption"),
+        pub look_weight: f64 = param(1.0).min(0).doc("weight of the look-grading loss (a linear probe per quality on the image embedding, not shipped)"),
+        pub eval_sets: usize = param(4).min(1).doc("independent render sets of the test prompts for the retrieval gate"),
+    }
+}
+
 impl StageKind for TinyClip {
     fn schema(&self) -> KindSchema {
-        let mut params = schedule_params(1200, 128, 1e-3, 100, 0.1);
-        params.extend([
-            int("text_width", 64, "text tower width (the UNet's cross-attention dimension)"),
-            int("text_layers", 3, "text tower layers"),
-            int("text_heads", 4, "text tower heads"),
-            int("vision_width", 64, "vision tower width"),
-            int("vision_layers", 3, "vision tower layers"),
-            int("vision_heads", 4, "vision tower heads"),
-            int("patch_size", 8, "ViT patch size (32 / patch_size patches a side)"),
-            int("embed_dim", 64, "joint embedding size"),
-            float("alt_text", 0.8, "probability that a training text is the render's alt-text (caption + look words) rather than its caption"),
-            float("look_weight", 1.0, "weight of the look-grading loss (a linear probe per quality on the image embedding, not shipped)"),
-            int("eval_sets", 4, "independent render sets of the test prompts for the retrieval gate"),
-        ]);
         KindSchema {
             kind: "tiny_clip",
             version: 1,
             doc: "the tiny world's CLIP (transformers CLIPModel layout), contrastive on captioned renders; its text tower is the diffusion model's text encoder",
             uses_input_labels: false,
-            params,
+            params: TinyClipParams::specs(),
             inputs: vec![input("prompts", "a tiny_prompts stage")],
         }
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let p = ctx.params().clone();
+        let p: TinyClipParams = ctx.typed_params()?;
         let device = device_of(ctx);
         let prompts = prompts_input(ctx)?;
         let vocab = Vocabulary::read_folder(&prompts.tokenizer_dir).map_err(stage_error)?;
         let context_length = Vocabulary::context_length(&prompts.tokenizer_dir).map_err(stage_error)?;
         let config = TinyClipConfig {
-            text_width: p.i64_of("text_width")?,
-            text_layers: p.i64_of("text_layers")?,
-            text_heads: p.i64_of("text_heads")?,
+            text_width: p.text_width,
+            text_layers: p.text_layers,
+            text_heads: p.text_heads,
             context_length: context_length as i64,
-            vision_width: p.i64_of("vision_width")?,
-            vision_layers: p.i64_of("vision_layers")?,
-            vision_heads: p.i64_of("vision_heads")?,
+            vision_width: p.vision_width,
+            vision_layers: p.vision_layers,
+            vision_heads: p.vision_heads,
             image_size: IMAGE_SIZE as i64,
-            patch_size: p.i64_of("patch_size")?,
-            embed_dim: p.i64_of("embed_dim")?,
+            patch_size: p.patch_size,
+            embed_dim: p.embed_dim,
         };
-        let schedule = schedule_of(&p, 250)?;
+        let schedule = p.schedule.schedule(250);
         let out = ctx.out_dir().to_path_buf();
         let clip_json = config.clip_model_json(&vocab);
         write_json(&out.join(CLIP_DIR).join("config.json"), &clip_json).map_err(stage_error)?;
@@ -300,7 +255,7 @@ impl StageKind for TinyClip {
         let checkpoint = ctx.resume_dir()?.join("checkpoint.safetensors");
         let summary = {
             let mut monitor = StageMonitor::new(ctx, schedule.steps);
-            let look = tclip::LookSettings { alt_text: p.f64_of("alt_text")?, look_weight: p.f64_of("look_weight")? };
+            let look = tclip::LookSettings { alt_text: p.alt_text, look_weight: p.look_weight };
             tclip::train(&model, &prompts.tokenizer, &prompts.excluded, &schedule, &look, Some(&checkpoint), &mut monitor).map_err(stage_error)?
         };
         model.save(&out.join(CLIP_DIR), &clip_json, Precision::F32).map_err(stage_error)?;
@@ -309,7 +264,7 @@ impl StageKind for TinyClip {
 
         let frozen = frozen_clip(&clip_files(out.join(CLIP_DIR), &prompts.tokenizer_dir), device)?;
         let mut report = GateReport::default();
-        retrieval_gates(&mut report, &frozen, &prompts.test, usize_of(&p, "eval_sets")?.max(1))?;
+        retrieval_gates(&mut report, &frozen, &prompts.test, p.eval_sets)?;
         publish(ctx, &report)
     }
 }
@@ -327,43 +282,47 @@ fn retrieval_gates(report: &mut GateReport, clip: &FrozenClip, test: &[String], 
 /// `tiny_vae`: the small AutoencoderKL.
 pub struct TinyVae;
 
+stage_params! {
+    /// The parameters of a `tiny_vae` stage.
+    pub struct TinyVaeParams {
+        pub schedule: ScheduleParams = flatten_with(schedule_defaults(1500, 32, 1e-3, 100, 0.0)),
+        pub block_out_channels: Vec<i64> = param(vec![16, 32, 32]).min(1).doc("channels per block (3 blocks: 32x32 -> 8x8 latents)"),
+        pub latent_channels: i64 = param(4).min(1).doc("latent channels"),
+        pub norm_num_groups: i64 = param(8).min(1).doc("GroupNorm groups"),
+        pub kl_weight: f64 = param(1e-6).min(0).doc("weight of the KL term (per-image sums, as SD's VAE)"),
+        pub eval_renders: usize = param(8).min(1).doc("renders per test prompt for the PSNR gate"),
+    }
+}
+
 impl StageKind for TinyVae {
     fn schema(&self) -> KindSchema {
-        let mut params = schedule_params(1500, 32, 1e-3, 100, 0.0);
-        params.extend([
-            ints("block_out_channels", &[16, 32, 32], "channels per block (3 blocks: 32x32 -> 8x8 latents)"),
-            int("latent_channels", 4, "latent channels"),
-            int("norm_num_groups", 8, "GroupNorm groups"),
-            float("kl_weight", 1e-6, "weight of the KL term (per-image sums, as SD's VAE)"),
-            int("eval_renders", 8, "renders per test prompt for the PSNR gate"),
-        ]);
         KindSchema {
             kind: "tiny_vae",
             version: 1,
             doc: "the tiny world's AutoencoderKL (diffusers layout), 32x32x3 <-> 8x8x4, with its latent scaling factor",
             uses_input_labels: false,
-            params,
+            params: TinyVaeParams::specs(),
             inputs: vec![input("prompts", "a tiny_prompts stage")],
         }
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let p = ctx.params().clone();
+        let p: TinyVaeParams = ctx.typed_params()?;
         let device = device_of(ctx);
         let prompts = prompts_input(ctx)?;
         let config = TinyVaeConfig {
-            block_out_channels: ints_of(&p, "block_out_channels")?,
+            block_out_channels: p.block_out_channels.clone(),
             layers_per_block: 1,
-            latent_channels: p.i64_of("latent_channels")?,
-            norm_num_groups: p.i64_of("norm_num_groups")?,
+            latent_channels: p.latent_channels,
+            norm_num_groups: p.norm_num_groups,
         }
         .diffusers(IMAGE_SIZE as i64);
-        let schedule = schedule_of(&p, 250)?;
+        let schedule = p.schedule.schedule(250);
         let mut model = TrainableVae::new(&config, schedule.seed, device).map_err(stage_error)?;
         let checkpoint = ctx.resume_dir()?.join("checkpoint.safetensors");
         let summary = {
             let mut monitor = StageMonitor::new(ctx, schedule.steps);
-            tvae::train(&model, &prompts.excluded, &schedule, p.f64_of("kl_weight")?, Some(&checkpoint), &mut monitor).map_err(stage_error)?
+            tvae::train(&model, &prompts.excluded, &schedule, p.kl_weight, Some(&checkpoint), &mut monitor).map_err(stage_error)?
         };
         model.config.scaling_factor = tvae::latent_scale(&model.vae, &prompts.excluded, 4096, schedule.seed, device).map_err(stage_error)?;
         let out = ctx.out_dir().to_path_buf();
@@ -372,7 +331,7 @@ impl StageKind for TinyVae {
 
         let saved = TrainableVae::load(&out.join(VAE_DIR), device).map_err(stage_error)?;
         let mut report = GateReport::default();
-        psnr_gate(&mut report, &saved.vae, &prompts.test, usize_of(&p, "eval_renders")?.max(1), device)?;
+        psnr_gate(&mut report, &saved.vae, &prompts.test, p.eval_renders, device)?;
         report.measure("vae.scaling_factor", saved.config.scaling_factor);
         publish(ctx, &report)
     }
@@ -389,34 +348,38 @@ fn psnr_gate(report: &mut GateReport, vae: &crate::models::vae::AutoencoderKL, t
 /// `tiny_aesthetic`: the aesthetic head on the frozen CLIP.
 pub struct TinyAesthetic;
 
+stage_params! {
+    /// The parameters of a `tiny_aesthetic` stage.
+    pub struct TinyAestheticParams {
+        pub schedule: ScheduleParams = flatten_with(schedule_defaults(4000, 256, 1e-3, 100, 0.0)),
+        pub hidden: Vec<i64> = param(vec![256, 64, 32, 16]).min(1).doc("hidden widths of the head (LAION's: 1024, 128, 64, 16)"),
+        pub pool: usize = param(20000).min(1).doc("training renders (embedded once by the frozen CLIP)"),
+        pub eval_renders: usize = param(20).min(1).doc("renders per test prompt for the Pearson gate"),
+    }
+}
+
 impl StageKind for TinyAesthetic {
     fn schema(&self) -> KindSchema {
-        let mut params = schedule_params(4000, 256, 1e-3, 100, 0.0);
-        params.extend([
-            ints("hidden", &[256, 64, 32, 16], "hidden widths of the head (LAION's: 1024, 128, 64, 16)"),
-            int("pool", 20000, "training renders (embedded once by the frozen CLIP)"),
-            int("eval_renders", 20, "renders per test prompt for the Pearson gate"),
-        ]);
         KindSchema {
             kind: "tiny_aesthetic",
             version: 1,
             doc: "the tiny world's aesthetic head (LAION improved-aesthetic-predictor layout) on the CLIP image embedding, fit to the procedural rating",
             uses_input_labels: false,
-            params,
+            params: TinyAestheticParams::specs(),
             inputs: vec![input("prompts", "a tiny_prompts stage"), input("clip", "a tiny_clip stage")],
         }
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let p = ctx.params().clone();
+        let p: TinyAestheticParams = ctx.typed_params()?;
         let device = device_of(ctx);
         let prompts = prompts_input(ctx)?;
         let files = clip_files(input_dir(ctx.input("clip")?, CLIP_DIR, "config.json")?, &prompts.tokenizer_dir);
         let clip = frozen_clip(&files, device)?;
-        let schedule = schedule_of(&p, 0)?;
-        let (embeddings, ratings) = taesthetic::embedded_ratings(&clip, &prompts.excluded, usize_of(&p, "pool")?, schedule.seed, device).map_err(stage_error)?;
+        let schedule = p.schedule.schedule(0);
+        let (embeddings, ratings) = taesthetic::embedded_ratings(&clip, &prompts.excluded, p.pool, schedule.seed, device).map_err(stage_error)?;
         let mut dims = vec![embeddings.size()[1]];
-        dims.extend(ints_of(&p, "hidden")?);
+        dims.extend(p.hidden.clone());
         dims.push(1);
         AestheticConfig { dims: dims.clone() }.validate().map_err(StageError::failed)?;
         let (vs, _head, summary) = {
@@ -429,7 +392,7 @@ impl StageKind for TinyAesthetic {
 
         let reward = AestheticReward::load(&files, &out.join(HEAD_FILE), device, Kind::Float).map_err(StageError::failed)?;
         let mut report = GateReport::default();
-        pearson_gate(&mut report, &reward, &prompts.test, usize_of(&p, "eval_renders")?.max(1), device)?;
+        pearson_gate(&mut report, &reward, &prompts.test, p.eval_renders, device)?;
         publish(ctx, &report)
     }
 }
@@ -445,27 +408,33 @@ fn pearson_gate(report: &mut GateReport, reward: &AestheticReward, test: &[Strin
 /// `tiny_preference`: the HPSv2-style preference model.
 pub struct TinyPreference;
 
+stage_params! {
+    /// The parameters of a `tiny_preference` stage.
+    pub struct TinyPreferenceParams {
+        pub schedule: ScheduleParams = flatten_with(schedule_defaults(600, 64, 1e-4, 50, 0.1)),
+        pub eval_pairs: usize = param(20).min(1).doc("labelled pairs per test prompt for the accuracy gate"),
+    }
+}
+
 impl StageKind for TinyPreference {
     fn schema(&self) -> KindSchema {
-        let mut params = schedule_params(600, 64, 1e-4, 50, 0.1);
-        params.push(int("eval_pairs", 20, "labelled pairs per test prompt for the accuracy gate"));
         KindSchema {
             kind: "tiny_preference",
             version: 1,
             doc: "the tiny world's human-preference model: a copy of the CLIP fine-tuned on preference pairs as HPSv2, scored as cosine",
             uses_input_labels: false,
-            params,
+            params: TinyPreferenceParams::specs(),
             inputs: vec![input("prompts", "a tiny_prompts stage"), input("clip", "a tiny_clip stage")],
         }
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let p = ctx.params().clone();
+        let p: TinyPreferenceParams = ctx.typed_params()?;
         let device = device_of(ctx);
         let prompts = prompts_input(ctx)?;
         let clip_dir = input_dir(ctx.input("clip")?, CLIP_DIR, "config.json")?;
         let model = TrainableClip::load(&clip_dir, device).map_err(stage_error)?;
-        let schedule = schedule_of(&p, 200)?;
+        let schedule = p.schedule.schedule(200);
         let checkpoint = ctx.resume_dir()?.join("checkpoint.safetensors");
         let summary = {
             let mut monitor = StageMonitor::new(ctx, schedule.steps);
@@ -476,7 +445,7 @@ impl StageKind for TinyPreference {
         model.save(&out.join(HPS_DIR), &config, Precision::F32).map_err(stage_error)?;
         write_json(&out.join(TRAIN_FILE), &json!({"summary": summary, "schedule": schedule})).map_err(stage_error)?;
 
-        let per_prompt = usize_of(&p, "eval_pairs")?.max(1);
+        let per_prompt = p.eval_pairs;
         let mut report = GateReport::default();
         let hps = HpsReward::load(&clip_files(out.join(HPS_DIR), &prompts.tokenizer_dir), device, Kind::Float).map_err(StageError::failed)?;
         preference_gate(&mut report, &hps, &prompts.test, per_prompt, device)?;
@@ -500,56 +469,59 @@ fn preference_gate(report: &mut GateReport, hps: &HpsReward, test: &[String], pe
 /// `tiny_unet`: the small UNet2DConditionModel.
 pub struct TinyUnet;
 
+stage_params! {
+    /// The parameters of a `tiny_unet` stage.
+    pub struct TinyUnetParams {
+        pub schedule: ScheduleParams = flatten_with(schedule_defaults(5000, 64, 1e-3, 200, 0.0)),
+        pub block_out_channels: Vec<i64> = param(vec![24, 48]).min(1).doc("channels per block"),
+        pub layers_per_block: i64 = param(1).min(1).doc("resnets per down block"),
+        pub attention_heads: i64 = param(1).min(1).doc("attention heads per block (diffusers' attention_head_dim; one wide head is several times faster on a CPU than several narrow ones)"),
+        pub norm_num_groups: i64 = param(8).min(1).doc("GroupNorm groups"),
+        pub cross_attention: Vec<bool> = param(vec![true, false]).doc("which down blocks have cross-attention (up blocks mirror them)"),
+        pub prompt_dropout: f64 = param(0.1).min(0).max(1).doc("probability of the empty prompt (classifier-free guidance)"),
+        pub min_snr_gamma: f64 = param(5.0).min(0).doc("Min-SNR-gamma loss weighting (0: unweighted)"),
+        pub ema_decay: f64 = param(0.999).min(0).max(1).doc("decay of the weights' moving average (the shipped weights)"),
+        pub pool: usize = param(20000).min(1).doc("training renders encoded once by the VAE"),
+    }
+}
+
 impl StageKind for TinyUnet {
     fn schema(&self) -> KindSchema {
-        let mut params = schedule_params(5000, 64, 1e-3, 200, 0.0);
-        params.extend([
-            ints("block_out_channels", &[24, 48], "channels per block"),
-            int("layers_per_block", 1, "resnets per down block"),
-            int("attention_heads", 1, "attention heads per block (diffusers' attention_head_dim; one wide head is several times faster on a CPU than several narrow ones)"),
-            int("norm_num_groups", 8, "GroupNorm groups"),
-            param("cross_attention", ParamType::List(Box::new(ParamType::Bool)), json!([true, false]), "which down blocks have cross-attention (up blocks mirror them)"),
-            float("prompt_dropout", 0.1, "probability of the empty prompt (classifier-free guidance)"),
-            float("min_snr_gamma", 5.0, "Min-SNR-gamma loss weighting (0: unweighted)"),
-            float("ema_decay", 0.999, "decay of the weights' moving average (the shipped weights)"),
-            int("pool", 20000, "training renders encoded once by the VAE"),
-        ]);
         KindSchema {
             kind: "tiny_unet",
             version: 1,
             doc: "the tiny world's UNet2DConditionModel (diffusers layout): DDPM on the VAE latents, SD1.5 noise schedule, epsilon prediction, conditioned on the CLIP text encoder",
             uses_input_labels: false,
-            params,
+            params: TinyUnetParams::specs(),
             inputs: vec![input("prompts", "a tiny_prompts stage"), input("clip", "a tiny_clip stage"), input("vae", "a tiny_vae stage")],
         }
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let p = ctx.params().clone();
+        let p: TinyUnetParams = ctx.typed_params()?;
         let device = device_of(ctx);
         let prompts = prompts_input(ctx)?;
         let (_text_vs, text) = tunet::load_text_encoder(&input_dir(ctx.input("clip")?, TEXT_ENCODER_DIR, "config.json")?, device).map_err(stage_error)?;
         let vae = TrainableVae::load(&input_dir(ctx.input("vae")?, VAE_DIR, "config.json")?, device).map_err(stage_error)?;
-        let cross: Vec<bool> = p.get("cross_attention").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_bool).collect()).unwrap_or_default();
-        let latent_size = IMAGE_SIZE as i64 / (1 << (vae.config.block_out_channels.len() - 1));
+        let latent_size = vae.config.latent_side(IMAGE_SIZE as i64);
         let config = TinyUnetConfig {
-            block_out_channels: ints_of(&p, "block_out_channels")?,
-            layers_per_block: p.i64_of("layers_per_block")?,
-            attention_heads: p.i64_of("attention_heads")?,
-            norm_num_groups: p.i64_of("norm_num_groups")?,
-            cross_attention: cross,
+            block_out_channels: p.block_out_channels.clone(),
+            layers_per_block: p.layers_per_block,
+            attention_heads: p.attention_heads,
+            norm_num_groups: p.norm_num_groups,
+            cross_attention: p.cross_attention.clone(),
         }
         .diffusers(vae.config.latent_channels, latent_size, text.config().transformer.width)
         .map_err(stage_error)?;
-        let schedule = schedule_of(&p, 500)?;
+        let schedule = p.schedule.schedule(500);
         let settings = DiffusionSettings {
-            prompt_dropout: p.f64_of("prompt_dropout")?,
-            min_snr_gamma: p.f64_of("min_snr_gamma")?,
-            ema_decay: p.f64_of("ema_decay")?,
+            prompt_dropout: p.prompt_dropout,
+            min_snr_gamma: p.min_snr_gamma,
+            ema_decay: p.ema_decay,
             scaling_factor: vae.config.scaling_factor,
         };
         ctx.log("encoding the latent pool");
-        let pool = LatentPool::encode(&vae.vae, &prompts.excluded, usize_of(&p, "pool")?, schedule.seed, device).map_err(stage_error)?;
+        let pool = LatentPool::encode(&vae.vae, &prompts.excluded, p.pool, schedule.seed, device).map_err(stage_error)?;
         drop(vae);
         let model = TrainableUnet::new(&config, schedule.seed, device).map_err(stage_error)?;
         let parameters: i64 = model.vs.variables().values().map(|t| t.numel() as i64).sum();
@@ -572,6 +544,24 @@ impl StageKind for TinyUnet {
 /// `tiny_export`: the shipped bundle, checked through the study's loaders.
 pub struct TinyExport;
 
+stage_params! {
+    /// The parameters of a `tiny_export` stage.
+    pub struct TinyExportParams {
+        pub seed: u64 = param(0).min(0).doc("seed of the samples and of the evaluation renders"),
+        pub sample_steps: usize = param(10).min(1).max(1000).doc("DDIM steps of the sample gates (the study's)"),
+        pub guidance: f64 = param(3.0).min(0).doc("classifier-free guidance of the sample gates (the study's, pipelines/all_orders.yaml)"),
+        pub guidance_sweep: Vec<f64> = param(vec![1.0, 5.0, 7.5]).min(0).doc("further guidance scales whose sample measurements gates.json records"),
+        pub samples_per_prompt: usize = param(8).min(1).doc("samples of each test prompt for the sample gates"),
+        pub fid_renders: usize = param(40).min(2).doc("renders of each test prompt for the FID reference"),
+        pub grid_prompts: usize = param(10).min(0).doc("test prompts shown in samples.png"),
+        pub retrieval_sets: usize = param(4).min(1).doc("render sets of the test prompts for the retrieval gate"),
+        pub psnr_renders: usize = param(8).min(1).doc("renders per test prompt for the PSNR gate"),
+        pub rating_renders: usize = param(20).min(1).doc("renders per test prompt for the Pearson gate"),
+        pub preference_pairs: usize = param(20).min(1).doc("labelled pairs per test prompt for the preference gate"),
+        pub jpeg_quality: f64 = param(80.0).min(1).max(100).doc("JPEG quality of the compressibility reward (world.json)"),
+    }
+}
+
 impl StageKind for TinyExport {
     fn schema(&self) -> KindSchema {
         KindSchema {
@@ -579,20 +569,7 @@ impl StageKind for TinyExport {
             version: 1,
             doc: "the tiny world's bundle (f16 weights, world.json, prompts, FID reference, MANIFEST.txt of blake3 hashes), loaded back through tiny_world, Diffusion::load and the rewards, with every quality gate measured on it",
             uses_input_labels: false,
-            params: vec![
-                int("seed", 0, "seed of the samples and of the evaluation renders"),
-                int("sample_steps", 10, "DDIM steps of the sample gates (the study's)"),
-                float("guidance", 3.0, "classifier-free guidance of the sample gates (the study's, pipelines/all_orders.yaml)"),
-                param("guidance_sweep", ParamType::List(Box::new(ParamType::Float)), json!([1.0, 5.0, 7.5]), "further guidance scales whose sample measurements gates.json records"),
-                int("samples_per_prompt", 8, "samples of each test prompt for the sample gates"),
-                int("fid_renders", 40, "renders of each test prompt for the FID reference"),
-                int("grid_prompts", 10, "test prompts shown in samples.png"),
-                int("retrieval_sets", 4, "render sets of the test prompts for the retrieval gate"),
-                int("psnr_renders", 8, "renders per test prompt for the PSNR gate"),
-                int("rating_renders", 20, "renders per test prompt for the Pearson gate"),
-                int("preference_pairs", 20, "labelled pairs per test prompt for the preference gate"),
-                float("jpeg_quality", 80.0, "JPEG quality of the compressibility reward (world.json)"),
-            ],
+            params: TinyExportParams::specs(),
             inputs: vec![
                 input("prompts", "a tiny_prompts stage"),
                 input("clip", "a tiny_clip stage"),
@@ -605,16 +582,16 @@ impl StageKind for TinyExport {
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let p = ctx.params().clone();
+        let p: TinyExportParams = ctx.typed_params()?;
         let device = device_of(ctx);
         let out = ctx.out_dir().to_path_buf();
-        write_bundle(ctx, &out, p.f64_of("jpeg_quality")?)?;
+        write_bundle(ctx, &out, p.jpeg_quality)?;
 
         // The FID reference: the CLIP-score model's embeddings of renders of the test prompts.
         let test = read_prompts(&out.join(TEST_PROMPTS))?;
-        let seed = p.i64_of("seed")? as u64;
+        let seed = p.seed;
         let clip = frozen_clip(&clip_files(out.join(CLIP_DIR), &out.join("diffusion").join(TOKENIZER_DIR)), device)?;
-        let renders = prompt_scenes(&test, usize_of(&p, "fid_renders")?.max(2), seed + 2000, device).map_err(stage_error)?;
+        let renders = prompt_scenes(&test, p.fid_renders, seed + 2000, device).map_err(stage_error)?;
         let (mu, sigma) = feature_stats(&embed_images(&clip, &renders.images)?).map_err(stage_error)?;
         write_safetensors(&out.join("fid_reference.safetensors"), &[("mu".into(), mu.shallow_clone()), ("sigma".into(), sigma.shallow_clone())], Precision::F32).map_err(stage_error)?;
         drop(clip);
@@ -622,29 +599,28 @@ impl StageKind for TinyExport {
         // Everything below reads the bundle as a study does.
         let world = tiny_world_spec(&out)?;
         let record = ModelRecord { world: world.clone(), tasks: Vec::new(), origin: "base".into(), adapters: None, lora_targets: crate::models::lora::default_targets() };
-        let diffusion = Diffusion::load(&record, None, device, ComputePrecision::Fp32)?;
+        let diffusion = record.load_diffusion(None, device, ComputePrecision::Fp32)?;
         let clip = frozen_clip(&world.clip_score, device)?;
         let mut report = GateReport::default();
-        let count = |name: &str| usize_of(&p, name).map(|n| n.max(1));
-        retrieval_gates(&mut report, &clip, &test, count("retrieval_sets")?)?;
-        psnr_gate(&mut report, &diffusion.vae, &test, count("psnr_renders")?, device)?;
+        retrieval_gates(&mut report, &clip, &test, p.retrieval_sets)?;
+        psnr_gate(&mut report, &diffusion.vae, &test, p.psnr_renders, device)?;
         let aesthetic = AestheticReward::load(&world.aesthetic_clip, &world.aesthetic_head, device, Kind::Float).map_err(StageError::failed)?;
-        pearson_gate(&mut report, &aesthetic, &test, count("rating_renders")?, device)?;
+        pearson_gate(&mut report, &aesthetic, &test, p.rating_renders, device)?;
         let hps = HpsReward::load(&world.hps, device, Kind::Float).map_err(StageError::failed)?;
-        preference_gate(&mut report, &hps, &test, count("preference_pairs")?, device)?;
+        preference_gate(&mut report, &hps, &test, p.preference_pairs, device)?;
         let reference = read_safetensors(&world.fid_reference).map_err(stage_error)?;
         let reference = (reference.get("mu").map(Tensor::shallow_clone), reference.get("sigma").map(Tensor::shallow_clone));
         let (Some(mu), Some(sigma)) = reference else {
             return Err(StageError::Failed("fid_reference.safetensors lacks mu or sigma".into()));
         };
         let settings = SampleSettings {
-            steps: usize_of(&p, "sample_steps")?,
-            guidance: p.f64_of("guidance")?,
-            per_prompt: usize_of(&p, "samples_per_prompt")?.max(1),
+            steps: p.sample_steps,
+            guidance: p.guidance,
+            per_prompt: p.samples_per_prompt,
             seed,
-            sweep: p.get("guidance_sweep").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default(),
+            sweep: p.guidance_sweep.clone(),
         };
-        sample_gates(ctx, &mut report, &diffusion, &clip, &test, &settings, (&mu, &sigma), usize_of(&p, "grid_prompts")?)?;
+        sample_gates(ctx, &mut report, &diffusion, &clip, &test, &settings, (&mu, &sigma), p.grid_prompts)?;
         publish(ctx, &report)?;
         write_manifest(&out)
     }
@@ -761,7 +737,7 @@ fn sample(diffusion: &Diffusion, prompts: &[String], settings: &SampleSettings) 
     for (k, chunk) in all.chunks(64).enumerate() {
         let cond = diffusion.encode_prompts(chunk)?;
         let z = initial_latents(settings.seed, (k * 64) as u64, chunk.len() as i64, diffusion.latent_shape, diffusion.device);
-        let z0 = sampler.sample(&diffusion.denoiser(), &z, &cond, &uncond, settings.seed).map_err(StageError::failed)?;
+        let z0 = sampler.sample(&CastUnet::of(diffusion), &z, &cond, &uncond, settings.seed).map_err(StageError::failed)?;
         images.push(tch::no_grad(|| diffusion.decode(&z0)));
     }
     Ok(Tensor::cat(&images, 0))

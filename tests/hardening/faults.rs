@@ -78,11 +78,7 @@ fn random_point(r: &Reference, rng: &mut Rng) -> (String, u64) {
 
 /// The step of a fine-tune's last checkpoint in `cache` (0: none yet).
 fn checkpoint_step(cache: &Path, key: &str) -> u64 {
-    std::fs::read(cache.join("partial").join(key).join("state.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| v["step"].as_u64())
-        .unwrap_or(0)
+    ril_pipe::method::checkpoint::Checkpoint::saved_step(&cache.join("partial").join(key).join("checkpoint.safetensors")).unwrap_or(0) as u64
 }
 
 /// Starts the run and kills it `delay_ms` after it starts `stage` (after that stage's

@@ -7,15 +7,14 @@
 //! output again.
 use std::path::{Path, PathBuf};
 
-use ril_pipe::method::sampling::{Sampler, SamplerConfig};
+use ril_pipe::method::sampling::{CastUnet, Sampler, SamplerConfig};
 use ril_pipe::models::component::{self, LoadedComponent, Operation};
 use ril_pipe::models::lora::peft::{AdapterIndex, METADATA_KEY};
 use ril_pipe::models::lora::{default_targets, LoraGroup};
 use ril_pipe::models::weights::{self, read_safetensors_metadata, TensorMap};
-use ril_pipe::stages::diffusion::Diffusion;
 use ril_pipe::stages::lora_export::export_lora;
-use ril_pipe::stages::precision::Precision;
-use ril_pipe::stages::records::Task;
+use ril_pipe::models::precision::Precision;
+use ril_pipe::records::Task;
 use ril_pipe::stages::world::{tiny_world_spec, ModelRecord, ADAPTERS_FILE};
 use tch::{Device, Tensor};
 
@@ -74,7 +73,7 @@ fn check_case(case_name: &str, origin: &str, tasks: Vec<Task>) {
     let record = model_object(&case, origin, tasks, object.path());
 
     // ril-pipe's model (as the stages load it) against diffusers with the exported files.
-    let diffusion = Diffusion::load(&record, Some(&object.path().join(ADAPTERS_FILE)), Device::Cpu, Precision::Fp32).unwrap();
+    let diffusion = record.load_diffusion(Some(&object.path().join(ADAPTERS_FILE)), Device::Cpu, Precision::Fp32).unwrap();
     let out = tch::no_grad(|| diffusion.unet.forward(&io["sample"], &io["timesteps"], &io["context"]));
     let lora_effect = max_abs_diff(&io["out"], &io["base"]);
     let unet_diff = max_abs_diff(&out, &io["out"]);
@@ -85,7 +84,7 @@ fn check_case(case_name: &str, origin: &str, tasks: Vec<Task>) {
     let sampler = Sampler::new(diffusion.ddim.clone(), SamplerConfig { steps: 10, eta: 0.0, guidance: 3.0 }).unwrap();
     let cond = diffusion.encode_prompts(&prompts).unwrap();
     let uncond = diffusion.uncond().unwrap();
-    let z_0 = sampler.sample(&diffusion.denoiser(), &io["z_n"], &cond, &uncond, 0).unwrap();
+    let z_0 = sampler.sample(&CastUnet::of(&diffusion), &io["z_n"], &cond, &uncond, 0).unwrap();
     let sample_diff = max_abs_diff(&z_0, &io["z_0"]);
     assert!(sample_diff <= SAMPLE_TOLERANCE, "{case_name}: DDIM sample differs from diffusers' by {sample_diff:e}");
 

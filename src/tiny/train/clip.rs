@@ -13,9 +13,11 @@ use tch::{Device, Kind, Tensor};
 
 use super::data::{self, prompt_scenes, scene_batch, Excluded};
 use super::gates::retrieval_accuracy;
-use super::io::{prefixed, restore_store, write_json, write_safetensors, Checkpoint, Precision};
+use crate::method::checkpoint::{prefixed, Checkpoint};
+use super::io::{restore_store, write_json, write_safetensors, Precision};
 use super::vocab::Vocabulary;
-use super::{learning_rate, rng, seeded_init, trainable, Monitor, Purpose, TrainError};
+use super::{learning_rate, rng, seeded_init, trainable, Purpose, TrainError};
+use crate::method::monitor::Monitor;
 use rand::Rng;
 use crate::method::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::models::clip::{normalize, preprocess, Clip, ClipConfig};
@@ -267,7 +269,7 @@ impl Schedule {
         let mut named = prefixed("model.", model.variables());
         named.extend(extra());
         named.extend(prefixed("opt.", optimizer.state()));
-        Checkpoint::save(path, step + 1, named)
+        Ok(Checkpoint::save(path, step + 1, &named)?)
     }
 }
 
@@ -379,7 +381,7 @@ mod tests {
     use crate::tiny::prompt_split;
     use crate::tiny::train::data::LOOK_WORDS;
     use crate::tiny::train::vocab::caption_words;
-    use crate::tiny::train::Quiet;
+    use crate::method::monitor::{Cancelled, Quiet};
 
     const LOOK: LookSettings = LookSettings { alt_text: 0.5, look_weight: 1.0 };
 
@@ -434,8 +436,8 @@ mod tests {
         // Stop after the checkpoint at step 3 ...
         struct StopAt(usize);
         impl Monitor for StopAt {
-            fn step(&mut self, step: usize, _: usize) -> Result<(), TrainError> {
-                if step == self.0 { Err(TrainError::Cancelled) } else { Ok(()) }
+            fn step(&mut self, step: usize, _: usize) -> Result<(), Cancelled> {
+                if step == self.0 { Err(Cancelled) } else { Ok(()) }
             }
             fn log(&mut self, _: &str) {}
         }

@@ -10,7 +10,7 @@
 //! - [`preference`]: a copy of the CLIP fine-tuned on preference pairs as HPSv2 was.
 //! - [`gates`]: the quality measurements (retrieval, PSNR, Pearson r, pairwise accuracy, CLIP
 //!   score, FID).
-//! - [`io`]: safetensors writing (f32 or f16) and resumable checkpoints.
+//! - [`io`]: safetensors writing (f32 or f16); checkpoints are [`crate::method::checkpoint`]'s.
 //!
 //! Everything is a pure function of its seed: weights are initialised and batches drawn from
 //! seeded generators, never from libtorch's global generator, which stages running side by side
@@ -58,32 +58,21 @@ impl TrainError {
     }
 }
 
-impl From<crate::tiny::TinyError> for TrainError {
-    fn from(e: crate::tiny::TinyError) -> Self {
+impl From<crate::method::monitor::Cancelled> for TrainError {
+    fn from(_: crate::method::monitor::Cancelled) -> Self {
+        TrainError::Cancelled
+    }
+}
+
+impl From<crate::method::checkpoint::CheckpointError> for TrainError {
+    fn from(e: crate::method::checkpoint::CheckpointError) -> Self {
         TrainError::Model(e.to_string())
     }
 }
 
-/// What a training loop reports to, and asks whether to stop.
-pub trait Monitor {
-    /// After optimizer step `step` (1-based) of `total`; an error (e.g. cancelled) stops training.
-    fn step(&mut self, step: usize, total: usize) -> Result<(), TrainError>;
-    /// A line for the log.
-    fn log(&mut self, line: &str);
-}
-
-/// A monitor that never stops and keeps the log lines (tests).
-#[derive(Debug, Default)]
-pub struct Quiet {
-    pub lines: Vec<String>,
-}
-
-impl Monitor for Quiet {
-    fn step(&mut self, _step: usize, _total: usize) -> Result<(), TrainError> {
-        Ok(())
-    }
-    fn log(&mut self, line: &str) {
-        self.lines.push(line.to_string());
+impl From<crate::tiny::TinyError> for TrainError {
+    fn from(e: crate::tiny::TinyError) -> Self {
+        TrainError::Model(e.to_string())
     }
 }
 

@@ -7,8 +7,10 @@ use tch::{Kind, Tensor};
 
 use super::clip::{adamw, token_ids, LossTrack, Schedule, TrainSummary, TrainableClip};
 use super::data::{pair_images, preference_batch, prompt_preference_pairs, Excluded};
-use super::io::{restore_store, Checkpoint};
-use super::{trainable, Monitor, TrainError};
+use crate::method::checkpoint::Checkpoint;
+use super::io::restore_store;
+use super::{trainable, TrainError};
+use crate::method::monitor::Monitor;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::tiny::{PreferencePair, Side};
 
@@ -96,7 +98,7 @@ mod tests {
     use crate::tiny::train::clip::TinyClipConfig;
     use crate::tiny::train::io::write_json;
     use crate::tiny::train::vocab::{caption_words, Vocabulary};
-    use crate::tiny::train::Quiet;
+    use crate::method::monitor::Quiet;
 
     #[test]
     fn fine_tuning_lowers_the_pair_loss_and_is_seeded() {

@@ -17,9 +17,11 @@ use tch::{Device, Kind, Tensor};
 
 use super::clip::{adamw, token_ids, LossTrack, Schedule, TrainSummary};
 use super::data::{scene_batch, Excluded};
-use super::io::{prefixed, restore_store, write_json, write_safetensors, Checkpoint, Precision};
+use crate::method::checkpoint::{prefixed, Checkpoint};
+use super::io::{restore_store, write_json, write_safetensors, Precision};
 use super::vae::chunks;
-use super::{noise_stream, rng, seeded_init, trainable, Ema, Monitor, Purpose, TrainError};
+use super::{noise_stream, rng, seeded_init, trainable, Ema, Purpose, TrainError};
+use crate::method::monitor::Monitor;
 use crate::method::noise::gaussian;
 use crate::models::clip::{Clip, ClipConfig, ClipTextTransformer};
 use crate::models::ddim::DdimConfig;
@@ -260,7 +262,7 @@ mod tests {
     use crate::tiny::train::clip::{TinyClipConfig, TrainableClip};
     use crate::tiny::train::vae::{TinyVaeConfig, TrainableVae};
     use crate::tiny::train::vocab::{caption_words, Vocabulary};
-    use crate::tiny::train::Quiet;
+    use crate::method::monitor::Quiet;
 
     #[test]
     fn training_is_seeded_and_lowers_the_loss() {

@@ -14,8 +14,10 @@ use tch::{Device, Kind, Tensor};
 
 use super::clip::{adamw, LossTrack, Schedule, TrainSummary};
 use super::data::{prompt_scenes, scene_batch, Excluded};
-use super::io::{restore_store, write_json, write_safetensors, Checkpoint, Precision};
-use super::{noise_stream, seeded_init, trainable, Monitor, Purpose, TrainError};
+use crate::method::checkpoint::Checkpoint;
+use super::io::{restore_store, write_json, write_safetensors, Precision};
+use super::{noise_stream, seeded_init, trainable, Purpose, TrainError};
+use crate::method::monitor::Monitor;
 use crate::method::noise::gaussian;
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 
@@ -185,7 +187,7 @@ pub fn reconstruction_psnr(vae: &AutoencoderKL, prompts: &[String], per_prompt: 
 mod tests {
     use super::*;
     use crate::tiny::prompt_split;
-    use crate::tiny::train::Quiet;
+    use crate::method::monitor::Quiet;
 
     #[test]
     fn training_is_seeded_lowers_the_loss_and_round_trips_through_the_folder() {

@@ -1,12 +1,45 @@
-//! The records stages write for each other and for reports: the evaluation record
-//! (`metrics.json`), the training log (`train_log.jsonl`) and summary (`train_summary.json`),
-//! and what is known about each metric (its direction, which task targets it).
-use std::collections::BTreeMap;
+//! The study's records: what the stages write for each other and the report reads. The
+//! evaluation record (`metrics.json`), the training log (`train_log.jsonl`) and summary
+//! (`train_summary.json`), the forgetting record (`forgetting.json`, with Eq. 3), and what is
+//! known about each task and metric (its direction, which task targets it). Plain data with
+//! serde: no runner, no tensors.
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::exec::StageError;
+pub mod evaluation;
+pub mod forgetting;
+pub mod training;
+
+pub use evaluation::{EvaluationRecord, GRID_FILE, METRICS_FILE};
+pub use forgetting::{forgetting, ForgettingRecord, FORGETTING_FILE};
+pub use training::{read_train_log, TrainLogLine, TrainSummary, TRAIN_LOG_FILE, TRAIN_SUMMARY_FILE};
+
+/// Why a record could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not the record it should be (names the file and the problem).
+    #[error("{0}")]
+    Format(String),
+}
+
+/// Reads a JSON record; `what` names it in errors ("an evaluation record").
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T, RecordError> {
+    let bytes = std::fs::read(path).map_err(|source| RecordError::Io { context: format!("cannot read {}", path.display()), source })?;
+    serde_json::from_slice(&bytes).map_err(|e| RecordError::Format(format!("{} is not {what}: {e}", path.display())))
+}
+
+/// Writes a record as pretty JSON.
+pub fn write_json(path: &Path, record: &impl Serialize) -> Result<(), RecordError> {
+    let bytes = serde_json::to_vec_pretty(record).map_err(|e| RecordError::Format(e.to_string()))?;
+    std::fs::write(path, bytes).map_err(|source| RecordError::Io { context: format!("cannot write {}", path.display()), source })
+}
 
 /// The reward tasks of the paper.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -108,69 +141,3 @@ impl Metric {
     }
 }
 
-/// `metrics.json` of an `evaluate` stage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EvaluationRecord {
-    /// The tasks the evaluated model was fine-tuned on, in order (empty for the base model).
-    pub tasks: Vec<Task>,
-    /// How the model was made: `base`, `finetune`, `soup` or `joint`.
-    pub origin: String,
-    pub metrics: BTreeMap<Metric, f64>,
-    pub prompts: usize,
-    pub images_per_prompt: usize,
-    pub seed: u64,
-}
-
-pub const METRICS_FILE: &str = "metrics.json";
-
-impl EvaluationRecord {
-    pub fn read(path: &Path) -> Result<Self, StageError> {
-        let bytes = std::fs::read(path).map_err(|e| StageError::io(format!("cannot read {}", path.display()), e))?;
-        serde_json::from_slice(&bytes).map_err(|e| StageError::Failed(format!("{} is not an evaluation record: {e}", path.display())))
-    }
-
-    pub fn write(&self, path: &Path) -> Result<(), StageError> {
-        let bytes = serde_json::to_vec_pretty(self).map_err(StageError::failed)?;
-        std::fs::write(path, bytes).map_err(|e| StageError::io(format!("cannot write {}", path.display()), e))
-    }
-}
-
-/// One optimizer step of a fine-tune, a line of `train_log.jsonl`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainLogLine {
-    /// 1-based optimizer step.
-    pub step: u64,
-    /// 1-based epoch the step belongs to.
-    pub epoch: u64,
-    /// Mean reward of the batch (of the mixture, for joint tuning).
-    pub reward: f64,
-    /// RID's distillation term ||z0 - z0_teacher||^2 (mean); `None` for the baseline.
-    pub distill_loss: Option<f64>,
-    /// The minimised loss: -reward + lambda * distill.
-    pub loss: f64,
-    /// Gradient norm before clipping.
-    pub grad_norm: f64,
-    pub lr: f64,
-    /// Wall-clock seconds of this step.
-    pub seconds: f64,
-}
-
-pub const TRAIN_LOG_FILE: &str = "train_log.jsonl";
-pub const TRAIN_SUMMARY_FILE: &str = "train_summary.json";
-
-/// `train_summary.json` of a `finetune` or `joint` stage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainSummary {
-    /// `baseline`, `rid` or `joint`.
-    pub method: String,
-    /// The task(s) trained on (several for joint tuning).
-    pub tasks: Vec<Task>,
-    pub epochs: u64,
-    pub steps: u64,
-    pub batch_size: u64,
-    pub seconds: f64,
-    pub seconds_per_epoch: f64,
-    /// Mean reward over the first and the last epoch.
-    pub reward_first_epoch: f64,
-    pub reward_last_epoch: f64,
-}
