@@ -43,6 +43,8 @@ pub enum CacheError {
     BadOutput { path: PathBuf, reason: String },
     #[error("the cache {root} is in use by {holder}; {advice}")]
     Busy { root: PathBuf, holder: String, advice: String },
+    #[error("the cached object {key} of stage `{stage}` is damaged ({reason}); nothing was read from it: `ril-pipe verify --repair` removes it and `ril-pipe run` on the pipeline computes it again")]
+    Damaged { stage: String, key: String, reason: String },
 }
 
 /// One output file as recorded in a manifest.
@@ -199,6 +201,16 @@ impl Cache {
             }
         }
         Ok(Ok(manifest))
+    }
+
+    /// The folder of the finished object `key` (of stage `stage`, for messages) once every file
+    /// of it matches its manifest's hash: what a reader outside the runner (check, report,
+    /// export, sample, lora export) reads, so that a changed byte is never taken for a result.
+    pub fn verified_object(&self, key: &str, stage: &str) -> Result<PathBuf, CacheError> {
+        match self.verify(key)? {
+            Ok(_) => self.object_dir(key),
+            Err(reason) => Err(CacheError::Damaged { stage: stage.to_string(), key: super::key::short_key(key).to_string(), reason }),
+        }
     }
 
     /// A fresh temporary folder for computing `key`.

@@ -92,7 +92,7 @@ impl Plan {
             return Err(PlanError::NoStage { stage: id.to_string(), hint });
         };
         if stage.status == Status::Hit {
-            return Ok(cache.object_dir(&stage.key)?);
+            return Ok(cache.verified_object(&stage.key, id)?);
         }
         let missing = self.missing_upstream(id);
         let upstream = match missing.len() {

@@ -121,7 +121,7 @@ pub fn cached_of_kind(pipeline: &ResolvedPipeline, registry: &Registry, cache: &
     stages
         .iter()
         .map(|s| match cache.lookup(&s.key)? {
-            ObjectState::Done(_) => Ok(CachedObject { stage_id: s.stage.id.clone(), dir: cache.object_dir(&s.key)? }),
+            ObjectState::Done(_) => Ok(CachedObject { stage_id: s.stage.id.clone(), dir: cache.verified_object(&s.key, &s.stage.id)? }),
             _ => Err(PublishError::NotCached(s.stage.id.clone())),
         })
         .collect()
