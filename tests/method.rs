@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use ril_pipe::exec::filehash::FileHasher;
 use ril_pipe::exec::plan::plan;
-use ril_pipe::exec::run::Outcome;
+use ril_pipe::exec::launch::Outcome;
 use ril_pipe::exec::{run, Cache, RunOptions};
 use ril_pipe::method::checkpoint::Checkpoint;
 use ril_pipe::pipeline::{load_resolved, Override, ResolvedPipeline};

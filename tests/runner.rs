@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ril_pipe::exec::filehash::FileHasher;
 use ril_pipe::exec::plan::{plan, Status};
-use ril_pipe::exec::run::Outcome;
+use ril_pipe::exec::launch::Outcome;
 use ril_pipe::exec::{run, Cache, RunOptions};
 use ril_pipe::pipeline::{load_resolved, Override, PipelineError, ResolvedPipeline};
 use support::{executions, registry, write_pipeline};
@@ -451,10 +451,10 @@ fn exec_stage_entry() {
     let (Some(spec), Some(cache)) = (std::env::var_os("RIL_TEST_EXEC_SPEC"), std::env::var_os("RIL_TEST_EXEC_CACHE")) else {
         return;
     };
-    let frozen: ril_pipe::exec::run::FrozenStage = serde_json::from_slice(&std::fs::read(spec).unwrap()).unwrap();
+    let frozen: ril_pipe::exec::launch::FrozenStage = serde_json::from_slice(&std::fs::read(spec).unwrap()).unwrap();
     let registry = registry();
     let kind = registry.get(&frozen.stage.kind).unwrap();
-    let (outcome, _) = ril_pipe::exec::run::execute_object(
+    let (outcome, _) = ril_pipe::exec::launch::local::execute_object(
         &Cache::new(PathBuf::from(cache)),
         kind.as_ref(),
         &frozen,
@@ -468,7 +468,7 @@ fn exec_stage_entry() {
 
 /// A stand-in for sbatch/squeue/scancel: jobs run at once in the background; squeue lists the
 /// ones whose process is alive.
-fn fake_slurm(dir: &Path) -> ril_pipe::exec::slurm::SlurmCommands {
+fn fake_slurm(dir: &Path) -> ril_pipe::exec::launch::slurm::SlurmCommands {
     let write = |name: &str, text: &str| {
         let p = dir.join(name);
         std::fs::write(&p, text).unwrap();
@@ -492,7 +492,7 @@ fn fake_slurm(dir: &Path) -> ril_pipe::exec::slurm::SlurmCommands {
         ),
     );
     let scancel = write("scancel", &format!("#!/bin/sh\nfor id in \"$@\"; do kill $(cat {s}/$id.pid) 2>/dev/null; done\n", s = state.display()));
-    ril_pipe::exec::slurm::SlurmCommands { sbatch, squeue, scancel }
+    ril_pipe::exec::launch::slurm::SlurmCommands { sbatch, squeue, scancel }
 }
 
 #[test]
@@ -511,7 +511,7 @@ fn slurm_executor_submits_each_stage_and_matches_the_local_run() {
     )
     .unwrap();
     std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let mut config = ril_pipe::exec::slurm::SlurmConfig::new(wrapper);
+    let mut config = ril_pipe::exec::launch::slurm::SlurmConfig::new(wrapper);
     config.commands = fake_slurm(dir.path());
     config.poll_interval = Duration::from_millis(100);
     let slurm_cache = tempfile::tempdir().unwrap();

@@ -3,7 +3,7 @@
 //! study's code: `tiny_world`, `Diffusion::load`, the rewards and the CLIP-score model.
 use std::path::{Path, PathBuf};
 
-use ril_pipe::exec::run::Outcome;
+use ril_pipe::exec::launch::Outcome;
 use ril_pipe::exec::{run, Cache, RunOptions};
 use ril_pipe::method::sampling::{initial_latents, CastUnet, Sampler, SamplerConfig};
 use ril_pipe::pipeline::{load_resolved, Override};

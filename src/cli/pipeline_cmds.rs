@@ -8,8 +8,10 @@ use clap::Args;
 use ril_pipe::exec::key::short_key;
 use ril_pipe::exec::plan::{plan as make_plan, Plan, Status};
 use ril_pipe::exec::progress::StageProgress;
-use ril_pipe::exec::run::{execute_object, format_seconds, FrozenStage, Outcome};
-use ril_pipe::exec::slurm::SlurmConfig;
+use ril_pipe::exec::launch::local::execute_object;
+use ril_pipe::exec::launch::{FrozenStage, Outcome};
+use ril_pipe::exec::progress::format_seconds;
+use ril_pipe::exec::launch::slurm::SlurmConfig;
 use ril_pipe::exec::{Cache, Executor, Registry, RunOptions};
 use ril_pipe::pipeline::{load_for_plan, load_resolved, Override, ResolvedPipeline};
 

@@ -5,11 +5,12 @@ pub mod filehash;
 pub mod journal;
 pub mod key;
 pub mod kind;
+pub mod launch;
+pub mod lock;
 pub mod plan;
 pub mod progress;
 pub mod publish;
 pub mod run;
-pub mod slurm;
 
 use std::io::Write as _;
 use std::path::Path;

@@ -11,7 +11,8 @@ use crate::pipeline::ResolvedPipeline;
 use super::cache::{Cache, CacheError, ObjectState};
 use super::kind::{Registry, LOG_FILE};
 use super::plan::{plan, PlanError};
-use super::run::{run_only, Outcome, RunError, RunOptions};
+use super::launch::Outcome;
+use super::run::{run_only, RunError, RunOptions};
 use super::{cache, filehash};
 
 #[derive(Debug, thiserror::Error)]

@@ -1,22 +1,15 @@
-//! Compute estimates for `plan`: floating-point operations of the UNet, the part of training and
-//! sampling that dominates at both scales, from its diffusers config. A count of the
+//! What the compute estimates of `plan` share (the training and evaluation kinds make theirs):
+//! floating-point operations of the UNet, the part of training and sampling that dominates at
+//! both scales, from its diffusers config. A count of the
 //! multiply-adds of convolutions, projections and attention (x2 for FLOP); norms, activations
 //! and the VAE are left out, so the figure is a lower bound good to a few tens of percent.
 //! Peak memory comes from [`super::memory`], from the world's files. What the estimates know of
 //! the world (the UNet, the latent side, the number of prompts) comes from the world's record.
-use crate::exec::kind::Estimate;
-use crate::method::objective::{Distill, Objective};
+use crate::models::precision::Precision;
 use crate::models::unet::{PerBlock, UNet2DConditionConfig};
-use crate::pipeline::params::StageParams;
 use crate::pipeline::{ResolvedPipeline, ResolvedStage};
 
-use super::evaluate::EvaluateParams;
-use super::finetune::FinetuneParams;
-use super::joint::JointParams;
 use super::memory::{self, Job};
-use crate::models::precision::Precision;
-use crate::records::Task;
-use super::train::TrainParams;
 use super::world::{read_prompts, world_of_stage, WorldSpec};
 
 fn conv(k: i64, cin: i64, cout: i64, side: i64) -> f64 {
@@ -90,13 +83,13 @@ pub fn unet_forward_flops(cfg: &UNet2DConditionConfig, side: i64, context_len: i
     flops + conv(3, first, cfg.out_channels, side)
 }
 
-fn input_stage<'a>(stage: &ResolvedStage, pipeline: &'a ResolvedPipeline, input: &str) -> Vec<&'a ResolvedStage> {
+pub fn input_stage<'a>(stage: &ResolvedStage, pipeline: &'a ResolvedPipeline, input: &str) -> Vec<&'a ResolvedStage> {
     stage.inputs.get(input).into_iter().flatten().filter_map(|id| pipeline.stages.iter().find(|s| &s.id == id)).collect()
 }
 
 /// The world a stage's model comes from and the world stage's LoRA targets, following `model`
 /// and `models` inputs up to the world stage.
-fn upstream_world(stage: &ResolvedStage, pipeline: &ResolvedPipeline) -> Result<(WorldSpec, Vec<String>), String> {
+pub fn upstream_world(stage: &ResolvedStage, pipeline: &ResolvedPipeline) -> Result<(WorldSpec, Vec<String>), String> {
     let mut current = stage;
     for _ in 0..64 {
         if let Some(world) = world_of_stage(current) {
@@ -107,33 +100,15 @@ fn upstream_world(stage: &ResolvedStage, pipeline: &ResolvedPipeline) -> Result<
     Err("no world upstream".into())
 }
 
-/// The summed adapter rank of the model a stage writes (fine-tunes add theirs, soups hold all
-/// their members').
-fn model_ranks(stage: &ResolvedStage, pipeline: &ResolvedPipeline, depth: usize) -> i64 {
-    if depth > 64 {
-        return 0;
-    }
-    match stage.kind.as_str() {
-        "finetune" => FinetuneParams::from_params(&stage.params).map_or(0, |p| p.train.lora_rank) + input_ranks(stage, pipeline, "model", depth),
-        "joint" => JointParams::from_params(&stage.params).map_or(0, |p| p.train.lora_rank) + input_ranks(stage, pipeline, "model", depth),
-        "soup" => input_ranks(stage, pipeline, "models", depth),
-        _ => 0,
-    }
-}
-
-fn input_ranks(stage: &ResolvedStage, pipeline: &ResolvedPipeline, input: &str, depth: usize) -> i64 {
-    input_stage(stage, pipeline, input).into_iter().map(|s| model_ranks(s, pipeline, depth + 1)).sum()
-}
-
 /// The peak memory of `job` (made with the ranks of the stage's input model), or why it is
 /// unknown.
-fn peak_memory(world: &Result<(WorldSpec, Vec<String>), String>, job: &Job, precision: Precision) -> Result<u64, String> {
+pub fn peak_memory(world: &Result<(WorldSpec, Vec<String>), String>, job: &Job, precision: Precision) -> Result<u64, String> {
     let (world, targets) = world.as_ref().map_err(Clone::clone)?;
     memory::estimate(world, targets, job, precision).map(|e| e.peak()).map_err(|e| e.to_string())
 }
 
 /// The estimate's note, with why the peak memory is unknown when it is.
-fn with_memory(note: String, memory: &Result<u64, String>) -> Option<String> {
+pub fn with_memory(note: String, memory: &Result<u64, String>) -> Option<String> {
     Some(match memory {
         Ok(_) => note,
         Err(reason) => format!("{note}; peak memory unknown: {reason}"),
@@ -141,69 +116,8 @@ fn with_memory(note: String, memory: &Result<u64, String>) -> Option<String> {
 }
 
 /// The number of prompts in a world's prompt file, or why it is unknown.
-fn prompt_count(path: &std::path::Path) -> Result<i64, String> {
+pub fn prompt_count(path: &std::path::Path) -> Result<i64, String> {
     read_prompts(path).map(|p| p.len() as i64).map_err(|e| e.to_string())
-}
-
-/// Training: per prompt, N-1 guided no-grad forwards (2 samples each), one guided forward with
-/// gradient (about 3x: forward and backward), RID's teacher forward (or its full trajectory).
-pub fn training_estimate(stage: &ResolvedStage, pipeline: &ResolvedPipeline, p: &TrainParams, objective: &Objective, tasks: Vec<Task>) -> Estimate {
-    let world = upstream_world(stage, pipeline);
-    let Some((cfg, side)) = world.as_ref().ok().and_then(|(w, _)| w.unet_and_latent_side()) else {
-        return Estimate::default();
-    };
-    let forward = unet_forward_flops(&cfg, side, 77);
-    let n = p.sampler.ddim_steps as f64;
-    let guided = if p.sampler.guided() { 2.0 } else { 1.0 };
-    let teacher = match objective {
-        Objective::Rid { distill: Distill::FullStep, .. } => n * guided,
-        Objective::Rid { distill: Distill::LastStep, .. } => guided,
-        Objective::Baseline => 0.0,
-    };
-    let per_prompt = forward * ((n - 1.0) * guided + 3.0 * guided + teacher);
-    let batch = p.batch_size as i64;
-    let per_epoch = match p.prompts_per_epoch {
-        0 => world.as_ref().map_err(Clone::clone).and_then(|(w, _)| prompt_count(&w.train_prompts)),
-        n => Ok(n as i64),
-    };
-    let per_epoch = match per_epoch {
-        Ok(n) => n,
-        Err(reason) => return Estimate { note: Some(format!("prompts per epoch unknown: {reason}")), ..Estimate::default() },
-    };
-    let steps = p.epochs as i64 * ((per_epoch + batch - 1) / batch);
-    let job = memory::training_job(p, objective, tasks, input_ranks(stage, pipeline, "model", 0));
-    let memory = peak_memory(&world, &job, p.precision);
-    Estimate {
-        flops: Some(per_prompt * (steps * batch) as f64),
-        peak_memory_bytes: memory.as_ref().ok().copied(),
-        note: with_memory(format!("{steps} steps x {batch} prompts, N={n}"), &memory),
-    }
-}
-
-/// Sampling for evaluation: N guided forwards per image.
-pub fn sampling_estimate(stage: &ResolvedStage, pipeline: &ResolvedPipeline, p: &EvaluateParams) -> Estimate {
-    let world = upstream_world(stage, pipeline);
-    let Some((cfg, side)) = world.as_ref().ok().and_then(|(w, _)| w.unet_and_latent_side()) else {
-        return Estimate::default();
-    };
-    let n = p.sampler.ddim_steps as f64;
-    let guided = if p.sampler.guided() { 2.0 } else { 1.0 };
-    let prompts = match p.max_prompts {
-        0 => world.as_ref().map_err(Clone::clone).and_then(|(w, _)| prompt_count(&w.test_prompts)),
-        m => Ok(m as i64),
-    };
-    let prompts = match prompts {
-        Ok(n) => n,
-        Err(reason) => return Estimate { note: Some(format!("prompts unknown: {reason}")), ..Estimate::default() },
-    };
-    let images = prompts * p.images_per_prompt as i64;
-    let job = memory::evaluation_job(p, input_ranks(stage, pipeline, "model", 0));
-    let memory = peak_memory(&world, &job, p.precision);
-    Estimate {
-        flops: Some(unet_forward_flops(&cfg, side, 77) * n * guided * images as f64),
-        peak_memory_bytes: memory.as_ref().ok().copied(),
-        note: with_memory(format!("{images} images, N={n}"), &memory),
-    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::io::Write as _;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
+use crate::exec::kind::Estimate;
 use crate::exec::{StageContext, StageError, StageKind};
 use crate::method::sampling::{Sampler, SamplerConfig};
 use crate::metrics::clip_score::clip_pair_scores;
@@ -14,16 +15,20 @@ use crate::metrics::filesize::{jpeg_size, png_bytes, png_size, to_uint8_images, 
 use crate::models::inception::InceptionV3;
 use crate::pipeline::params::StageParams;
 use crate::pipeline::schema::KindSchema;
-use crate::pipeline::ResolvedPipeline;
+use crate::pipeline::{ResolvedPipeline, ResolvedStage};
 use crate::rewards::aesthetic::AestheticReward;
 use crate::rewards::clip_loader::FrozenClip;
 use crate::rewards::hps::HpsReward;
 use crate::stage_params;
 
-use super::finetune::model_input;
-use super::params::{precision_param, SamplerParams};
 use crate::models::precision::Precision;
 use crate::records::{EvaluationRecord, Metric, GRID_FILE, METRICS_FILE};
+
+use super::estimate;
+use super::finetune::model_input;
+use super::memory::Job;
+use super::params::{precision_param, SamplerParams};
+use super::train::input_ranks;
 use super::world::{read_prompts, FidFeatures, ModelRecord, WorldSpec};
 
 pub const SCORES_FILE: &str = "scores.jsonl";
@@ -96,7 +101,7 @@ impl StageKind for Evaluate {
 
     fn estimate(&self, stage: &crate::pipeline::ResolvedStage, pipeline: &crate::pipeline::ResolvedPipeline) -> crate::exec::kind::Estimate {
         match EvaluateParams::from_params(&stage.params) {
-            Ok(p) => super::estimate::sampling_estimate(stage, pipeline, &p),
+            Ok(p) => sampling_estimate(stage, pipeline, &p),
             Err(_) => Default::default(),
         }
     }
@@ -110,7 +115,7 @@ impl StageKind for Evaluate {
         let settings = SamplingSettings::of_params(&p);
         let precision = settings.precision;
         let ranks = adapters.as_deref().map_or(0, |path| super::memory::adapter_file_ranks(path).unwrap_or(0));
-        super::memory::check_fits(ctx, world, &model.lora_targets, &super::memory::evaluation_job(&p, ranks), precision)?;
+        super::memory::check_fits(ctx, world, &model.lora_targets, &evaluation_job(&p, ranks), precision)?;
         let diffusion = model.load_diffusion(adapters.as_deref(), device, precision)?;
         let mut prompts = read_prompts(&world.test_prompts)?;
         if p.max_prompts > 0 {
@@ -215,6 +220,37 @@ impl StageKind for Evaluate {
             std::fs::write(ctx.out_dir().join(GRID_FILE), png_bytes(&row).map_err(StageError::failed)?)?;
         }
         Ok(())
+    }
+}
+
+/// The memory-relevant settings of an `evaluate` stage.
+pub fn evaluation_job(params: &EvaluateParams, ranks: i64) -> Job {
+    Job::Evaluate { batch: params.batch_size as i64, guided: params.sampler.guided(), ranks }
+}
+
+/// Sampling for evaluation: N guided forwards per image.
+pub fn sampling_estimate(stage: &ResolvedStage, pipeline: &ResolvedPipeline, p: &EvaluateParams) -> Estimate {
+    let world = estimate::upstream_world(stage, pipeline);
+    let Some((cfg, side)) = world.as_ref().ok().and_then(|(w, _)| w.unet_and_latent_side()) else {
+        return Estimate::default();
+    };
+    let n = p.sampler.ddim_steps as f64;
+    let guided = if p.sampler.guided() { 2.0 } else { 1.0 };
+    let prompts = match p.max_prompts {
+        0 => world.as_ref().map_err(Clone::clone).and_then(|(w, _)| estimate::prompt_count(&w.test_prompts)),
+        m => Ok(m as i64),
+    };
+    let prompts = match prompts {
+        Ok(n) => n,
+        Err(reason) => return Estimate { note: Some(format!("prompts unknown: {reason}")), ..Estimate::default() },
+    };
+    let images = prompts * p.images_per_prompt as i64;
+    let job = evaluation_job(p, input_ranks(stage, pipeline, "model", 0));
+    let memory = estimate::peak_memory(&world, &job, p.precision);
+    Estimate {
+        flops: Some(estimate::unet_forward_flops(&cfg, side, 77) * n * guided * images as f64),
+        peak_memory_bytes: memory.as_ref().ok().copied(),
+        note: estimate::with_memory(format!("{images} images, N={n}"), &memory),
     }
 }
 

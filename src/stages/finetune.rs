@@ -126,7 +126,7 @@ impl StageKind for Finetune {
 
     fn estimate(&self, stage: &crate::pipeline::ResolvedStage, pipeline: &crate::pipeline::ResolvedPipeline) -> crate::exec::kind::Estimate {
         match FinetuneParams::from_params(&stage.params) {
-            Ok(p) => super::estimate::training_estimate(stage, pipeline, &p.train, &p.objective(), vec![p.task]),
+            Ok(p) => super::train::training_estimate(stage, pipeline, &p.train, &p.objective(), vec![p.task]),
             Err(_) => Default::default(),
         }
     }

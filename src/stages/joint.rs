@@ -60,7 +60,7 @@ impl StageKind for Joint {
             Ok(p) => {
                 let mut tasks: Vec<Task> = p.weights.keys().filter_map(|k| Task::parse(k)).collect();
                 tasks.sort();
-                super::estimate::training_estimate(stage, pipeline, &p.train, &Objective::Baseline, tasks)
+                super::train::training_estimate(stage, pipeline, &p.train, &Objective::Baseline, tasks)
             }
             Err(_) => Default::default(),
         }

@@ -47,14 +47,12 @@ use crate::exec::{StageContext, StageError};
 use crate::models::clip::{Activation, ClipConfig, VisionConfig};
 use crate::models::unet::UNet2DConditionConfig;
 use crate::models::vae::AutoencoderKLConfig;
-use crate::method::objective::{DistillSpace, Objective};
+use crate::method::objective::DistillSpace;
 use crate::models::weights;
 use crate::rewards::clip_loader::{ClipFiles, ClipLayout};
 
-use super::evaluate::EvaluateParams;
 use crate::models::precision::Precision;
 use crate::records::Task;
-use super::train::TrainParams;
 use super::world::{FidFeatures, WorldSpec};
 
 /// The allocator's rounding and fragmentation, as a fraction of the tensors' bytes. Calibrated
@@ -580,30 +578,6 @@ pub fn fits(estimate: &MemoryEstimate, device: &str, memory: Result<(u64, u64), 
         Ok((free, total)) => Ok(format!("{device}: {:.2} GB of {:.2} GB free", gb(free), gb(total))),
         Err(reason) => Ok(format!("free memory of {device} unknown ({reason}); the memory check is skipped")),
     }
-}
-
-/// The memory-relevant settings of a `finetune` or `joint` stage.
-pub fn training_job(params: &TrainParams, objective: &Objective, tasks: Vec<Task>, earlier_ranks: i64) -> Job {
-    let teacher = match objective {
-        Objective::Rid { space, .. } => Some(*space),
-        Objective::Baseline => None,
-    };
-    Job::Train {
-        tasks,
-        step: TrainStep {
-            micro: params.micro() as i64,
-            guided: params.sampler.guided(),
-            rank: params.lora_rank,
-            earlier_ranks,
-            teacher,
-            decode_chunk: params.grad_checkpointing.then_some(params.decode_chunk as i64),
-        },
-    }
-}
-
-/// The memory-relevant settings of an `evaluate` stage.
-pub fn evaluation_job(params: &EvaluateParams, ranks: i64) -> Job {
-    Job::Evaluate { batch: params.batch_size as i64, guided: params.sampler.guided(), ranks }
 }
 
 /// The summed rank of the adapters in an adapter file (from its header: the `lora_A.<i>` tensors

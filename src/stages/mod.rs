@@ -14,7 +14,7 @@ pub mod report;
 pub mod reward_set;
 pub mod sample;
 pub mod soup;
-pub mod tiny_pretrain;
+pub mod tiny;
 pub mod train;
 pub mod world;
 
@@ -40,13 +40,13 @@ pub fn registry() -> Registry {
     r.register(fid_stats::FidStats);
     r.register(forgetting::Forgetting);
     r.register(report::Report);
-    r.register(tiny_pretrain::TinyPrompts);
-    r.register(tiny_pretrain::TinyClip);
-    r.register(tiny_pretrain::TinyVae);
-    r.register(tiny_pretrain::TinyAesthetic);
-    r.register(tiny_pretrain::TinyPreference);
-    r.register(tiny_pretrain::TinyUnet);
-    r.register(tiny_pretrain::TinyExport);
+    r.register(tiny::Tiny(tiny::prompts::TinyPrompts));
+    r.register(tiny::Tiny(tiny::clip::TinyClip));
+    r.register(tiny::Tiny(tiny::vae::TinyVae));
+    r.register(tiny::Tiny(tiny::aesthetic::TinyAesthetic));
+    r.register(tiny::Tiny(tiny::preference::TinyPreference));
+    r.register(tiny::Tiny(tiny::unet::TinyUnet));
+    r.register(tiny::Tiny(tiny::export::TinyExport));
     r
 }
 

@@ -8,9 +8,10 @@ use std::time::Instant;
 
 use tch::Tensor;
 
+use crate::exec::kind::Estimate;
 use crate::exec::{StageContext, StageError};
 use crate::method::noise;
-use crate::method::objective::{Backprop, Objective};
+use crate::method::objective::{Backprop, Distill, Objective};
 use crate::method::optim::AdamWConfig;
 use crate::method::sampling::Sampler;
 use crate::method::train::{self as method_train, AdapterChoice, TrainInputs, TrainSettings};
@@ -18,9 +19,12 @@ use crate::models::lora::LoraInit;
 use crate::models::precision::Precision;
 use crate::records::{write_json, Task, TrainSummary, TRAIN_LOG_FILE, TRAIN_SUMMARY_FILE};
 use crate::rewards::Reward;
+use crate::pipeline::params::StageParams;
+use crate::pipeline::{ResolvedPipeline, ResolvedStage};
 use crate::stage_params;
 
-use super::memory;
+use super::estimate;
+use super::memory::{self, Job, TrainStep};
 use super::monitor::StageMonitor;
 use super::params::{precision_param, SamplerParams};
 use super::world::{read_prompts, ModelRecord, ADAPTERS_FILE};
@@ -91,7 +95,7 @@ pub struct TrainSpec {
 pub fn check_memory(ctx: &StageContext, model: &ModelRecord, adapters: Option<&Path>, params: &TrainParams, objective: &Objective, tasks: Vec<Task>) -> Result<(), StageError> {
     // A bad adapter file fails when it is loaded, with its own message.
     let earlier_ranks = adapters.map_or(0, |path| memory::adapter_file_ranks(path).unwrap_or(0));
-    let job = memory::training_job(params, objective, tasks, earlier_ranks);
+    let job = training_job(params, objective, tasks, earlier_ranks);
     memory::check_fits(ctx, &model.world, &model.lora_targets, &job, params.precision)
 }
 
@@ -177,6 +181,77 @@ pub fn train(ctx: &mut StageContext, spec: TrainSpec, model: &ModelRecord, adapt
         summary.reward_last_epoch
     ));
     Ok(())
+}
+
+/// The memory-relevant settings of a `finetune` or `joint` stage.
+pub fn training_job(params: &TrainParams, objective: &Objective, tasks: Vec<Task>, earlier_ranks: i64) -> Job {
+    let teacher = match objective {
+        Objective::Rid { space, .. } => Some(*space),
+        Objective::Baseline => None,
+    };
+    Job::Train {
+        tasks,
+        step: TrainStep {
+            micro: params.micro() as i64,
+            guided: params.sampler.guided(),
+            rank: params.lora_rank,
+            earlier_ranks,
+            teacher,
+            decode_chunk: params.grad_checkpointing.then_some(params.decode_chunk as i64),
+        },
+    }
+}
+
+/// The summed adapter rank of the model a stage writes.
+fn model_ranks(stage: &ResolvedStage, pipeline: &ResolvedPipeline, depth: usize) -> i64 {
+    if depth > 64 {
+        return 0;
+    }
+    // A training stage adds its adapter to its input model's; a stage of several input models
+    // (a soup) holds all of theirs; a world has none.
+    match TrainParams::from_params(&stage.params) {
+        Ok(train) => train.lora_rank + input_ranks(stage, pipeline, "model", depth),
+        Err(_) => input_ranks(stage, pipeline, "models", depth),
+    }
+}
+
+pub fn input_ranks(stage: &ResolvedStage, pipeline: &ResolvedPipeline, input: &str, depth: usize) -> i64 {
+    estimate::input_stage(stage, pipeline, input).into_iter().map(|s| model_ranks(s, pipeline, depth + 1)).sum()
+}
+
+/// Training: per prompt, N-1 guided no-grad forwards (2 samples each), one guided forward with
+/// gradient (about 3x: forward and backward), RID's teacher forward (or its full trajectory).
+pub fn training_estimate(stage: &ResolvedStage, pipeline: &ResolvedPipeline, p: &TrainParams, objective: &Objective, tasks: Vec<Task>) -> Estimate {
+    let world = estimate::upstream_world(stage, pipeline);
+    let Some((cfg, side)) = world.as_ref().ok().and_then(|(w, _)| w.unet_and_latent_side()) else {
+        return Estimate::default();
+    };
+    let forward = estimate::unet_forward_flops(&cfg, side, 77);
+    let n = p.sampler.ddim_steps as f64;
+    let guided = if p.sampler.guided() { 2.0 } else { 1.0 };
+    let teacher = match objective {
+        Objective::Rid { distill: Distill::FullStep, .. } => n * guided,
+        Objective::Rid { distill: Distill::LastStep, .. } => guided,
+        Objective::Baseline => 0.0,
+    };
+    let per_prompt = forward * ((n - 1.0) * guided + 3.0 * guided + teacher);
+    let batch = p.batch_size as i64;
+    let per_epoch = match p.prompts_per_epoch {
+        0 => world.as_ref().map_err(Clone::clone).and_then(|(w, _)| estimate::prompt_count(&w.train_prompts)),
+        n => Ok(n as i64),
+    };
+    let per_epoch = match per_epoch {
+        Ok(n) => n,
+        Err(reason) => return Estimate { note: Some(format!("prompts per epoch unknown: {reason}")), ..Estimate::default() },
+    };
+    let steps = p.epochs as i64 * ((per_epoch + batch - 1) / batch);
+    let job = training_job(p, objective, tasks, input_ranks(stage, pipeline, "model", 0));
+    let memory = estimate::peak_memory(&world, &job, p.precision);
+    Estimate {
+        flops: Some(per_prompt * (steps * batch) as f64),
+        peak_memory_bytes: memory.as_ref().ok().copied(),
+        note: estimate::with_memory(format!("{steps} steps x {batch} prompts, N={n}"), &memory),
+    }
 }
 
 /// Errors of training as stage errors (a cancelled run stays a cancellation).

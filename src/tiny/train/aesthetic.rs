@@ -6,7 +6,7 @@ use std::path::Path;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use super::clip::{adamw, LossTrack, Schedule, TrainSummary};
+use super::{adamw, LossTrack, Schedule, TrainSummary};
 use super::data::{prompt_scenes, scene_batch, Excluded};
 use super::gates::pearson;
 use super::io::{write_safetensors, Precision};

@@ -5,7 +5,8 @@ use std::path::Path;
 
 use tch::{Kind, Tensor};
 
-use super::clip::{adamw, token_ids, LossTrack, Schedule, TrainSummary, TrainableClip};
+use super::clip::{token_ids, TrainableClip};
+use super::{adamw, LossTrack, Schedule, TrainSummary};
 use super::data::{pair_images, preference_batch, prompt_preference_pairs, Excluded};
 use crate::method::checkpoint::Checkpoint;
 use super::io::restore_store;

@@ -15,7 +15,8 @@ use serde_json::json;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use super::clip::{adamw, token_ids, LossTrack, Schedule, TrainSummary};
+use super::clip::token_ids;
+use super::{adamw, LossTrack, Schedule, TrainSummary};
 use super::data::{scene_batch, Excluded};
 use crate::method::checkpoint::{prefixed, Checkpoint};
 use super::io::{restore_store, write_json, write_safetensors, Precision};

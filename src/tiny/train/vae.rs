@@ -12,7 +12,7 @@ use serde_json::json;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use super::clip::{adamw, LossTrack, Schedule, TrainSummary};
+use super::{adamw, LossTrack, Schedule, TrainSummary};
 use super::data::{prompt_scenes, scene_batch, Excluded};
 use crate::method::checkpoint::Checkpoint;
 use super::io::{restore_store, write_json, write_safetensors, Precision};
