@@ -1,9 +1,8 @@
 //! The command line as a user types it: options that belong to the whole tool.
-mod support;
 
 use std::path::Path;
 
-use support::{output_text, ril_in, tiny_weights};
+use crate::support::{output_text, ril_in, tiny_weights};
 
 /// A one-stage pipeline on the committed tiny world: running it only checks the bundle's hashes.
 fn world_pipeline(dir: &Path) -> String {

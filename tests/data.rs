@@ -6,10 +6,7 @@ use std::path::{Path, PathBuf};
 
 use ril_pipe::pipeline::{load_for_plan, Override};
 use ril_pipe::stages::world::{verify_bundle, BUNDLE_MANIFEST};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::support::repo;
 
 fn files_under(root: &Path, dir: &Path, out: &mut BTreeSet<String>) {
     for entry in std::fs::read_dir(dir).unwrap() {

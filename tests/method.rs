@@ -1,7 +1,6 @@
 //! The method's stage kinds end to end on a miniature random world (saved by diffusers and
 //! transformers themselves, `tests/parity/fixtures_world.py`): what the paper's method promises
 //! must hold for the real stages, not only for the functions inside them.
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ril_pipe::exec::filehash::FileHasher;
@@ -12,13 +11,7 @@ use ril_pipe::method::checkpoint::Checkpoint;
 use ril_pipe::pipeline::{load_resolved, Override, ResolvedPipeline};
 use ril_pipe::records::{EvaluationRecord, Metric, TrainLogLine};
 use ril_pipe::stages::registry;
-use tch::Tensor;
-
-fn world(name: &str) -> PathBuf {
-    let root = PathBuf::from(std::env::var_os("RIL_FIXTURES").expect("RIL_FIXTURES is not set: run through `make test`")).join("world");
-    assert!(root.join(".stamp").exists(), "fixtures for `world` missing: run `make fixtures`");
-    root.join(name)
-}
+use crate::support::{object, tensors, world};
 
 /// Fine-tunes of a few steps on the random world: cheap, and enough to move the adapters.
 fn pipeline(dir: &Path, world_name: &str, stages: &str) -> PathBuf {
@@ -56,16 +49,6 @@ fn run_all(p: &ResolvedPipeline, cache: &Cache) -> ril_pipe::exec::RunSummary {
         }
     }
     summary
-}
-
-fn object(p: &ResolvedPipeline, cache: &Cache, id: &str) -> PathBuf {
-    let pl = plan(p, &registry(), cache, &FileHasher::ephemeral()).unwrap();
-    let stage = pl.stages.iter().find(|s| s.stage.id == id).unwrap_or_else(|| panic!("no stage {id}"));
-    cache.object_dir(&stage.key).unwrap()
-}
-
-fn tensors(path: &Path) -> BTreeMap<String, Tensor> {
-    Tensor::read_safetensors(path).unwrap().into_iter().collect()
 }
 
 const CHAIN: &str = r#"

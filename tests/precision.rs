@@ -2,8 +2,7 @@
 //! fine-tune (frozen models in bf16, LoRA, teacher and optimizer in fp32) runs on the CPU, stays
 //! close to the fp32 one, and an fp32 stage is what it always was. The memory estimate of
 //! `plan` is filled in for the stages that load models.
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ril_pipe::exec::filehash::FileHasher;
 use ril_pipe::exec::plan::plan;
@@ -12,13 +11,8 @@ use ril_pipe::exec::{run, Cache, RunOptions};
 use ril_pipe::pipeline::{load_resolved, ResolvedPipeline};
 use ril_pipe::records::{EvaluationRecord, TrainLogLine};
 use ril_pipe::stages::registry;
-use tch::{Kind, Tensor};
-
-fn world() -> PathBuf {
-    let root = PathBuf::from(std::env::var_os("RIL_FIXTURES").expect("RIL_FIXTURES is not set: run through `make test`")).join("world");
-    assert!(root.join(".stamp").exists(), "fixtures for `world` missing: run `make fixtures`");
-    root.join("random")
-}
+use tch::Kind;
+use crate::support::{object, tensors, world};
 
 const STAGES: &str = r#"
   - id: ft/${precision}
@@ -44,21 +38,11 @@ stages:
     kind: tiny_world
     params: {{root: "{root}"}}
 {STAGES}"#,
-        root = world().display()
+        root = world("random").display()
     );
     let path = dir.join("p.yaml");
     std::fs::write(&path, text).unwrap();
     load_resolved(&path, &registry().schemas(), &[]).unwrap()
-}
-
-fn object(p: &ResolvedPipeline, cache: &Cache, id: &str) -> PathBuf {
-    let pl = plan(p, &registry(), cache, &FileHasher::ephemeral()).unwrap();
-    let stage = pl.stages.iter().find(|s| s.stage.id == id).unwrap_or_else(|| panic!("no stage {id}"));
-    cache.object_dir(&stage.key).unwrap()
-}
-
-fn tensors(path: &Path) -> BTreeMap<String, Tensor> {
-    Tensor::read_safetensors(path).unwrap().into_iter().collect()
 }
 
 fn train_log(dir: &Path) -> Vec<TrainLogLine> {

@@ -1,7 +1,6 @@
 //! Reports: table layouts and values from a known fixture, LaTeX escaping, charts and montages
 //! written, the flat metrics, the regression gate's verdicts, and the report stage end to end
 //! (run by the runner with fixture stages, computed alone from cached inputs, published).
-mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -688,7 +687,7 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn the_report_stage_runs_from_the_cache_and_publishes_atomically() {
     let dir = tempfile::tempdir().unwrap();
-    let file = support::write_pipeline(dir.path(), "study.yaml", STUDY);
+    let file = crate::support::write_pipeline(dir.path(), "study.yaml", STUDY);
     let counter = dir.path().join("count.txt");
     let sets = vec![format!("vars.count={}", counter.display())];
     let pipeline = resolve(&file, &sets);

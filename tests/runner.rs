@@ -1,18 +1,18 @@
 //! The runner end to end with test-only kinds: expansion, validation messages, cache keys,
 //! atomic commits, resume after a killed run, locking, plan's reasons, gc.
-mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ril_pipe::exec::filehash::FileHasher;
 use ril_pipe::exec::plan::{plan, Status};
 use ril_pipe::exec::launch::Outcome;
 use ril_pipe::exec::{run, Cache, RunOptions};
 use ril_pipe::pipeline::{load_resolved, Override, PipelineError, ResolvedPipeline};
-use support::{executions, registry, write_pipeline};
+use crate::support::{executions, registry, write_pipeline};
+use crate::support::wait_for;
 
 fn resolve(file: &Path, sets: &[&str]) -> Result<ResolvedPipeline, PipelineError> {
     let overrides: Vec<Override> = sets.iter().map(|s| Override::parse(s).unwrap()).collect();
@@ -329,7 +329,7 @@ fn cancellation_stops_the_run_and_keeps_finished_stages() {
 /// Re-runs this test binary as a separate process that runs one pipeline (see `child_entry`).
 fn spawn_child(pipeline: &Path, cache: &Path) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_entry", "--ignored", "--nocapture", "--test-threads=1"])
+        .args(["--exact", "runner::child_entry", "--ignored", "--nocapture", "--test-threads=1"])
         .env("RIL_TEST_CHILD_PIPELINE", pipeline)
         .env("RIL_TEST_CHILD_CACHE", cache)
         .stdout(Stdio::null())
@@ -348,17 +348,6 @@ fn child_entry() {
     let p = resolve(Path::new(&pipeline), &[]).unwrap();
     let summary = run(&p, &registry(), &Cache::new(PathBuf::from(cache)), &RunOptions::default()).unwrap();
     assert!(summary.ok());
-}
-
-fn wait_for(pred: impl Fn() -> bool, limit: Duration) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if pred() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 #[test]
@@ -505,7 +494,7 @@ fn slurm_executor_submits_each_stage_and_matches_the_local_run() {
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\n# exec-stage SPEC --cache DIR ...\nRIL_TEST_EXEC_SPEC=\"$2\" RIL_TEST_EXEC_CACHE=\"$4\" exec {} --exact exec_stage_entry --ignored --test-threads=1\n",
+            "#!/bin/sh\n# exec-stage SPEC --cache DIR ...\nRIL_TEST_EXEC_SPEC=\"$2\" RIL_TEST_EXEC_CACHE=\"$4\" exec {} --exact runner::exec_stage_entry --ignored --test-threads=1\n",
             std::env::current_exe().unwrap().display()
         ),
     )

@@ -1,10 +1,9 @@
 //! `ril-pipe sample` on the committed tiny world, through the built binary: the evaluation's
 //! images come out again bitwise, and a stage that is not in the cache is refused with the
 //! command that computes it, training nothing.
-mod support;
 
 use ril_pipe::report::montage::{read_png, Rgb};
-use support::{output_text, ril_in, tiny_weights};
+use crate::support::{output_text, ril_in, tiny_weights};
 
 /// The base model and its evaluation: 3 test prompts x 2 images in batches of 4, so that a batch
 /// ends inside a prompt's images.

@@ -15,10 +15,7 @@ use ril_pipe::stages::registry;
 use ril_pipe::stages::world::{read_prompts, verify_bundle, ModelRecord, MODEL_FILE};
 use ril_pipe::tiny::train::gates::GateReport;
 use tch::{Device, Kind};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::support::repo;
 
 const GATES: [&str; 7] = [
     "clip.retrieval_top1",

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use ril_pipe::exec::filehash::FileHasher;
 use ril_pipe::exec::plan::plan;
-use ril_pipe::exec::run::Outcome;
+use ril_pipe::exec::launch::Outcome;
 use ril_pipe::exec::{run, Cache, RunOptions};
 use ril_pipe::metrics::fid::FeatureStats;
 use ril_pipe::pipeline::load_resolved;
@@ -13,7 +13,7 @@ use ril_pipe::stages::fid_stats::FID_STATS_FILE;
 use ril_pipe::stages::registry;
 use tch::{Kind, Tensor};
 
-use crate::common::fixture_dir;
+use crate::support::fixtures;
 
 fn relative(ours: &Tensor, theirs: &Tensor) -> f64 {
     (ours - theirs).abs().max().double_value(&[]) / theirs.abs().max().double_value(&[])
@@ -43,7 +43,7 @@ fn stage_statistics(dir: &Path, folders: &[&str]) -> HashMap<String, FeatureStat
 
 #[test]
 fn fid_statistics_of_a_folder_match_pytorch_fid() {
-    let dir = fixture_dir("fid_stats");
+    let dir = fixtures("fid_stats");
     let r: HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("reference.safetensors")).unwrap().into_iter().collect();
     let ours = stage_statistics(&dir, &["png", "jpg"]);
     for folder in ["png", "jpg"] {

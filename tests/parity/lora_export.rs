@@ -18,21 +18,17 @@ use ril_pipe::records::Task;
 use ril_pipe::stages::world::{tiny_world_spec, ModelRecord, ADAPTERS_FILE};
 use tch::{Device, Tensor};
 
-use crate::common::{fixture_dir, max_abs_diff};
+use crate::support::{fixtures, max_abs_diff, tiny_weights};
 
 const UNET_TOLERANCE: f64 = 1e-5;
 const SAMPLE_TOLERANCE: f64 = 1e-4;
 
-fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tiny/weights")
-}
-
-/// The fixtures hold for the tiny world they were made from.
-fn fixtures() -> PathBuf {
-    let dir = fixture_dir("lora_export");
+/// The fixtures, checked to be made from the committed tiny world.
+fn lora_fixtures() -> PathBuf {
+    let dir = fixtures("lora_export");
     let made_for = std::fs::read(dir.join("world_manifest.txt")).unwrap();
     assert!(
-        made_for == std::fs::read(tiny().join("MANIFEST.txt")).unwrap(),
+        made_for == std::fs::read(tiny_weights().join("MANIFEST.txt")).unwrap(),
         "the lora_export fixtures were made for another tiny world: remove {} and run `make fixtures`",
         dir.display()
     );
@@ -42,7 +38,7 @@ fn fixtures() -> PathBuf {
 /// A model as a cache object holds it: `model.json` and the adapter group of the case.
 fn model_object(case: &Path, origin: &str, tasks: Vec<Task>, into: &Path) -> ModelRecord {
     let record = ModelRecord {
-        world: tiny_world_spec(&tiny()).unwrap(),
+        world: tiny_world_spec(&tiny_weights()).unwrap(),
         tasks,
         origin: origin.into(),
         adapters: Some(ADAPTERS_FILE.into()),
@@ -54,7 +50,7 @@ fn model_object(case: &Path, origin: &str, tasks: Vec<Task>, into: &Path) -> Mod
 }
 
 fn unet_with(group: &LoraGroup, io: &TensorMap) -> Tensor {
-    let unet_dir = tiny().join("diffusion/unet");
+    let unet_dir = tiny_weights().join("diffusion/unet");
     let config = component::config_for(Operation::Unet, &unet_dir, None).unwrap();
     let loaded = LoadedComponent::load(config, &unet_dir, Device::Cpu, Some(group)).unwrap();
     let inputs: TensorMap = [("sample", "sample"), ("timestep", "timesteps"), ("encoder_hidden_states", "context")]
@@ -66,7 +62,7 @@ fn unet_with(group: &LoraGroup, io: &TensorMap) -> Tensor {
 }
 
 fn check_case(case_name: &str, origin: &str, tasks: Vec<Task>) {
-    let root = fixtures();
+    let root = lora_fixtures();
     let case = root.join(case_name);
     let io = weights::read_safetensors(&case.join("io.safetensors")).unwrap();
     let object = tempfile::tempdir().unwrap();

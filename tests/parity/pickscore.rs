@@ -10,10 +10,10 @@ use ril_pipe::rewards::pickscore::PickScoreReward;
 use ril_pipe::rewards::Reward;
 use tch::{Device, Kind, Tensor};
 
-use crate::common::{fixture_dir, max_abs_diff};
+use crate::support::{fixtures, max_abs_diff};
 
 fn index() -> serde_json::Value {
-    let path = fixture_dir("pickscore").join("pickscore.json");
+    let path = fixtures("pickscore").join("pickscore.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -22,7 +22,7 @@ fn tensors(path: &Path) -> HashMap<String, Tensor> {
 }
 
 fn folder() -> PathBuf {
-    fixture_dir("pickscore").join(index()["pickscore"]["folder"].as_str().unwrap())
+    fixtures("pickscore").join(index()["pickscore"]["folder"].as_str().unwrap())
 }
 
 /// (case, prompts) of the PickScore fixtures.
@@ -46,7 +46,7 @@ fn pickscore_matches_transformers() {
     assert!((reward.logit_scale() - expected_scale).abs() < 1e-4, "logit scale {} vs {expected_scale}", reward.logit_scale());
     let mut worst = (0.0f64, 0.0f64, 0.0f64);
     for (case, prompts) in cases() {
-        let t = tensors(&fixture_dir("pickscore").join(format!("pickscore_{case}.safetensors")));
+        let t = tensors(&fixtures("pickscore").join(format!("pickscore_{case}.safetensors")));
         let pixels = reward.processor().apply(&t["images"]).unwrap();
         let pixel_diff = max_abs_diff(&pixels, &t["pixel_values"]);
         let images = t["images"].copy().set_requires_grad(true);
@@ -85,14 +85,14 @@ fn pickscore_is_close_to_the_pil_processor() {
     };
     let mut noise = (0.0f64, 0.0f64);
     for (case, prompts) in cases() {
-        let t = tensors(&fixture_dir("pickscore").join(format!("pickscore_{case}.safetensors")));
+        let t = tensors(&fixtures("pickscore").join(format!("pickscore_{case}.safetensors")));
         let (pixels, scores) = compare(&t, &prompts);
         println!("{case} (white noise): against the PIL processor, pixels {pixels:.2e}, scores {scores:.2e}");
         noise = (noise.0.max(pixels), noise.1.max(scores));
     }
     let prompts: Vec<String> =
         index()["pickscore"]["pil_natural_prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect();
-    let t = tensors(&fixture_dir("pickscore").join("pickscore_pil_natural.safetensors"));
+    let t = tensors(&fixtures("pickscore").join("pickscore_pil_natural.safetensors"));
     let natural = compare(&t, &prompts);
     println!("pickscore vs PIL: natural-like pixels {:.2e}, scores {:.2e}; white noise pixels {:.2e}, scores {:.2e}", natural.0, natural.1, noise.0, noise.1);
     // One uint8 level after normalisation is 1 / 255 / 0.26 = 0.015: within 4 levels (PIL clamps
@@ -108,7 +108,7 @@ fn image_processor_matches_transformers() {
     assert!(names.len() >= 5, "{names:?}");
     let mut worst = 0.0f64;
     for name in names {
-        let dir = fixture_dir("pickscore").join(format!("processor_{name}"));
+        let dir = fixtures("pickscore").join(format!("processor_{name}"));
         let config = ["preprocessor_config.json", "processor_config.json"].iter().map(|f| dir.join(f)).find(|p| p.is_file()).unwrap();
         let processor = ImageProcessor::from_json(&config).unwrap();
         let t = tensors(&dir.join("reference.safetensors"));

@@ -7,10 +7,10 @@ use ril_pipe::rewards::diff_jpeg::DiffJpeg;
 use ril_pipe::rewards::Reward;
 use tch::{Kind, Tensor};
 
-use crate::common::{fixture_dir, max_abs_diff};
+use crate::support::{fixtures, max_abs_diff};
 
 fn load(name: &str) -> HashMap<String, Tensor> {
-    let path = fixture_dir("rewards").join(name);
+    let path = fixtures("rewards").join(name);
     Tensor::read_safetensors(&path)
         .unwrap()
         .into_iter()
@@ -18,7 +18,7 @@ fn load(name: &str) -> HashMap<String, Tensor> {
 }
 
 fn index() -> serde_json::Value {
-    let path = fixture_dir("rewards").join("rewards.json");
+    let path = fixtures("rewards").join("rewards.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 

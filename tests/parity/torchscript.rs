@@ -7,15 +7,15 @@ use ril_pipe::rewards::torchscript::{validate, validate_with, Probe, TorchScript
 use ril_pipe::rewards::{Reward, RewardError};
 use tch::{Device, Kind, Tensor};
 
-use crate::common::{fixture_dir, max_abs_diff};
+use crate::support::{fixtures, max_abs_diff};
 
 fn index() -> serde_json::Value {
-    let path = fixture_dir("torchscript").join("torchscript.json");
+    let path = fixtures("torchscript").join("torchscript.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 fn load(case: &str) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(fixture_dir("torchscript").join(format!("{case}.safetensors"))).unwrap().into_iter().collect()
+    Tensor::read_safetensors(fixtures("torchscript").join(format!("{case}.safetensors"))).unwrap().into_iter().collect()
 }
 
 fn variant(e: &TorchScriptError) -> &'static str {
@@ -33,7 +33,7 @@ fn variant(e: &TorchScriptError) -> &'static str {
 
 #[test]
 fn example_rewards_match_pytorch() {
-    let dir = fixture_dir("torchscript");
+    let dir = fixtures("torchscript");
     let examples = index()["examples"].as_object().unwrap().clone();
     assert_eq!(examples.len(), 2, "a text-free and a prompt-aware example");
     let mut worst = (0.0f64, 0.0f64);
@@ -75,7 +75,7 @@ fn example_rewards_match_pytorch() {
 /// Every archive of `refusals.json` is refused with its case, and the message names the file.
 #[test]
 fn every_refusal_names_the_file_and_what_is_wrong() {
-    let dir = fixture_dir("torchscript");
+    let dir = fixtures("torchscript");
     let refusals = index()["refusals"].as_object().unwrap().clone();
     let mut seen = std::collections::BTreeSet::new();
     for (file, expected) in &refusals {
@@ -98,7 +98,7 @@ fn every_refusal_names_the_file_and_what_is_wrong() {
 /// What each message says, beyond its case.
 #[test]
 fn refusals_say_what_is_wrong() {
-    let dir = fixture_dir("torchscript");
+    let dir = fixtures("torchscript");
     let message = |file: &str| validate(&dir.join(file), Device::Cpu).unwrap_err().to_string();
     let m = message("signature_prompt_is_str.pt");
     assert!(m.contains("List[str]") && m.contains("Declaration: forward("), "{m}");
@@ -122,7 +122,7 @@ fn refusals_say_what_is_wrong() {
 /// a non-leaf, as decoded samples are) keep their values and their gradient is the module's.
 #[test]
 fn in_place_changes_inside_the_module_do_not_reach_the_images() {
-    let path = fixture_dir("torchscript").join(index()["accepted"][0].as_str().unwrap());
+    let path = fixtures("torchscript").join(index()["accepted"][0].as_str().unwrap());
     let reward = TorchScriptReward::load("inplace", &path, Device::Cpu).unwrap();
     let leaf = Tensor::rand([2, 3, 4, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let images = &leaf * 1.0;
@@ -141,7 +141,7 @@ fn in_place_changes_inside_the_module_do_not_reach_the_images() {
 /// that size.
 #[test]
 fn the_probe_batch_can_match_the_world() {
-    let path = fixture_dir("torchscript").join("raises.pt");
+    let path = fixtures("torchscript").join("raises.pt");
     validate_with(&path, Device::Cpu, Probe { batch: 2, height: 8, width: 512 }).unwrap();
     let err = validate_with(&path, Device::Cpu, Probe { batch: 3, height: 8, width: 256 }).unwrap_err();
     assert!(matches!(err, TorchScriptError::Probe { batch: 3, width: 256, .. }), "{err}");
@@ -156,7 +156,7 @@ fn example_rewards_run_on_the_gpu_when_there_is_one() {
         println!("no CUDA device: skipped the GPU half");
         return;
     }
-    let dir = fixture_dir("torchscript");
+    let dir = fixtures("torchscript");
     let gpu = Device::Cuda(0);
     for name in ["saturation", "clip_phrase"] {
         let reward = TorchScriptReward::load(name, &dir.join(format!("{name}.pt")), gpu).unwrap();

@@ -1,4 +1,6 @@
-//! Test-only stage kinds and helpers for the runner tests. The shipped binary has none of these.
+//! What the tests share: the fixtures and the repository's folders, helpers for cached objects
+//! and tensors, running the built binary, and test-only stage kinds (the shipped binary has none
+//! of these). Used by the integration tests (`tests/main.rs`) and by `make hardening`.
 #![allow(dead_code)]
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -135,5 +137,61 @@ pub fn output_text(out: &std::process::Output) -> String {
 
 /// The committed tiny world.
 pub fn tiny_weights() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tiny/weights")
+    repo().join("tiny/weights")
+}
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The public data the repository carries (`data/README.md`: origins and licences).
+pub fn data_dir() -> PathBuf {
+    repo().join("data")
+}
+
+/// The fixture folder of one area (`$RIL_FIXTURES/<area>/`, written by `make fixtures`); panics
+/// with the command that builds it when absent.
+pub fn fixtures(area: &str) -> PathBuf {
+    let root = std::env::var_os("RIL_FIXTURES")
+        .map(PathBuf::from)
+        .expect("RIL_FIXTURES is not set: run the tests through `make test` (or `make fixtures` and source scripts/dev-env.sh)");
+    let dir = root.join(area);
+    assert!(dir.join(".stamp").exists(), "fixtures for `{area}` missing in {}: run `make fixtures`", dir.display());
+    dir
+}
+
+/// A miniature world of the fixtures (`random`: random weights in the real layouts).
+pub fn world(name: &str) -> PathBuf {
+    fixtures("world").join(name)
+}
+
+/// The cache folder of stage `id` of a pipeline (planned with the shipped kinds).
+pub fn object(pipeline: &ril_pipe::pipeline::ResolvedPipeline, cache: &ril_pipe::exec::Cache, id: &str) -> PathBuf {
+    let plan = ril_pipe::exec::plan::plan(pipeline, &ril_pipe::stages::registry(), cache, &ril_pipe::exec::filehash::FileHasher::ephemeral()).unwrap();
+    let stage = plan.stages.iter().find(|s| s.stage.id == id).unwrap_or_else(|| panic!("no stage {id}"));
+    cache.object_dir(&stage.key).unwrap()
+}
+
+/// Every tensor of a safetensors file, by name.
+pub fn tensors(path: &Path) -> std::collections::BTreeMap<String, tch::Tensor> {
+    tch::Tensor::read_safetensors(path).unwrap().into_iter().collect()
+}
+
+/// Max absolute difference between two tensors of the same shape (f64).
+pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shape mismatch");
+    (a.to_kind(tch::Kind::Double) - b.to_kind(tch::Kind::Double)).abs().max().double_value(&[])
+}
+
+/// Whether `pred` holds within `limit` (polled every 10 ms).
+pub fn wait_for(pred: impl Fn() -> bool, limit: std::time::Duration) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if pred() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    false
 }

@@ -3,7 +3,6 @@
 //! Fixtures (weights, inputs, reference outputs) are written by `tests/parity/make_fixtures.py`
 //! into `$RIL_FIXTURES/<area>/` (`make fixtures`); a missing fixture fails the test with the
 //! command that makes it, never skips it.
-mod common;
 mod aesthetic;
 mod clip;
 mod ddim;
