@@ -13,10 +13,10 @@ use tch::{Device, Kind, Tensor};
 
 use super::data::{self, prompt_scenes, scene_batch, Excluded};
 use super::gates::retrieval_accuracy;
-use crate::method::checkpoint::{prefixed, Checkpoint};
-use super::io::{restore_store, write_json, write_safetensors, Precision};
+use crate::method::checkpoint::prefixed;
+use super::io::{write_json, write_safetensors, Precision};
 use super::vocab::Vocabulary;
-use super::{adamw, rng, seeded_init, trainable, LossTrack, Purpose, Schedule, TrainError, TrainSummary};
+use super::{adamw, resume, rng, seeded_init, trainable, LossTrack, Purpose, Schedule, TrainError, TrainSummary};
 use crate::method::monitor::Monitor;
 use rand::Rng;
 use crate::models::clip::{normalize, preprocess, Clip, ClipConfig};
@@ -235,13 +235,7 @@ pub fn train(model: &TrainableClip, tokenizer: &ClipTokenizer, excluded: &Exclud
         params.extend(trainable(&probe_vs).into_iter().map(|(_, t)| t));
     }
     let mut optimizer = adamw(&params, schedule);
-    let mut start = 0;
-    if let Some(state) = checkpoint.and_then(Checkpoint::load) {
-        if restore_store(&model.vs, &state.tensors, "model.") && restore_store(&probe_vs, &state.tensors, "probe.") && optimizer.load_state(&state.with_prefix("opt.")).is_some() {
-            start = state.step;
-            monitor.log(&format!("resumed at step {start}"));
-        }
-    }
+    let start = resume(checkpoint, &[(&model.vs, "model."), (&probe_vs, "probe.")], &mut optimizer, |_| true, monitor);
     let mut track = LossTrack::new(schedule.steps / 5, 50);
     let context = model.context_length();
     for step in start..schedule.steps {

@@ -38,6 +38,7 @@ use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
 use crate::method::checkpoint::{prefixed, Checkpoint};
+use crate::method::monitor::Monitor;
 use crate::method::optim::{clip_grad_norm, AdamW, AdamWConfig};
 
 /// Errors of pretraining.
@@ -244,6 +245,20 @@ pub fn learning_rate(peak: f64, step: usize, total: usize, warmup: usize) -> f64
     let span = total.saturating_sub(warmup).max(1) as f64;
     let progress = ((step - warmup) as f64 / span).min(1.0);
     peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
+}
+
+/// The step a trainer resumes at: the checkpoint's, once the stores (each under its prefix), the
+/// optimizer (under `opt.`) and `restore_more` have all taken the saved state; 0 without one.
+pub fn resume(checkpoint: Option<&Path>, stores: &[(&VarStore, &str)], optimizer: &mut AdamW, restore_more: impl FnOnce(&Checkpoint) -> bool, monitor: &mut dyn Monitor) -> usize {
+    let Some(state) = checkpoint.and_then(Checkpoint::load) else {
+        return 0;
+    };
+    let restored = stores.iter().all(|(vs, prefix)| io::restore_store(vs, &state.tensors, prefix)) && optimizer.load_state(&state.with_prefix("opt.")).is_some() && restore_more(&state);
+    if !restored {
+        return 0;
+    }
+    monitor.log(&format!("resumed at step {}", state.step));
+    state.step
 }
 
 /// The trainable variables of a store, sorted by name (a stable order for optimizer states).

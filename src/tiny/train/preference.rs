@@ -6,10 +6,8 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 
 use super::clip::{token_ids, TrainableClip};
-use super::{adamw, LossTrack, Schedule, TrainSummary};
+use super::{adamw, resume, LossTrack, Schedule, TrainSummary};
 use super::data::{pair_images, preference_batch, prompt_preference_pairs, Excluded};
-use crate::method::checkpoint::Checkpoint;
-use super::io::restore_store;
 use super::{trainable, TrainError};
 use crate::method::monitor::Monitor;
 use crate::models::tokenizer::ClipTokenizer;
@@ -39,13 +37,7 @@ fn pair_loss(model: &TrainableClip, tokenizer: &ClipTokenizer, pairs: &[Preferen
 pub fn train(model: &TrainableClip, tokenizer: &ClipTokenizer, excluded: &Excluded, schedule: &Schedule, checkpoint: Option<&Path>, monitor: &mut dyn Monitor) -> Result<TrainSummary, TrainError> {
     let params: Vec<Tensor> = trainable(&model.vs).into_iter().map(|(_, t)| t).collect();
     let mut optimizer = adamw(&params, schedule);
-    let mut start = 0;
-    if let Some(state) = checkpoint.and_then(Checkpoint::load) {
-        if restore_store(&model.vs, &state.tensors, "model.") && optimizer.load_state(&state.with_prefix("opt.")).is_some() {
-            start = state.step;
-            monitor.log(&format!("resumed at step {start}"));
-        }
-    }
+    let start = resume(checkpoint, &[(&model.vs, "model.")], &mut optimizer, |_| true, monitor);
     let mut track = LossTrack::new(schedule.steps / 5, 50);
     for step in start..schedule.steps {
         let pairs = preference_batch(schedule.seed, 5, step as u64, schedule.batch, excluded);

@@ -12,10 +12,9 @@ use serde_json::json;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use super::{adamw, LossTrack, Schedule, TrainSummary};
+use super::{adamw, resume, LossTrack, Schedule, TrainSummary};
 use super::data::{prompt_scenes, scene_batch, Excluded};
-use crate::method::checkpoint::Checkpoint;
-use super::io::{restore_store, write_json, write_safetensors, Precision};
+use super::io::{write_json, write_safetensors, Precision};
 use super::{noise_stream, seeded_init, trainable, Purpose, TrainError};
 use crate::method::monitor::Monitor;
 use crate::method::noise::gaussian;
@@ -112,13 +111,7 @@ pub fn train(model: &TrainableVae, excluded: &Excluded, schedule: &Schedule, kl_
     let mut optimizer = adamw(&params, schedule);
     optimizer.config.beta2 = 0.999;
     optimizer.config.eps = 1e-8;
-    let mut start = 0;
-    if let Some(state) = checkpoint.and_then(Checkpoint::load) {
-        if restore_store(&model.vs, &state.tensors, "model.") && optimizer.load_state(&state.with_prefix("opt.")).is_some() {
-            start = state.step;
-            monitor.log(&format!("resumed at step {start}"));
-        }
-    }
+    let start = resume(checkpoint, &[(&model.vs, "model.")], &mut optimizer, |_| true, monitor);
     let mut track = LossTrack::new(schedule.steps / 5, 50);
     let latent = model.config.latent_channels;
     let side = 32 / (1 << (model.config.block_out_channels.len() - 1));
