@@ -200,6 +200,21 @@ pub fn plan(pipeline: &ResolvedPipeline, registry: &Registry, cache: &Cache, has
                 })
                 .collect()
         });
+        let mut rewards = BTreeMap::new();
+        for (name, reward) in &stage.rewards {
+            let hash = if stage.missing_files.iter().any(|m| m.path == reward.torchscript) {
+                "missing".to_string()
+            } else {
+                let hash = hasher.hash(&reward.torchscript).map_err(|source| PlanError::File {
+                    stage: stage.id.clone(),
+                    path: reward.torchscript.display().to_string(),
+                    source,
+                })?;
+                format!("blake3:{hash}")
+            };
+            let declaration = serde_json::json!({"torchscript": hash, "direction": reward.direction, "label": reward.label, "letter": reward.letter});
+            rewards.insert(name.clone(), declaration);
+        }
         let ingredients = Ingredients {
             kind: stage.kind.clone(),
             version: schema.version,
@@ -207,6 +222,7 @@ pub fn plan(pipeline: &ResolvedPipeline, registry: &Registry, cache: &Cache, has
             inputs,
             input_labels,
             files,
+            rewards,
         };
         let key = ingredients.key();
         key_of.insert(stage.id.clone(), key.clone());

@@ -510,6 +510,9 @@ pub fn estimate(world: &WorldSpec, targets: &[String], job: &Job, precision: Pre
                     // The differentiable JPEG runs in fp32 on the images: about a dozen
                     // image-sized tensors are kept.
                     Task::Compress => shapes.reward_fp32_images += 12.0,
+                    // Not estimated: a declared reward's module is the user's own, and PickScore
+                    // is not part of a world yet.
+                    Task::PickScore | Task::Declared(_) => {}
                 }
             }
             training_estimate(&shapes, targets, step, precision)?

@@ -216,6 +216,7 @@ impl StageKind for TinyWorld {
             version: 1,
             doc: "the embedded tiny world (its models, rewards and prompts) as the base model of a study",
             uses_input_labels: false,
+            reads_declared_rewards: false,
             params: TinyWorldParams::specs(),
             inputs: Vec::new(),
         }
@@ -309,6 +310,7 @@ impl StageKind for Sd15World {
             version: 1,
             doc: "the paper scale: Stable Diffusion v1.5 with CLIP ViT-L/14, the LAION aesthetic head, HPSv2 and Inception, from local files",
             uses_input_labels: false,
+            reads_declared_rewards: false,
             params: Sd15WorldParams::specs(),
             inputs: vec![InputSpec {
                 name: "fid_stats",
