@@ -50,6 +50,27 @@ pub fn declared_reward(name: &str, declared: &Declared, world: &WorldSpec, devic
     TorchScriptReward::load_with(name, &d.torchscript, device, probe).map_err(StageError::failed)
 }
 
+/// Checks every declared reward of `pipeline` once, on the CPU with a probe batch of the image
+/// size of the world upstream of each stage that uses it (64x64 where that world cannot be read
+/// yet): a wrong file is refused before anything runs. Returns the number of checks.
+pub fn check_declared(pipeline: &crate::pipeline::ResolvedPipeline) -> Result<usize, StageError> {
+    let mut checked: Vec<(std::path::PathBuf, Probe)> = Vec::new();
+    for stage in pipeline.stages.iter().filter(|s| !s.rewards.is_empty()) {
+        let probe = match super::estimate::upstream_world(stage, pipeline) {
+            Ok((world, _)) => Probe { height: world.resolution, width: world.resolution, ..Probe::default() },
+            Err(_) => Probe::default(),
+        };
+        for (name, d) in &stage.rewards {
+            if stage.missing_files.iter().any(|m| m.path == d.torchscript) || checked.contains(&(d.torchscript.clone(), probe)) {
+                continue;
+            }
+            crate::rewards::torchscript::validate_with(&d.torchscript, Device::Cpu, probe).map_err(|e| StageError::Failed(format!("declared reward `{name}` (used by stage `{}`): {e}", stage.id)))?;
+            checked.push((d.torchscript.clone(), probe));
+        }
+    }
+    Ok(checked.len())
+}
+
 /// How records name the declared rewards (label, direction, letter).
 pub fn declared_info(declared: &Declared) -> DeclaredRewards {
     DeclaredRewards(declared.iter().map(|(name, d)| (name.clone(), RewardInfo { label: d.label.clone(), direction: d.direction, letter: d.letter })).collect())
