@@ -292,3 +292,67 @@ fn the_example_pipeline_declares_a_usable_reward() {
     assert!(p.stages.iter().filter(|s| s.kind == "evaluate").all(|s| s.rewards.contains_key("saturation")));
     assert_eq!(p.stages.iter().find(|s| s.id == "joint").unwrap().rewards.len(), 1);
 }
+
+#[test]
+fn pickscore_is_a_task_and_a_metric_of_a_world_that_names_its_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = fixtures("pickscore").join("pickscore_small");
+    let text = format!(
+        r#"
+defaults:
+  finetune: {{epochs: 1, prompts_per_epoch: 4, batch_size: 2, lr: 1.0e-2, ddim_steps: 3, guidance: 2.0, lora_rank: 2}}
+  evaluate: {{images_per_prompt: 2, ddim_steps: 3, guidance: 2.0, batch_size: 4}}
+stages:
+  - id: base
+    kind: tiny_world
+    params: {{root: "{root}", pickscore: "{folder}"}}
+  - id: plain
+    kind: tiny_world
+    params: {{root: "{root}"}}
+  - id: ft
+    kind: finetune
+    params: {{task: pickscore, method: baseline}}
+    inputs: {{model: base}}
+  - id: ft/plain
+    kind: finetune
+    params: {{task: pickscore, method: baseline}}
+    inputs: {{model: plain}}
+  - id: eval/${{model}}
+    kind: evaluate
+    matrix: {{model: [base, ft, plain]}}
+    inputs: {{model: "${{model}}"}}
+"#,
+        root = crate::support::world("random").display(),
+        folder = folder.display()
+    );
+    let file = dir.path().join("p.yaml");
+    std::fs::write(&file, text).unwrap();
+    let p = resolve(&file);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(cache_dir.path());
+    let summary = run(&p, &registry(), &cache, &RunOptions { keep_going: true, ..RunOptions::default() }).unwrap();
+    let outcome = |id: &str| &summary.outcomes.iter().find(|o| o.id == id).unwrap().outcome;
+    for id in ["base", "ft", "eval/base", "eval/ft", "eval/plain"] {
+        assert!(matches!(outcome(id), Outcome::Executed { .. }), "{id}: {:?}", outcome(id));
+    }
+    match outcome("ft/plain") {
+        Outcome::Failed { error, .. } => assert!(error.contains("names no PickScore folder"), "{error}"),
+        other => panic!("a world without PickScore cannot train on it: {other:?}"),
+    }
+    let record = |id: &str| EvaluationRecord::read(&object(&p, &cache, id).join("metrics.json")).unwrap();
+    let (base, tuned) = (record("eval/base"), record("eval/ft"));
+    assert!(base.metrics[&Metric::PickScore].is_finite());
+    assert_ne!(tuned.metrics[&Metric::PickScore], base.metrics[&Metric::PickScore], "the fine-tune moved the model");
+    assert_eq!(tuned.tasks, vec![Task::PickScore]);
+    assert!(!record("eval/plain").metrics.contains_key(&Metric::PickScore), "a world without PickScore does not report it");
+    // The other metrics do not depend on whether the world has PickScore.
+    for (m, v) in &record("eval/plain").metrics {
+        assert_eq!(base.metrics[m], *v, "{m:?}");
+    }
+    let scores = std::fs::read_to_string(object(&p, &cache, "eval/base").join("scores.jsonl")).unwrap();
+    let values: Vec<f64> = scores.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["pickscore"].as_f64().unwrap()).collect();
+    assert!((values.iter().sum::<f64>() / values.len() as f64 - base.metrics[&Metric::PickScore]).abs() < 1e-12);
+    // The folder is in the key of the world that names it only.
+    let keys = keys(&p);
+    assert_ne!(keys["base"], keys["plain"]);
+}

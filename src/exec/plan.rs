@@ -181,7 +181,8 @@ pub fn plan(pipeline: &ResolvedPipeline, registry: &Registry, cache: &Cache, has
             })?;
             files.insert(path.to_string_lossy().into_owned(), hash);
         }
-        let params = stage.params.iter().map(|(k, v)| (k.clone(), hash_paths(v, &files))).collect();
+        let at_default = |name: &str, value: &serde_json::Value| schema.params.iter().any(|p| p.name == name && p.keyed_when_set && p.default.as_ref() == Some(value));
+        let params = stage.params.iter().filter(|(k, v)| !at_default(k, v)).map(|(k, v)| (k.clone(), hash_paths(v, &files))).collect();
         let inputs: BTreeMap<String, Vec<String>> = stage
             .inputs
             .iter()

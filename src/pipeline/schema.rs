@@ -36,6 +36,9 @@ pub struct ParamSpec {
     /// The valid values of a numeric parameter (of every number in a list or mapping).
     pub range: Option<Range>,
     pub doc: &'static str,
+    /// A parameter added to a kind after its results were cached: left out of the cache key
+    /// while it has its default, so that stages that do not set it keep their keys.
+    pub keyed_when_set: bool,
 }
 
 impl ParamType {

@@ -1,7 +1,7 @@
 //! `evaluate`: sample held-out prompts x images per prompt from a model, with initial noise that
 //! depends only on (seed, prompt, image) so every model evaluated sees the same z_N, and measure
-//! aesthetic score, HPS, PNG and JPEG sizes, CLIP score and FID, and every reward the pipeline
-//! declares (its own values, whichever its direction).
+//! aesthetic score, HPS, PNG and JPEG sizes, CLIP score and FID, PickScore when the world has
+//! it, and every reward the pipeline declares (its own values, whichever its direction).
 use std::io::Write as _;
 
 use serde_json::json;
@@ -30,7 +30,7 @@ use super::estimate;
 use super::finetune::model_input;
 use super::memory::Job;
 use super::params::{precision_param, SamplerParams};
-use super::reward_set::{declared_info, declared_reward};
+use super::reward_set::{declared_info, declared_reward, pickscore};
 use super::train::input_ranks;
 use super::world::{read_prompts, FidFeatures, ModelRecord, WorldSpec};
 
@@ -95,7 +95,7 @@ impl StageKind for Evaluate {
         KindSchema {
             kind: KIND,
             version: 1,
-            doc: "sample the world's test prompts with shared seeds and measure aesthetic, HPS, PNG/JPEG size, CLIP score, FID and every reward the pipeline declares",
+            doc: "sample the world's test prompts with shared seeds and measure aesthetic, HPS, PNG/JPEG size, CLIP score, FID, PickScore (when the world names it) and every reward the pipeline declares",
             uses_input_labels: false,
             reads_declared_rewards: true,
             params: EvaluateParams::specs(),
@@ -134,6 +134,7 @@ impl StageKind for Evaluate {
         let hps = HpsReward::load(&world.hps, device, kind).map_err(StageError::failed)?;
         let clip = FrozenClip::load(&world.clip_score, device, kind).map_err(StageError::failed)?;
         let fid = FidExtractor::load(world, device, precision)?;
+        let pickscore = world.pickscore.as_ref().map(|_| pickscore(world, device, precision)).transpose()?;
         let declared = ctx.stage.rewards.iter().map(|(name, _)| Ok((name.clone(), declared_reward(name, &ctx.stage.rewards, world, device)?))).collect::<Result<Vec<_>, StageError>>()?;
         let uncond = diffusion.uncond()?;
 
@@ -150,6 +151,7 @@ impl StageKind for Evaluate {
         let mut scores = std::fs::File::create(ctx.out_dir().join(SCORES_FILE))?;
         let mut sums = [0.0f64; 4];
         let mut clip_sum = 0.0;
+        let mut pickscore_sum = 0.0;
         let mut declared_sums = vec![0.0f64; declared.len()];
         let mut features = Vec::new();
         let grid_prompts = p.grid_prompts.min(prompts.len());
@@ -160,7 +162,7 @@ impl StageKind for Evaluate {
             let end = (start + batch).min(total);
             let batch_prompts: Vec<String> = (start..end).map(|i| prompts[i / per_prompt].clone()).collect();
             let images = sampler.generate(&diffusion, &batch_prompts, &uncond, seed, start as u64)?;
-            let (a, h, clip_scores, feats, own) = tch::no_grad(|| -> Result<_, StageError> {
+            let (a, h, clip_scores, feats, own, pick) = tch::no_grad(|| -> Result<_, StageError> {
                 let a = aesthetic.score(&images).map_err(StageError::failed)?;
                 let h = hps.score(&images, &batch_prompts).map_err(StageError::failed)?;
                 let img = clip.image_embeddings(&images).map_err(StageError::failed)?;
@@ -168,7 +170,8 @@ impl StageKind for Evaluate {
                 let c = clip_pair_scores(&img, &txt).map_err(StageError::failed)?;
                 let f = fid.features(&images, &img)?;
                 let own = declared.iter().map(|(_, r)| r.score(&images, &batch_prompts).map_err(StageError::failed)).collect::<Result<Vec<_>, _>>()?;
-                Ok((a, h, c, f, own))
+                let pick = pickscore.as_ref().map(|r| r.score(&images, &batch_prompts).map_err(StageError::failed)).transpose()?;
+                Ok((a, h, c, f, own, pick))
             })?;
             features.push(feats.to_device(Device::Cpu).to_kind(Kind::Double));
             let u8_images = to_uint8_images(&images).map_err(StageError::failed)?;
@@ -197,6 +200,14 @@ impl StageKind for Evaluate {
                     declared_sums[d] += v;
                     line[name.as_str()] = json!(v);
                 }
+                if let Some(scores) = &pick {
+                    let v = scores.double_value(&[n as i64]);
+                    if !v.is_finite() {
+                        return Err(StageError::Failed(format!("non-finite PickScore {v} for prompt {j} image {k}")));
+                    }
+                    pickscore_sum += v;
+                    line["pickscore"] = json!(v);
+                }
                 writeln!(scores, "{line}")?;
                 if k == 0 && j < grid_prompts {
                     grid.push(image.clone());
@@ -218,6 +229,9 @@ impl StageKind for Evaluate {
             (Metric::ClipScore, (clip_sum / n).max(0.0)),
             (Metric::Fid, fid_value),
         ];
+        if pickscore.is_some() {
+            metrics.push((Metric::PickScore, pickscore_sum / n));
+        }
         metrics.extend(declared.iter().zip(&declared_sums).map(|((name, _), sum)| (Metric::Declared(name.clone()), sum / n)));
         for (m, v) in &metrics {
             ctx.log(format!("{:<10} {v:.4}", m.key()));

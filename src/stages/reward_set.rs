@@ -13,6 +13,7 @@ use crate::rewards::compressibility::Compressibility;
 use crate::rewards::diff_jpeg::DiffJpeg;
 use crate::rewards::hps::HpsReward;
 use crate::rewards::mixture::RewardMixture;
+use crate::rewards::pickscore::PickScoreReward;
 use crate::rewards::torchscript::{Probe, TorchScriptReward};
 use crate::rewards::{ForTraining, Reward};
 
@@ -33,13 +34,19 @@ pub fn task_reward(task: &Task, world: &WorldSpec, declared: &Declared, device: 
             let quality = world.jpeg_quality.round().clamp(1.0, 100.0) as u8;
             Box::new(Compressibility::new(DiffJpeg::new(quality).map_err(StageError::failed)?, world.compress_reduction))
         }
-        Task::PickScore => return Err(StageError::Failed("task `pickscore`: the world names no PickScore model".into())),
+        Task::PickScore => Box::new(pickscore(world, device, precision)?),
         Task::Declared(name) => {
             let reward = declared_reward(name, declared, world, device)?;
             let direction = declared.get(name).map(|d| d.direction).unwrap_or_default();
             direction.for_training(Box::new(reward))
         }
     })
+}
+
+/// The world's PickScore model (the task and metric `pickscore`).
+pub fn pickscore(world: &WorldSpec, device: Device, precision: Precision) -> Result<PickScoreReward, StageError> {
+    let folder = world.pickscore.as_ref().ok_or_else(|| StageError::Failed("task `pickscore`: the world names no PickScore folder (the world stage's parameter `pickscore`)".into()))?;
+    PickScoreReward::load(folder, device, precision.kind()).map_err(StageError::failed)
 }
 
 /// A declared reward's TorchScript module, checked on a probe batch of the world's image size
