@@ -56,15 +56,10 @@ pub trait Reward {
 
 pub use crate::records::RewardDirection;
 
-/// A reward as training maximises it in a direction.
-pub trait ForTraining {
+impl RewardDirection {
     /// The reward wrapped so that maximising its scores is what this direction asks: itself for
     /// `Higher`, its negative for `Lower` (same name, so logs still say which reward it is).
-    fn for_training(self, reward: Box<dyn Reward>) -> Box<dyn Reward>;
-}
-
-impl ForTraining for RewardDirection {
-    fn for_training(self, reward: Box<dyn Reward>) -> Box<dyn Reward> {
+    pub fn for_training(self, reward: Box<dyn Reward>) -> Box<dyn Reward> {
         match self {
             RewardDirection::Higher => reward,
             RewardDirection::Lower => Box::new(Negated(reward)),

@@ -15,7 +15,7 @@ use crate::rewards::hps::HpsReward;
 use crate::rewards::mixture::RewardMixture;
 use crate::rewards::pickscore::PickScoreReward;
 use crate::rewards::torchscript::{Probe, TorchScriptReward};
-use crate::rewards::{ForTraining, Reward};
+use crate::rewards::Reward;
 
 use super::world::WorldSpec;
 
