@@ -135,7 +135,7 @@ impl StageKind for Evaluate {
         let clip = FrozenClip::load(&world.clip_score, device, kind).map_err(StageError::failed)?;
         let fid = FidExtractor::load(world, device, precision)?;
         let pickscore = world.pickscore.as_ref().map(|_| pickscore(world, device, precision)).transpose()?;
-        let declared = ctx.stage.rewards.iter().map(|(name, _)| Ok((name.clone(), declared_reward(name, &ctx.stage.rewards, world, device)?))).collect::<Result<Vec<_>, StageError>>()?;
+        let declared = ctx.stage.rewards.keys().map(|name| Ok((name.clone(), declared_reward(name, &ctx.stage.rewards, world, device)?))).collect::<Result<Vec<_>, StageError>>()?;
         let uncond = diffusion.uncond()?;
 
         // Sample i is image k of prompt j, i = j * per_prompt + k.
