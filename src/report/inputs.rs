@@ -61,8 +61,8 @@ pub fn parse_order(order: &str, declared: &DeclaredRewards) -> Result<Vec<Task>,
         .chars()
         .map(|c| {
             declared.task_of_letter(c).ok_or_else(|| {
-                let letters: String = ['A', 'H', 'C', 'P'].into_iter().chain(declared.0.values().map(|r| r.letter)).map(|l| format!(", {l}")).collect();
-                ReportError::Input(format!("`{order}` is not a task order (letters {})", &letters[2..]))
+                let letters: Vec<String> = Task::BUILTIN.iter().filter_map(Task::builtin_letter).chain(declared.0.values().map(|r| r.letter)).map(String::from).collect();
+                ReportError::Input(format!("`{order}` is not a task order (letters {})", letters.join(", ")))
             })
         })
         .collect()
