@@ -356,3 +356,20 @@ stages:
     let keys = keys(&p);
     assert_ne!(keys["base"], keys["plain"]);
 }
+
+#[test]
+fn a_declared_path_may_use_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("rewards")).unwrap();
+    std::fs::copy(saturation(), dir.path().join("rewards/sat.pt")).unwrap();
+    let stages = "  - id: ft\n    kind: finetune\n    params: {task: sat, method: rid}\n    inputs: {model: base}\n";
+    let file = pipeline(dir.path(), &[], "  sat: {torchscript: \"${where}/sat.pt\"}", stages);
+    let text = std::fs::read_to_string(&file).unwrap().replace("rewards:\n", "vars:\n  where: rewards\nrewards:\n");
+    std::fs::write(&file, text).unwrap();
+    let p = resolve(&file);
+    let ft = p.stages.iter().find(|s| s.id == "ft").unwrap();
+    assert_eq!(ft.rewards["sat"].torchscript, dir.path().join("rewards/sat.pt").canonicalize().unwrap());
+    let text = std::fs::read_to_string(&file).unwrap().replace("${where}", "${nowhere}");
+    std::fs::write(&file, text).unwrap();
+    assert!(refusal(&file).contains("`rewards.sat.torchscript`"), "{}", refusal(&file));
+}

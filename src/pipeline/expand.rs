@@ -121,7 +121,7 @@ pub fn resolve_with(spec: &PipelineSpec, schemas: &Schemas, overrides: &[Overrid
     }
     apply_stage_overrides(&mut raw, schemas, overrides)?;
     let base_dir = spec.file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let rewards = resolve_rewards(&spec, &base_dir, file_check, &mut diags);
+    let rewards = resolve_rewards(&spec, &scope, env, &base_dir, file_check, &mut diags);
     let stages = finish_stages(&spec, &raw, schemas, &base_dir, file_check, &rewards, &mut diags);
     if !diags.is_empty() {
         return Err(PipelineError::invalid(spec.file.clone(), &spec.source, diags));
@@ -534,14 +534,25 @@ struct RewardFile {
     missing: bool,
 }
 
-/// The `rewards:` of the pipeline with their files checked: each must exist (to run) or is
-/// recorded as missing (to plan). What the file holds is checked when it is loaded.
-fn resolve_rewards(spec: &PipelineSpec, base_dir: &Path, file_check: FileCheck, diags: &mut Vec<Diagnostic>) -> BTreeMap<String, RewardFile> {
+/// The `rewards:` of the pipeline with their files checked: each path (which may use `${...}`)
+/// must exist (to run) or is recorded as missing (to plan). What the file holds is checked when
+/// it is loaded.
+fn resolve_rewards(spec: &PipelineSpec, scope: &Scope, env: &dyn Env, base_dir: &Path, file_check: FileCheck, diags: &mut Vec<Diagnostic>) -> BTreeMap<String, RewardFile> {
     let mut out = BTreeMap::new();
     for (name, r) in &spec.rewards {
-        let written = Path::new(&r.torchscript);
-        let full = if written.is_absolute() { written.to_path_buf() } else { base_dir.join(written) };
         let at = RewardSpec::path(name).key("torchscript");
+        let written = match interpolate_str(&r.torchscript, scope, env) {
+            Ok(Value::String(s)) => std::path::PathBuf::from(s),
+            Ok(other) => {
+                diags.push(Diagnostic::new(at, format!("reward `{name}`: `torchscript` must be a path, found a {}", type_name(&other))));
+                continue;
+            }
+            Err(e) => {
+                diags.push(Diagnostic::new(at, e));
+                continue;
+            }
+        };
+        let full = if written.is_absolute() { written } else { base_dir.join(written) };
         let (torchscript, missing) = match full.canonicalize() {
             Ok(abs) if abs.is_file() => (abs, false),
             Ok(abs) => {
