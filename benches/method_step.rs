@@ -54,6 +54,7 @@ fn record(root: &std::path::Path) -> ModelRecord {
             aesthetic_clip: clip("aesthetic_clip"),
             aesthetic_head: at("aesthetic_head"),
             hps: clip("hps"),
+            pickscore: None,
             clip_score: clip("clip_score"),
             fid_features: ril_pipe::stages::world::FidFeatures::Clip,
             inception: None,
@@ -84,7 +85,7 @@ fn main() {
     let diffusion = model.load_diffusion(None, device, Precision::Fp32).expect("load the world");
     diffusion.lora.add_adapter(4, LoraInit::KaimingUniform, 0).expect("adapter");
     diffusion.lora.init_teacher().expect("teacher");
-    let reward = task_reward(Task::Aesthetic, &model.world, device, Precision::Fp32).expect("reward");
+    let reward = task_reward(&Task::Aesthetic, &model.world, &Default::default(), device, Precision::Fp32).expect("reward");
     let sampler = Sampler::new(diffusion.ddim.clone(), SamplerConfig { steps: STEPS, eta: 0.0, guidance: 3.0 }).expect("sampler");
     let prompts: Vec<String> = read_prompts(&model.world.train_prompts).expect("prompts").into_iter().take(BATCH).collect();
     let cond = diffusion.encode_prompts(&prompts).expect("encode");

@@ -5,6 +5,7 @@
 mod support;
 
 mod cli;
+mod custom_reward;
 mod data;
 mod docs;
 mod lora_export;

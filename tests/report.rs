@@ -59,6 +59,7 @@ fn record(tasks: &[Task], values: [f64; 6], origin: &str) -> EvaluationRecord {
         prompts: 4,
         images_per_prompt: 1,
         seed: 0,
+        rewards: Default::default(),
     }
 }
 
@@ -94,7 +95,7 @@ fn training(stage_id: &str, key: &str, method: &str, task: Task, seconds_per_epo
         stage_id: stage_id.into(),
         key: key.into(),
         method: method.into(),
-        task: Some(task),
+        task: Some(task.clone()),
         summary: TrainSummary {
             method: method.into(),
             tasks: vec![task],
@@ -545,6 +546,7 @@ impl StageKind for FakeEval {
             version: 1,
             doc: "test kind",
             uses_input_labels: false,
+            reads_declared_rewards: false,
             params: FakeEvalParams::specs(),
             inputs: vec![],
         }
@@ -562,6 +564,7 @@ impl StageKind for FakeEval {
             prompts: 4,
             images_per_prompt: 1,
             seed: 0,
+            rewards: Default::default(),
         };
         r.write(&ctx.out_dir().join("metrics.json"))?;
         write_grid(&ctx.out_dir().join("grid.png"), 120);
@@ -587,6 +590,7 @@ impl StageKind for FakeTrain {
             version: 1,
             doc: "test kind",
             uses_input_labels: false,
+            reads_declared_rewards: false,
             params: FakeTrainParams::specs(),
             inputs: vec![],
         }

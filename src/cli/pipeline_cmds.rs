@@ -136,6 +136,7 @@ fn install_interrupt(cancel: Arc<AtomicBool>) {
 pub fn run(args: RunArgs, cache: &Cache) -> anyhow::Result<i32> {
     let registry = registry();
     let pipeline = resolve(&args.pipeline, &registry)?;
+    ril_pipe::stages::reward_set::check_declared(&pipeline)?;
     let executor = match args.executor {
         ExecutorArg::Local => Executor::Local,
         ExecutorArg::Slurm => {
@@ -209,6 +210,7 @@ pub fn run(args: RunArgs, cache: &Cache) -> anyhow::Result<i32> {
 pub fn plan(args: PlanArgs, cache: &Cache) -> anyhow::Result<i32> {
     let registry = registry();
     let pipeline = resolve_for_plan(&args.pipeline, &registry)?;
+    ril_pipe::stages::reward_set::check_declared(&pipeline)?;
     let hasher = if cache.root().exists() {
         cache.file_hasher()
     } else {

@@ -416,6 +416,7 @@ mod tests {
             inputs: BTreeMap::new(),
             input_labels: None,
             files: BTreeMap::new(),
+            rewards: BTreeMap::new(),
         }
     }
 

@@ -181,7 +181,8 @@ pub fn plan(pipeline: &ResolvedPipeline, registry: &Registry, cache: &Cache, has
             })?;
             files.insert(path.to_string_lossy().into_owned(), hash);
         }
-        let params = stage.params.iter().map(|(k, v)| (k.clone(), hash_paths(v, &files))).collect();
+        let at_default = |name: &str, value: &serde_json::Value| schema.params.iter().any(|p| p.name == name && p.keyed_when_set && p.default.as_ref() == Some(value));
+        let params = stage.params.iter().filter(|(k, v)| !at_default(k, v)).map(|(k, v)| (k.clone(), hash_paths(v, &files))).collect();
         let inputs: BTreeMap<String, Vec<String>> = stage
             .inputs
             .iter()
@@ -200,6 +201,21 @@ pub fn plan(pipeline: &ResolvedPipeline, registry: &Registry, cache: &Cache, has
                 })
                 .collect()
         });
+        let mut rewards = BTreeMap::new();
+        for (name, reward) in &stage.rewards {
+            let hash = if stage.missing_files.iter().any(|m| m.path == reward.torchscript) {
+                "missing".to_string()
+            } else {
+                let hash = hasher.hash(&reward.torchscript).map_err(|source| PlanError::File {
+                    stage: stage.id.clone(),
+                    path: reward.torchscript.display().to_string(),
+                    source,
+                })?;
+                format!("blake3:{hash}")
+            };
+            let declaration = serde_json::json!({"torchscript": hash, "direction": reward.direction, "label": reward.label, "letter": reward.letter});
+            rewards.insert(name.clone(), declaration);
+        }
         let ingredients = Ingredients {
             kind: stage.kind.clone(),
             version: schema.version,
@@ -207,6 +223,7 @@ pub fn plan(pipeline: &ResolvedPipeline, registry: &Registry, cache: &Cache, has
             inputs,
             input_labels,
             files,
+            rewards,
         };
         let key = ingredients.key();
         key_of.insert(stage.id.clone(), key.clone());

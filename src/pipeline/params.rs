@@ -187,22 +187,29 @@ pub struct Field<T> {
     default: Option<T>,
     range: Option<Range>,
     doc: &'static str,
+    keyed_when_set: bool,
 }
 
 /// A parameter with a default.
 pub fn param<T: ParamValue>(default: T) -> Field<T> {
-    Field { default: Some(default), range: None, doc: "" }
+    Field { default: Some(default), range: None, doc: "", keyed_when_set: false }
 }
 
 /// A parameter every stage of the kind must give.
 pub fn required<T: ParamValue>() -> Field<T> {
-    Field { default: None, range: None, doc: "" }
+    Field { default: None, range: None, doc: "", keyed_when_set: false }
 }
 
 impl<T> Field<T> {
     /// What the parameter is (shown by `ril-pipe kinds` and in messages about it).
     pub fn doc(self, doc: &'static str) -> Self {
         Field { doc, ..self }
+    }
+
+    /// A parameter added to a kind after its results were cached: in the cache key only when a
+    /// stage gives it a value other than its default ([`ParamSpec::keyed_when_set`]).
+    pub fn keyed_when_set(self) -> Self {
+        Field { keyed_when_set: true, ..self }
     }
 }
 
@@ -262,7 +269,7 @@ impl<T: Numeric> Field<T> {
 
 impl<T: ParamValue> FieldDef<T> for Field<T> {
     fn specs(&self, name: &'static str) -> Vec<ParamSpec> {
-        vec![ParamSpec { name, ty: T::param_type(), default: self.default.as_ref().map(T::to_value), range: self.range, doc: self.doc }]
+        vec![ParamSpec { name, ty: T::param_type(), default: self.default.as_ref().map(T::to_value), range: self.range, doc: self.doc, keyed_when_set: self.keyed_when_set }]
     }
 
     fn read(&self, name: &'static str, params: &Map<String, Value>) -> Result<T, ParamError> {

@@ -14,6 +14,11 @@ pub enum ParamType {
     Enum(Vec<&'static str>),
     /// A path to an existing file or folder; its content hash goes into the stage's cache key.
     Path,
+    /// The name of a reward task: a built-in one or one the pipeline declares in `rewards:`
+    /// (whose declaration then goes into the stage's cache key).
+    Reward,
+    /// A mapping from reward task names (as [`ParamType::Reward`]) to values of one type.
+    RewardMap(Box<ParamType>),
     List(Box<ParamType>),
     /// A mapping from strings to values of one type.
     Map(Box<ParamType>),
@@ -31,6 +36,9 @@ pub struct ParamSpec {
     /// The valid values of a numeric parameter (of every number in a list or mapping).
     pub range: Option<Range>,
     pub doc: &'static str,
+    /// A parameter added to a kind after its results were cached: left out of the cache key
+    /// while it has its default, so that stages that do not set it keep their keys.
+    pub keyed_when_set: bool,
 }
 
 impl ParamType {
@@ -38,7 +46,7 @@ impl ParamType {
     pub fn is_numeric(&self) -> bool {
         match self {
             ParamType::Int | ParamType::Float => true,
-            ParamType::List(inner) | ParamType::Map(inner) => inner.is_numeric(),
+            ParamType::List(inner) | ParamType::Map(inner) | ParamType::RewardMap(inner) => inner.is_numeric(),
             _ => false,
         }
     }
@@ -103,6 +111,9 @@ pub struct KindSchema {
     /// Whether the outputs depend on the ids and labels of the input stages (a report lays out
     /// tables by them), not only on their contents; then those go into the cache key too.
     pub uses_input_labels: bool,
+    /// Whether the stage reads every reward the pipeline declares (an evaluation reports them
+    /// all), not only those its parameters name; their declarations go into its cache key.
+    pub reads_declared_rewards: bool,
     pub params: Vec<ParamSpec>,
     pub inputs: Vec<InputSpec>,
 }

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::{read_json, write_json, Metric, RecordError, Task};
+use super::{read_json, write_json, DeclaredRewards, Metric, RecordError, Task};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvaluationRecord {
@@ -16,6 +16,10 @@ pub struct EvaluationRecord {
     pub prompts: usize,
     pub images_per_prompt: usize,
     pub seed: u64,
+    /// The rewards the pipeline declared (their metrics are in `metrics` under their names);
+    /// absent when it declared none.
+    #[serde(default, skip_serializing_if = "DeclaredRewards::is_empty")]
+    pub rewards: DeclaredRewards,
 }
 
 pub const METRICS_FILE: &str = "metrics.json";

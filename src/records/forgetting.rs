@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{EvaluationRecord, Metric, Task};
+use super::{DeclaredRewards, EvaluationRecord, Metric, Task};
 
 pub const FORGETTING_FILE: &str = "forgetting.json";
 
@@ -22,6 +22,9 @@ pub struct ForgettingRecord {
     pub forgetting: BTreeMap<Metric, Option<f64>>,
     /// a^0 .. a^T per metric.
     pub trajectory: BTreeMap<Metric, Vec<f64>>,
+    /// The rewards the pipeline declared, read in their direction; absent when it declared none.
+    #[serde(default, skip_serializing_if = "DeclaredRewards::is_empty")]
+    pub rewards: DeclaredRewards,
 }
 
 /// F for every metric of the sequence `a^0 .. a^T` (the first element is the base model).
@@ -39,10 +42,14 @@ pub fn forgetting(sequence: &[EvaluationRecord]) -> Result<ForgettingRecord, Str
             ));
         }
     }
+    let mut declared = DeclaredRewards::default();
+    for record in sequence {
+        declared.merge(&record.rewards);
+    }
     let t_final = tasks.len();
     let mut out = BTreeMap::new();
     let mut trajectory = BTreeMap::new();
-    for metric in Metric::ALL {
+    for metric in declared.metrics() {
         let values: Option<Vec<f64>> = sequence.iter().map(|r| r.metrics.get(&metric).copied()).collect();
         let Some(values) = values else { continue };
         let position = tasks.iter().position(|t| t.targets().contains(&metric));
@@ -50,15 +57,16 @@ pub fn forgetting(sequence: &[EvaluationRecord]) -> Result<ForgettingRecord, Str
         let a_t = values[t_final];
         let f = values
             .iter()
-            .map(|&a| if metric.higher_is_better() { a - a_t } else { a_t - a })
+            .map(|&a| if metric.higher_is_better(&declared) { a - a_t } else { a_t - a })
             .fold(f64::NEG_INFINITY, f64::max);
-        out.insert(metric, reported.then_some(f));
+        out.insert(metric.clone(), reported.then_some(f));
         trajectory.insert(metric, values);
     }
     Ok(ForgettingRecord {
         tasks,
         forgetting: out,
         trajectory,
+        rewards: declared,
     })
 }
 
@@ -74,6 +82,7 @@ mod tests {
             prompts: 50,
             images_per_prompt: 1,
             seed: 0,
+            rewards: DeclaredRewards::default(),
         }
     }
 

@@ -2,7 +2,7 @@
 //! report stage gathers them from its inputs).
 use std::path::PathBuf;
 
-use crate::records::{EvaluationRecord, ForgettingRecord, Task, TrainLogLine, TrainSummary};
+use crate::records::{DeclaredRewards, EvaluationRecord, ForgettingRecord, Task, TrainLogLine, TrainSummary};
 
 use super::ReportError;
 
@@ -54,17 +54,23 @@ pub struct StudyInputs {
     pub trainings: Vec<Training>,
 }
 
-/// Task letters of an order string (`AHC` -> aesthetic, hps, compress).
-pub fn parse_order(order: &str) -> Result<Vec<Task>, ReportError> {
+/// Task letters of an order string (`AHC` -> aesthetic, hps, compress; a declared reward by the
+/// letter of its declaration).
+pub fn parse_order(order: &str, declared: &DeclaredRewards) -> Result<Vec<Task>, ReportError> {
     order
         .chars()
-        .map(|c| Task::parse(&c.to_string()).ok_or_else(|| ReportError::Input(format!("`{order}` is not a task order (letters A, H, C)"))))
+        .map(|c| {
+            declared.task_of_letter(c).ok_or_else(|| {
+                let letters: Vec<String> = Task::BUILTIN.iter().filter_map(Task::builtin_letter).chain(declared.0.values().map(|r| r.letter)).map(String::from).collect();
+                ReportError::Input(format!("`{order}` is not a task order (letters {})", letters.join(", ")))
+            })
+        })
         .collect()
 }
 
 /// The letters of a task sequence.
-pub fn order_string(tasks: &[Task]) -> String {
-    tasks.iter().map(|t| t.letter()).collect()
+pub fn order_string(tasks: &[Task], declared: &DeclaredRewards) -> String {
+    tasks.iter().map(|t| t.letter(declared)).collect()
 }
 
 impl StudyInputs {
@@ -73,9 +79,19 @@ impl StudyInputs {
         std::iter::once(&self.base).chain(&self.evals).chain(&self.soup).chain(&self.joint)
     }
 
+    /// The rewards the study's pipeline declared, as its evaluation records name them.
+    pub fn rewards(&self) -> DeclaredRewards {
+        let mut declared = DeclaredRewards::default();
+        for e in self.all_evaluations() {
+            declared.merge(&e.record.rewards);
+        }
+        declared
+    }
+
     /// Checks that labels and records agree: every evaluation after a task names its method
     /// and order, and its record's tasks are the first `step` tasks of that order.
     pub fn check(&self) -> Result<(), ReportError> {
+        let declared = self.rewards();
         if !self.base.record.tasks.is_empty() {
             return Err(ReportError::Input(format!(
                 "input `base` ({}) is of a model tuned on {} task(s), not the base model",
@@ -90,22 +106,22 @@ impl StudyInputs {
                     e.stage_id
                 )));
             };
-            let tasks = parse_order(order)?;
+            let tasks = parse_order(order, &declared)?;
             if e.step == 0 || e.step > tasks.len() || e.record.tasks[..] != tasks[..e.step] {
                 return Err(ReportError::Input(format!(
                     "evaluation `{}` is labelled order {order} but its model was tuned on [{}]",
                     e.stage_id,
-                    order_string(&e.record.tasks)
+                    order_string(&e.record.tasks, &declared)
                 )));
             }
         }
         for f in &self.forgetting {
-            if order_string(&f.record.tasks) != f.order {
+            if order_string(&f.record.tasks, &declared) != f.order {
                 return Err(ReportError::Input(format!(
                     "forgetting `{}` is labelled order {} but covers [{}]",
                     f.stage_id,
                     f.order,
-                    order_string(&f.record.tasks)
+                    order_string(&f.record.tasks, &declared)
                 )));
             }
         }
@@ -157,11 +173,13 @@ pub fn method_title(method: &str) -> String {
     }
 }
 
-/// How a task is named in tables.
-pub fn task_title(task: Task) -> &'static str {
+/// How a task is named in tables (a declared reward by its label).
+pub fn task_title(task: &Task, declared: &DeclaredRewards) -> String {
     match task {
-        Task::Aesthetic => "Aesthetic",
-        Task::Hps => "HPS",
-        Task::Compress => "Compress",
+        Task::Aesthetic => "Aesthetic".into(),
+        Task::Hps => "HPS".into(),
+        Task::Compress => "Compress".into(),
+        Task::PickScore => "PickScore".into(),
+        Task::Declared(name) => declared.get(name).map_or_else(|| name.clone(), |r| r.label.clone()),
     }
 }

@@ -170,6 +170,7 @@ fn index_markdown(
     montages: &montage::Montages,
     notes: &[String],
 ) -> String {
+    let declared = inputs.rewards();
     let mut s = format!("# {}\n\n", options.title);
     s.push_str(&format!(
         "Inputs: base model `{}`, {} evaluation(s) after tasks, {} forgetting record(s), {} training stage(s){}{}.\n\n",
@@ -200,7 +201,7 @@ fn index_markdown(
     if !charts.trajectories.is_empty() {
         s.push_str("## Metrics over the task sequence\n\n");
         for (metric, stem) in &charts.trajectories {
-            s.push_str(&format!("### {}\n\n![{} after each task](charts/{stem}.png)\n\n[SVG](charts/{stem}.svg)\n\n", metric.title(), metric.title()));
+            s.push_str(&format!("### {}\n\n![{} after each task](charts/{stem}.png)\n\n[SVG](charts/{stem}.svg)\n\n", metric.title(&declared), metric.title(&declared)));
         }
     }
     if let Some(stem) = &charts.forgetting {
@@ -229,9 +230,11 @@ fn index_markdown(
 }
 
 /// Digits shown for a metric (and its forgetting) in the tables.
-pub fn precision(metric: Metric) -> usize {
+pub fn precision(metric: &Metric) -> usize {
     match metric {
         Metric::Hps => 3,
+        // A declared reward's scale is unknown: enough digits for scores below 1.
+        Metric::Declared(_) => 4,
         _ => 2,
     }
 }

@@ -12,7 +12,6 @@ pub mod mixture;
 pub mod pickscore;
 pub mod torchscript;
 
-use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 #[derive(Debug, thiserror::Error)]
@@ -55,46 +54,9 @@ pub trait Reward {
     fn score(&self, images: &Tensor, prompts: &[String]) -> Result<Tensor, RewardError>;
 }
 
-/// Which way a reward is read. Training always maximises: a `Lower` reward is trained on its
-/// negative; evaluation reports the reward's own values and forgetting reads them this way.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RewardDirection {
-    /// Higher scores are better (every built-in reward).
-    #[default]
-    Higher,
-    /// Lower scores are better.
-    Lower,
-}
+pub use crate::records::RewardDirection;
 
 impl RewardDirection {
-    pub fn name(self) -> &'static str {
-        match self {
-            RewardDirection::Higher => "higher",
-            RewardDirection::Lower => "lower",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "higher" => Some(RewardDirection::Higher),
-            "lower" => Some(RewardDirection::Lower),
-            _ => None,
-        }
-    }
-
-    pub fn higher_is_better(self) -> bool {
-        self == RewardDirection::Higher
-    }
-
-    /// +1 or -1: the factor that turns the reward into the quantity training maximises.
-    pub fn sign(self) -> f64 {
-        match self {
-            RewardDirection::Higher => 1.0,
-            RewardDirection::Lower => -1.0,
-        }
-    }
-
     /// The reward wrapped so that maximising its scores is what this direction asks: itself for
     /// `Higher`, its negative for `Lower` (same name, so logs still say which reward it is).
     pub fn for_training(self, reward: Box<dyn Reward>) -> Box<dyn Reward> {

@@ -1,6 +1,7 @@
 //! `evaluate`: sample held-out prompts x images per prompt from a model, with initial noise that
 //! depends only on (seed, prompt, image) so every model evaluated sees the same z_N, and measure
-//! aesthetic score, HPS, PNG and JPEG sizes, CLIP score and FID.
+//! aesthetic score, HPS, PNG and JPEG sizes, CLIP score and FID, PickScore when the world has
+//! it, and every reward the pipeline declares (its own values, whichever its direction).
 use std::io::Write as _;
 
 use serde_json::json;
@@ -19,6 +20,7 @@ use crate::pipeline::{ResolvedPipeline, ResolvedStage};
 use crate::rewards::aesthetic::AestheticReward;
 use crate::rewards::clip_loader::FrozenClip;
 use crate::rewards::hps::HpsReward;
+use crate::rewards::Reward;
 use crate::stage_params;
 
 use crate::models::precision::Precision;
@@ -28,6 +30,7 @@ use super::estimate;
 use super::finetune::model_input;
 use super::memory::Job;
 use super::params::{precision_param, SamplerParams};
+use super::reward_set::{declared_info, declared_reward, pickscore};
 use super::train::input_ranks;
 use super::world::{read_prompts, FidFeatures, ModelRecord, WorldSpec};
 
@@ -92,8 +95,9 @@ impl StageKind for Evaluate {
         KindSchema {
             kind: KIND,
             version: 1,
-            doc: "sample the world's test prompts with shared seeds and measure aesthetic, HPS, PNG/JPEG size, CLIP score and FID",
+            doc: "sample the world's test prompts with shared seeds and measure aesthetic, HPS, PNG/JPEG size, CLIP score, FID, PickScore (when the world names it) and every reward the pipeline declares",
             uses_input_labels: false,
+            reads_declared_rewards: true,
             params: EvaluateParams::specs(),
             inputs: vec![model_input("the model to evaluate (a world, finetune, soup or joint)")],
         }
@@ -130,6 +134,8 @@ impl StageKind for Evaluate {
         let hps = HpsReward::load(&world.hps, device, kind).map_err(StageError::failed)?;
         let clip = FrozenClip::load(&world.clip_score, device, kind).map_err(StageError::failed)?;
         let fid = FidExtractor::load(world, device, precision)?;
+        let pickscore = world.pickscore.as_ref().map(|_| pickscore(world, device, precision)).transpose()?;
+        let declared = ctx.stage.rewards.keys().map(|name| Ok((name.clone(), declared_reward(name, &ctx.stage.rewards, world, device)?))).collect::<Result<Vec<_>, StageError>>()?;
         let uncond = diffusion.uncond()?;
 
         // Sample i is image k of prompt j, i = j * per_prompt + k.
@@ -145,6 +151,8 @@ impl StageKind for Evaluate {
         let mut scores = std::fs::File::create(ctx.out_dir().join(SCORES_FILE))?;
         let mut sums = [0.0f64; 4];
         let mut clip_sum = 0.0;
+        let mut pickscore_sum = 0.0;
+        let mut declared_sums = vec![0.0f64; declared.len()];
         let mut features = Vec::new();
         let grid_prompts = p.grid_prompts.min(prompts.len());
         let mut grid: Vec<RgbImage> = Vec::new();
@@ -154,14 +162,16 @@ impl StageKind for Evaluate {
             let end = (start + batch).min(total);
             let batch_prompts: Vec<String> = (start..end).map(|i| prompts[i / per_prompt].clone()).collect();
             let images = sampler.generate(&diffusion, &batch_prompts, &uncond, seed, start as u64)?;
-            let (a, h, clip_scores, feats) = tch::no_grad(|| -> Result<_, StageError> {
+            let (a, h, clip_scores, feats, own, pick) = tch::no_grad(|| -> Result<_, StageError> {
                 let a = aesthetic.score(&images).map_err(StageError::failed)?;
                 let h = hps.score(&images, &batch_prompts).map_err(StageError::failed)?;
                 let img = clip.image_embeddings(&images).map_err(StageError::failed)?;
                 let txt = clip.text_embeddings(&batch_prompts).map_err(StageError::failed)?;
                 let c = clip_pair_scores(&img, &txt).map_err(StageError::failed)?;
                 let f = fid.features(&images, &img)?;
-                Ok((a, h, c, f))
+                let own = declared.iter().map(|(_, r)| r.score(&images, &batch_prompts).map_err(StageError::failed)).collect::<Result<Vec<_>, _>>()?;
+                let pick = pickscore.as_ref().map(|r| r.score(&images, &batch_prompts).map_err(StageError::failed)).transpose()?;
+                Ok((a, h, c, f, own, pick))
             })?;
             features.push(feats.to_device(Device::Cpu).to_kind(Kind::Double));
             let u8_images = to_uint8_images(&images).map_err(StageError::failed)?;
@@ -181,7 +191,23 @@ impl StageKind for Evaluate {
                 sums[2] += png as f64 / 1000.0;
                 sums[3] += jpg as f64 / 1000.0;
                 clip_sum += cv;
-                let line = json!({"prompt": j, "image": k, "text": prompts[j], "aesthetic": av, "hps": hv, "png_bytes": png, "jpeg_bytes": jpg, "clip_score": cv});
+                let mut line = json!({"prompt": j, "image": k, "text": prompts[j], "aesthetic": av, "hps": hv, "png_bytes": png, "jpeg_bytes": jpg, "clip_score": cv});
+                for (d, ((name, _), scores)) in declared.iter().zip(&own).enumerate() {
+                    let v = scores.double_value(&[n as i64]);
+                    if !v.is_finite() {
+                        return Err(StageError::Failed(format!("reward `{name}`: non-finite score {v} for prompt {j} image {k}")));
+                    }
+                    declared_sums[d] += v;
+                    line[name.as_str()] = json!(v);
+                }
+                if let Some(scores) = &pick {
+                    let v = scores.double_value(&[n as i64]);
+                    if !v.is_finite() {
+                        return Err(StageError::Failed(format!("non-finite PickScore {v} for prompt {j} image {k}")));
+                    }
+                    pickscore_sum += v;
+                    line["pickscore"] = json!(v);
+                }
                 writeln!(scores, "{line}")?;
                 if k == 0 && j < grid_prompts {
                     grid.push(image.clone());
@@ -195,7 +221,7 @@ impl StageKind for Evaluate {
         let stats = FeatureStats::from_features(&features).map_err(StageError::failed)?;
         let reference = FeatureStats::read(&world.fid_reference).map_err(StageError::failed)?;
         let fid_value = frechet_distance(&stats, &reference).map_err(StageError::failed)?;
-        let metrics = [
+        let mut metrics = vec![
             (Metric::Aesthetic, sums[0] / n),
             (Metric::Hps, sums[1] / n),
             (Metric::PngKb, sums[2] / n),
@@ -203,6 +229,10 @@ impl StageKind for Evaluate {
             (Metric::ClipScore, (clip_sum / n).max(0.0)),
             (Metric::Fid, fid_value),
         ];
+        if pickscore.is_some() {
+            metrics.push((Metric::PickScore, pickscore_sum / n));
+        }
+        metrics.extend(declared.iter().zip(&declared_sums).map(|((name, _), sum)| (Metric::Declared(name.clone()), sum / n)));
         for (m, v) in &metrics {
             ctx.log(format!("{:<10} {v:.4}", m.key()));
         }
@@ -213,6 +243,7 @@ impl StageKind for Evaluate {
             prompts: prompts.len(),
             images_per_prompt: per_prompt,
             seed,
+            rewards: declared_info(&ctx.stage.rewards),
         };
         record.write(&ctx.out_dir().join(METRICS_FILE))?;
         if !grid.is_empty() {

@@ -36,6 +36,7 @@ impl StageKind for FidStats {
             version: 1,
             doc: "FID reference statistics (mean and covariance of Inception pool features) of a folder of images, e.g. MS-COCO",
             uses_input_labels: false,
+            reads_declared_rewards: false,
             params: FidStatsParams::specs(),
             inputs: Vec::new(),
         }

@@ -78,7 +78,7 @@ crate::enum_param!(Adapter { New, Shared });
 stage_params! {
     /// The parameters of a `finetune` stage.
     pub struct FinetuneParams {
-        pub task: Task = required().doc("the reward task"),
+        pub task: Task = required().doc("the reward task: aesthetic, hps, compress, pickscore, or a reward the pipeline declares in `rewards:` (a `lower` one is trained on its negative)"),
         pub method: Method = required().doc("baseline (Eq. 5) or RID (Eq. 6-9)"),
         pub distill: Distillation = param(Distillation::LastStep).doc("RID's distillation: the teacher denoises the student's z_1 (last_step), follows its own trajectory from z_N (full_step, the Eq. 7 ablation), or is absent (none)"),
         pub distill_space: DistillSpace = param(DistillSpace::Image).doc("where RID's distance is taken: decoded images (Eq. 7: mse(D(z_0), D(z_0^T)), the teacher decoded without gradient) or latents mse(z_0, z_0^T) (the ablation)"),
@@ -119,6 +119,7 @@ impl StageKind for Finetune {
             version: 2,
             doc: "fine-tune a new LoRA adapter on one reward task (baseline or RID), on top of the input model",
             uses_input_labels: false,
+            reads_declared_rewards: false,
             params: FinetuneParams::specs(),
             inputs: vec![model_input("the model to continue from: a world (the base model) or an earlier finetune/soup/joint")],
         }
@@ -126,7 +127,7 @@ impl StageKind for Finetune {
 
     fn estimate(&self, stage: &crate::pipeline::ResolvedStage, pipeline: &crate::pipeline::ResolvedPipeline) -> crate::exec::kind::Estimate {
         match FinetuneParams::from_params(&stage.params) {
-            Ok(p) => super::train::training_estimate(stage, pipeline, &p.train, &p.objective(), vec![p.task]),
+            Ok(p) => super::train::training_estimate(stage, pipeline, &p.train, &p.objective(), vec![p.task.clone()]),
             Err(_) => Default::default(),
         }
     }
@@ -136,14 +137,15 @@ impl StageKind for Finetune {
         let (model, adapters) = ModelRecord::of_input(ctx.input("model")?)?;
         let objective = p.objective();
         let device = super::device::tch_device(&ctx.device);
-        check_memory(ctx, &model, adapters.as_deref(), &p.train, &objective, vec![p.task])?;
+        check_memory(ctx, &model, adapters.as_deref(), &p.train, &objective, vec![p.task.clone()])?;
+        let reward = task_reward(&p.task, &model.world, &ctx.stage.rewards, device, p.train.precision)?;
         let spec = TrainSpec {
             method: p.method.name().to_string(),
             objective,
             ema_momentum: p.ema_momentum,
             tasks: vec![p.task],
             new_adapter: p.adapter == Adapter::New,
-            reward: task_reward(p.task, &model.world, device, p.train.precision)?,
+            reward,
             params: p.train,
         };
         train(ctx, spec, &model, adapters.as_deref())

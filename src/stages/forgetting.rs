@@ -12,6 +12,7 @@ impl StageKind for Forgetting {
             version: 1,
             doc: "forgetting F (Eq. 3) of each metric over the evaluations of one task order",
             uses_input_labels: false,
+            reads_declared_rewards: false,
             params: Vec::new(),
             inputs: vec![InputSpec {
                 name: "evals",

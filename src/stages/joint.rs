@@ -19,9 +19,9 @@ pub struct Joint;
 stage_params! {
     /// The parameters of a `joint` stage.
     pub struct JointParams {
-        pub weights: BTreeMap<String, f64> = param(BTreeMap::from([("aesthetic".to_string(), 0.01), ("hps".to_string(), 2.0), ("compress".to_string(), 1.0)]))
+        pub weights: BTreeMap<Task, f64> = param(BTreeMap::from([(Task::Aesthetic, 0.01), (Task::Hps, 2.0), (Task::Compress, 1.0)]))
             .min(0)
-            .doc("reward weights by task (Eq. 10: 0.01 R_a + 2 R_h + R_c)"),
+            .doc("reward weights by task (Eq. 10: 0.01 R_a + 2 R_h + R_c), over built-in tasks and rewards the pipeline declares"),
         pub train: TrainParams = flatten(),
     }
 }
@@ -29,12 +29,7 @@ stage_params! {
 impl JointParams {
     /// The weighted tasks in task order.
     pub fn tasks(&self) -> Result<Vec<(Task, f64)>, StageError> {
-        let mut weights = Vec::new();
-        for (name, w) in &self.weights {
-            let task = Task::parse(name).ok_or_else(|| StageError::Failed(format!("`weights`: unknown task `{name}` (aesthetic, hps, compress)")))?;
-            weights.push((task, *w));
-        }
-        weights.sort_by_key(|(t, _)| *t);
+        let weights: Vec<(Task, f64)> = self.weights.iter().map(|(t, w)| (t.clone(), *w)).collect();
         if weights.is_empty() {
             return Err(StageError::Failed("`weights` names no task".into()));
         }
@@ -50,6 +45,7 @@ impl StageKind for Joint {
             version: 2,
             doc: "joint tuning: one adapter on a weighted sum of rewards (Eq. 10)",
             uses_input_labels: false,
+            reads_declared_rewards: false,
             params: JointParams::specs(),
             inputs: vec![model_input("the model to tune (the base model, in the paper)")],
         }
@@ -58,8 +54,7 @@ impl StageKind for Joint {
     fn estimate(&self, stage: &crate::pipeline::ResolvedStage, pipeline: &crate::pipeline::ResolvedPipeline) -> crate::exec::kind::Estimate {
         match JointParams::from_params(&stage.params) {
             Ok(p) => {
-                let mut tasks: Vec<Task> = p.weights.keys().filter_map(|k| Task::parse(k)).collect();
-                tasks.sort();
+                let tasks: Vec<Task> = p.weights.keys().cloned().collect();
                 super::train::training_estimate(stage, pipeline, &p.train, &Objective::Baseline, tasks)
             }
             Err(_) => Default::default(),
@@ -71,7 +66,8 @@ impl StageKind for Joint {
         let weights = p.tasks()?;
         let (model, adapters) = ModelRecord::of_input(ctx.input("model")?)?;
         let device = super::device::tch_device(&ctx.device);
-        let tasks: Vec<Task> = weights.iter().map(|(t, _)| *t).collect();
+        let tasks: Vec<Task> = weights.iter().map(|(t, _)| t.clone()).collect();
+        let reward = mixture(&weights, &model.world, &ctx.stage.rewards, device, p.train.precision)?;
         check_memory(ctx, &model, adapters.as_deref(), &p.train, &Objective::Baseline, tasks.clone())?;
         let spec = TrainSpec {
             method: "joint".into(),
@@ -79,7 +75,7 @@ impl StageKind for Joint {
             ema_momentum: 0.0,
             tasks,
             new_adapter: true,
-            reward: mixture(&weights, &model.world, device, p.train.precision)?,
+            reward,
             params: p.train,
         };
         train(ctx, spec, &model, adapters.as_deref())

@@ -471,6 +471,11 @@ fn clip_config(files: &ClipFiles) -> Result<ClipConfig, MemoryError> {
     }
 }
 
+/// The CLIP files of the world's PickScore folder.
+fn pickscore_files(world: &WorldSpec) -> Result<ClipFiles, MemoryError> {
+    world.pickscore.as_deref().map(crate::rewards::pickscore::PickScoreReward::files).ok_or_else(|| MemoryError::Config("the world names no PickScore folder".into()))
+}
+
 fn vision_of(files: &ClipFiles) -> Result<VisionConfig, MemoryError> {
     clip_config(files)?.vision.ok_or_else(|| file_err(&files.weights, "this CLIP has no vision tower"))
 }
@@ -510,6 +515,13 @@ pub fn estimate(world: &WorldSpec, targets: &[String], job: &Job, precision: Pre
                     // The differentiable JPEG runs in fp32 on the images: about a dozen
                     // image-sized tensors are kept.
                     Task::Compress => shapes.reward_fp32_images += 12.0,
+                    Task::PickScore => {
+                        let files = pickscore_files(world)?;
+                        elements += checkpoint_elements(&files.weights)?;
+                        shapes.reward_towers.push(vision_of(&files)?);
+                    }
+                    // Not estimated: a declared reward's module is the user's own.
+                    Task::Declared(_) => {}
                 }
             }
             training_estimate(&shapes, targets, step, precision)?
@@ -527,8 +539,13 @@ pub fn estimate(world: &WorldSpec, targets: &[String], job: &Job, precision: Pre
             let adapters = 4.0 * lora_elements(&unet_cfg, targets, *ranks)? as f64;
             let unet = unet_tally(&unet_cfg, side, Adapted { targets, ranks: *ranks })?;
             let vae = vae_decoder_tally(&vae_cfg, side);
+            let pickscore = world.pickscore.as_ref().map(|_| pickscore_files(world)).transpose()?;
+            if let Some(files) = &pickscore {
+                elements += checkpoint_elements(&files.weights)?;
+            }
             let vision = [&world.aesthetic_clip, &world.hps, &world.clip_score]
                 .into_iter()
+                .chain(pickscore.as_ref())
                 .map(|f| vision_of(f).map(|v| vision_tally(&v).largest))
                 .collect::<Result<Vec<f64>, _>>()?
                 .into_iter()

@@ -9,9 +9,41 @@ use crate::pipeline::params::{param, Field};
 use crate::rewards::compressibility::Reduction;
 use crate::stage_params;
 
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::pipeline::params::{Numeric, ParamValue};
+use crate::pipeline::schema::ParamType;
 use crate::records::Task;
 
-crate::enum_param!(Task { Aesthetic, Hps, Compress });
+/// A reward task by name: a built-in one or one the pipeline declares (validation checks which).
+impl ParamValue for Task {
+    fn param_type() -> ParamType {
+        ParamType::Reward
+    }
+    fn from_value(value: &Value) -> Option<Self> {
+        value.as_str().map(Task::from_name)
+    }
+    fn to_value(&self) -> Value {
+        Value::String(self.name().to_string())
+    }
+}
+
+/// Weights by reward task (joint tuning's mixture).
+impl ParamValue for BTreeMap<Task, f64> {
+    fn param_type() -> ParamType {
+        ParamType::RewardMap(Box::new(ParamType::Float))
+    }
+    fn from_value(value: &Value) -> Option<Self> {
+        value.as_object()?.iter().map(|(k, v)| Some((Task::from_name(k), v.as_f64()?))).collect()
+    }
+    fn to_value(&self) -> Value {
+        Value::Object(self.iter().map(|(k, v)| (k.name().to_string(), Value::from(*v))).collect())
+    }
+}
+
+impl Numeric for BTreeMap<Task, f64> {}
 crate::enum_param!(Precision { Fp32, Fp16, Bf16 });
 crate::enum_param!(Reduction { Sum, Mean });
 crate::enum_param!(LoraInit { KaimingUniform, Normal });

@@ -34,6 +34,7 @@ impl StageKind for Report {
             version: 3,
             doc: "tables (Markdown, CSV, LaTeX) and charts (PNG, SVG) of a study, and metrics.json for `ril-pipe check`",
             uses_input_labels: true,
+            reads_declared_rewards: false,
             params: ReportParams::specs(),
             inputs: vec![
                 input("base", true, false, "evaluation of the base model"),
@@ -49,8 +50,8 @@ impl StageKind for Report {
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let p: ReportParams = ctx.typed_params()?;
         let options = ReportOptions { title: p.title, table2_order: p.table2_order, paper_numbers: p.paper_numbers };
-        parse_order(&options.table2_order).map_err(StageError::failed)?;
         let inputs = study_inputs(ctx)?;
+        parse_order(&options.table2_order, &inputs.rewards()).map_err(StageError::failed)?;
         ctx.log(format!(
             "report: {} evaluations after tasks, {} forgetting records, {} trainings",
             inputs.evals.len(),
@@ -87,6 +88,10 @@ fn read_evaluation(input: &InputObject) -> Result<Evaluation, StageError> {
 fn study_inputs(ctx: &StageContext) -> Result<StudyInputs, StageError> {
     let base = read_evaluation(ctx.input("base")?)?;
     let evals = ctx.input_list("evals").iter().map(read_evaluation).collect::<Result<Vec<_>, _>>()?;
+    let mut declared = base.record.rewards.clone();
+    for e in &evals {
+        declared.merge(&e.record.rewards);
+    }
     let mut forgetting = Vec::new();
     for input in ctx.input_list("forgetting") {
         let record: ForgettingRecord = read_json(&input.file(FORGETTING_FILE)?, "a forgetting record")?;
@@ -94,7 +99,7 @@ fn study_inputs(ctx: &StageContext) -> Result<StudyInputs, StageError> {
         forgetting.push(ForgettingRun {
             stage_id: input.stage_id.clone(),
             method: method.to_string(),
-            order: label(input, "order").map(str::to_string).unwrap_or_else(|| order_string(&record.tasks)),
+            order: label(input, "order").map(str::to_string).unwrap_or_else(|| order_string(&record.tasks, &declared)),
             record,
         });
     }
@@ -112,9 +117,13 @@ fn study_inputs(ctx: &StageContext) -> Result<StudyInputs, StageError> {
         let summary: TrainSummary = read_json(&input.file(TRAIN_SUMMARY_FILE)?, "a training summary")?;
         let log = read_train_log(&input.file(TRAIN_LOG_FILE)?)?;
         let task = match label(input, "task") {
-            Some(t) => Some(Task::parse(t).ok_or_else(|| StageError::Failed(format!("training `{}`: label task={t} is not a task", input.stage_id)))?),
+            Some(t) => {
+                let by_letter = || t.chars().next().filter(|_| t.chars().count() == 1).and_then(|c| declared.task_of_letter(c));
+                let by_name = || declared.get(t).map(|_| Task::Declared(t.to_string()));
+                Some(Task::parse(t).or_else(by_letter).or_else(by_name).ok_or_else(|| StageError::Failed(format!("training `{}`: label task={t} is not a task", input.stage_id)))?)
+            }
             None => match summary.tasks.as_slice() {
-                [one] => Some(*one),
+                [one] => Some(one.clone()),
                 _ => None,
             },
         };

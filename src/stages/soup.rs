@@ -26,6 +26,7 @@ impl StageKind for Soup {
             version: 1,
             doc: "model soup: a weighted merge of fine-tuned models on their effective LoRA weights",
             uses_input_labels: false,
+            reads_declared_rewards: false,
             params: SoupParams::specs(),
             inputs: vec![InputSpec {
                 name: "models",
@@ -69,7 +70,7 @@ impl StageKind for Soup {
         for r in &records {
             for t in &r.tasks {
                 if !tasks.contains(t) {
-                    tasks.push(*t);
+                    tasks.push(t.clone());
                 }
             }
         }

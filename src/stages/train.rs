@@ -169,7 +169,7 @@ pub fn train(ctx: &mut StageContext, spec: TrainSpec, model: &ModelRecord, adapt
     let summary = TrainSummary::of_log(&spec.method, &spec.tasks, &trained.log, settings.epochs, total_steps, settings.batch as u64);
     write_json(&out.join(TRAIN_SUMMARY_FILE), &summary)?;
     let mut record = model.clone();
-    record.tasks.extend(spec.tasks.iter().copied());
+    record.tasks.extend(spec.tasks.iter().cloned());
     record.origin = if spec.method == "joint" { "joint".into() } else { "finetune".into() };
     record.adapters = Some(ADAPTERS_FILE.into());
     record.write(&out)?;

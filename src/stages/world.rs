@@ -51,6 +51,10 @@ pub struct WorldSpec {
     pub aesthetic_head: PathBuf,
     /// The human-preference model (HPSv2 at paper scale).
     pub hps: ClipFiles,
+    /// PickScore, a transformers `CLIPModel` folder with its processor and tokenizer files:
+    /// the task `pickscore` and its metric; absent when the world has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pickscore: Option<PathBuf>,
     /// CLIP of the CLIP score (and of FID in the tiny world).
     pub clip_score: ClipFiles,
     pub fid_features: FidFeatures,
@@ -148,6 +152,7 @@ stage_params! {
         pub root: PathBuf = required().doc("the tiny world's folder with world.json (the repo's tiny/weights, or a pretrain pipeline's export)"),
         pub compress_reduction: Reduction = param(Reduction::Mean).doc("reduction of the compressibility reward's squared JPEG error over channels and pixels: mean (the tiny world's recipe was set with it; docs/tiny-world.md) or sum (Eq. 2)"),
         pub lora_targets: Vec<String> = lora_targets_param(),
+        pub pickscore: Option<PathBuf> = pickscore_param(),
     }
 }
 
@@ -168,7 +173,16 @@ stage_params! {
         pub jpeg_quality: f64 = param(80.0).min(1).max(100).doc("JPEG quality of the differentiable JPEG in the compressibility reward"),
         pub compress_reduction: Reduction = param(Reduction::Sum).doc("reduction of the compressibility reward's squared JPEG error over channels and pixels: sum (the paper's Eq. 2) or mean"),
         pub lora_targets: Vec<String> = lora_targets_param(),
+        pub pickscore: Option<PathBuf> = pickscore_param(),
     }
+}
+
+/// The `pickscore` parameter of the worlds (in the cache key only when given, so studies cached
+/// before it keep their keys).
+fn pickscore_param() -> crate::pipeline::params::Field<Option<PathBuf>> {
+    crate::pipeline::params::param(None)
+        .keyed_when_set()
+        .doc("PickScore (docs/rewards.md): a transformers CLIPModel folder (config.json, model.safetensors, preprocessor_config.json, vocab.json, merges.txt); gives the task `pickscore` and the evaluation metric of that name. Public original: https://huggingface.co/yuvalkirstain/PickScore_v1, with the processor and tokenizer files of https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
 }
 
 /// The kinds' names in pipelines.
@@ -216,6 +230,7 @@ impl StageKind for TinyWorld {
             version: 1,
             doc: "the embedded tiny world (its models, rewards and prompts) as the base model of a study",
             uses_input_labels: false,
+            reads_declared_rewards: false,
             params: TinyWorldParams::specs(),
             inputs: Vec::new(),
         }
@@ -277,6 +292,7 @@ pub fn tiny_world_spec(root: &Path) -> Result<WorldSpec, StageError> {
         aesthetic_clip: clip(&m.aesthetic_clip, "aesthetic CLIP")?,
         aesthetic_head: at(&m.aesthetic_head, "aesthetic head")?,
         hps: clip(&m.hps, "preference model")?,
+        pickscore: None,
         clip_score: clip(&m.clip_score, "CLIP-score model")?,
         fid_features: FidFeatures::Clip,
         inception: None,
@@ -307,8 +323,9 @@ impl StageKind for Sd15World {
         KindSchema {
             kind: SD15_WORLD,
             version: 1,
-            doc: "the paper scale: Stable Diffusion v1.5 with CLIP ViT-L/14, the LAION aesthetic head, HPSv2 and Inception, from local files",
+            doc: "the paper scale: Stable Diffusion v1.5 with CLIP ViT-L/14, the LAION aesthetic head, HPSv2 (and PickScore when given) and Inception, from local files",
             uses_input_labels: false,
+            reads_declared_rewards: false,
             params: Sd15WorldParams::specs(),
             inputs: vec![InputSpec {
                 name: "fid_stats",
@@ -343,7 +360,7 @@ impl StageKind for Sd15World {
 impl TinyWorldParams {
     /// The world these parameters describe (its files must exist).
     pub fn world(&self) -> Result<WorldSpec, StageError> {
-        Ok(WorldSpec { compress_reduction: self.compress_reduction, ..tiny_world_spec(&self.root)? })
+        Ok(WorldSpec { compress_reduction: self.compress_reduction, pickscore: self.pickscore.clone(), ..tiny_world_spec(&self.root)? })
     }
 }
 
@@ -368,6 +385,7 @@ impl Sd15WorldParams {
                 config: Some(self.hpsv2_config.clone()),
                 tokenizer: self.bpe.clone(),
             },
+            pickscore: self.pickscore.clone(),
             clip_score: clip_l14,
             fid_features: FidFeatures::Inception,
             inception: Some(self.inception.clone()),

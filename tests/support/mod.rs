@@ -53,6 +53,7 @@ impl StageKind for WriteKind {
             version: 1,
             doc: "test kind",
             uses_input_labels: false,
+            reads_declared_rewards: false,
             params: WriteParams::specs(),
             inputs: vec![InputSpec {
                 name: "deps",

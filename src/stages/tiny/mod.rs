@@ -161,7 +161,7 @@ pub struct Tiny<K>(pub K);
 
 impl<K: TinyKind> StageKind for Tiny<K> {
     fn schema(&self) -> KindSchema {
-        KindSchema { kind: K::KIND, version: K::VERSION, doc: K::DOC, uses_input_labels: false, params: K::Params::specs(), inputs: K::inputs() }
+        KindSchema { kind: K::KIND, version: K::VERSION, doc: K::DOC, uses_input_labels: false, reads_declared_rewards: false, params: K::Params::specs(), inputs: K::inputs() }
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
