@@ -15,16 +15,15 @@ use ril_pipe::method::objective::{Backprop, Distill, DistillSpace, MicroBatch, O
 use ril_pipe::method::optim::{AdamW, AdamWConfig};
 use ril_pipe::method::sampling::{initial_latents, Sampler, SamplerConfig};
 use ril_pipe::models::lora::LoraInit;
-use ril_pipe::stages::diffusion::Diffusion;
-use ril_pipe::stages::precision::Precision;
+use ril_pipe::models::precision::Precision;
 use ril_pipe::stages::reward_set::task_reward;
-use ril_pipe::stages::records::Task;
+use ril_pipe::records::Task;
 use ril_pipe::stages::world::{read_prompts, ModelRecord, WorldSpec};
 use tch::{Device, Tensor};
 
 const BATCH: usize = 8;
 const STEPS: usize = 10;
-const REPEATS: usize = 7;
+const REPEATS: usize = 21;
 
 fn world_root() -> PathBuf {
     if let Some(arg) = std::env::args().skip(1).find(|a| !a.starts_with('-')) {
@@ -55,6 +54,7 @@ fn record(root: &std::path::Path) -> ModelRecord {
             aesthetic_clip: clip("aesthetic_clip"),
             aesthetic_head: at("aesthetic_head"),
             hps: clip("hps"),
+            pickscore: None,
             clip_score: clip("clip_score"),
             fid_features: ril_pipe::stages::world::FidFeatures::Clip,
             inception: None,
@@ -82,10 +82,10 @@ fn main() {
     tch::set_num_threads(threads);
     let device = Device::Cpu;
     let model = record(&root);
-    let diffusion = Diffusion::load(&model, None, device, Precision::Fp32).expect("load the world");
+    let diffusion = model.load_diffusion(None, device, Precision::Fp32).expect("load the world");
     diffusion.lora.add_adapter(4, LoraInit::KaimingUniform, 0).expect("adapter");
     diffusion.lora.init_teacher().expect("teacher");
-    let reward = task_reward(Task::Aesthetic, &model.world, device, Precision::Fp32).expect("reward");
+    let reward = task_reward(&Task::Aesthetic, &model.world, &Default::default(), device, Precision::Fp32).expect("reward");
     let sampler = Sampler::new(diffusion.ddim.clone(), SamplerConfig { steps: STEPS, eta: 0.0, guidance: 3.0 }).expect("sampler");
     let prompts: Vec<String> = read_prompts(&model.world.train_prompts).expect("prompts").into_iter().take(BATCH).collect();
     let cond = diffusion.encode_prompts(&prompts).expect("encode");

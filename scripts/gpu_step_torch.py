@@ -5,7 +5,7 @@ Prints one JSON line per micro-batch size.
 The models: a diffusers UNet2DConditionModel and AutoencoderKL (SD1.5's configs by default), a
 transformers CLIPVisionModelWithProjection (ViT-L/14 by default) with an MLP of the LAION
 aesthetic head's shape, and a reference LoRA wrapper on to_q/to_k/to_v/to_out.0 (as
-tests/parity/fixtures_unet.py). Frozen models in --precision, LoRA parameters fp32 and cast to
+scripts/torch_reference.py). Frozen models in --precision, LoRA parameters fp32 and cast to
 the activations' dtype for each call, as ril-pipe does.
 
 The step (src/method/objective.rs): the guided last UNet call z_1 -> z_0 with gradient, the DDIM
@@ -21,41 +21,26 @@ UNet call without gradient (a sampling step N..2).
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 try:
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from torch_reference import adapter_parameters, kaiming_zero, sd15_unet_config, sd15_vae_config, wrap_lora
 except ImportError as e:  # gpu_check.sh reports this and skips the comparison
     print(json.dumps({"side": "pytorch", "error": f"missing python package: {e.name}"}))
     sys.exit(3)
 
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def sd15_unet() -> dict:
-    return dict(
-        act_fn="silu", attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280), center_input_sample=False,
-        cross_attention_dim=768, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
-        mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=32, out_channels=4, sample_size=64,
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
-
-
-def sd15_vae() -> dict:
-    return dict(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-        act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
-    )
 
 
 def vit_l14() -> dict:
@@ -68,38 +53,11 @@ def load_config(spec: str, builtin: str, default) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("model_type", "architectures")}
 
 
-class LoraLinear(torch.nn.Module):
-    """W x + b + B (A x): A, B fp32 (Kaiming-uniform A, small random B), cast per call; an EMA
-    teacher copy used while `use_teacher` is set."""
-
-    def __init__(self, base: torch.nn.Linear, rank: int):
-        super().__init__()
-        self.base = base
-        bound = 1.0 / math.sqrt(base.in_features)
-        device = base.weight.device
-        self.lora_A = torch.nn.Parameter(torch.empty(rank, base.in_features, device=device).uniform_(-bound, bound))
-        self.lora_B = torch.nn.Parameter(torch.randn(base.out_features, rank, device=device) * 1e-3)
-        self.teacher = None
-        self.use_teacher = False
-
-    def forward(self, x):
-        a, b = self.teacher if (self.use_teacher and self.teacher is not None) else (self.lora_A, self.lora_B)
-        return self.base(x) + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
-
-
-def add_lora(model: torch.nn.Module, rank: int) -> list:
-    wrappers = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in LORA_TARGETS):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            wrapper = LoraLinear(module, rank)
-            if isinstance(parent, torch.nn.ModuleList):
-                parent[int(child)] = wrapper
-            else:
-                setattr(parent, child, wrapper)
-            wrappers.append(wrapper)
-    return wrappers
+def small_random_b(base: torch.nn.Linear, rank: int) -> tuple:
+    """A Kaiming-uniform, B small and random: a non-zero B makes A's gradient (and the teacher's
+    pass) real work, as bench-step does."""
+    a, b = kaiming_zero(base, rank)
+    return a, torch.randn_like(b) * 1e-3
 
 
 def sd15_alphas_cumprod() -> torch.Tensor:
@@ -134,16 +92,16 @@ def main() -> int:
     chunk = max(args.decode_chunk, 1)
     torch.manual_seed(0)
     with torch.device(device):
-        unet = UNet2DConditionModel(**load_config(args.unet, "sd15", sd15_unet)).to(dtype=dtype)
-        vae = AutoencoderKL(**load_config(args.vae, "sd15", sd15_vae)).to(dtype=dtype)
+        unet = UNet2DConditionModel(**load_config(args.unet, "sd15", sd15_unet_config)).to(dtype=dtype)
+        vae = AutoencoderKL(**load_config(args.vae, "sd15", sd15_vae_config)).to(dtype=dtype)
         vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**load_config(args.clip, "vit-l14", vit_l14))).to(dtype=dtype)
         proj = vision.config.projection_dim
         head = torch.nn.Sequential(*[torch.nn.Linear(i, o) for i, o in zip([proj, 1024, 128, 64, 16], [1024, 128, 64, 16, 1])]).to(dtype=dtype)
     for model in (unet, vae, vision, head):
         model.requires_grad_(False)
     frozen = sum(t.numel() for m in (unet, vae, vision, head) for t in m.parameters())
-    wrappers = add_lora(unet, args.rank)
-    params = [t for w in wrappers for t in (w.lora_A, w.lora_B)]
+    wrappers = list(wrap_lora(unet, args.rank, init=small_random_b).values())
+    params = adapter_parameters(dict(enumerate(wrappers)))
     if rid:
         for w in wrappers:
             w.teacher = (w.lora_A.detach().clone(), w.lora_B.detach().clone())

@@ -6,6 +6,8 @@
 //! - [`models`]: UNet, VAE, CLIP, LoRA, DDIM, Inception, aesthetic head, weight loading.
 //! - [`rewards`] and [`metrics`]: differentiable rewards and evaluation metrics.
 //! - [`tiny`]: the embedded tiny world (procedural scenes, prompts, ratings).
+//! - [`records`]: what stages write for each other and the report reads (evaluations, training
+//!   logs, forgetting); plain data.
 //! - [`method`]: sampling with truncated backprop, baseline and RID objectives, AdamW.
 //! - [`stages`]: one file per stage kind, gluing the pipeline to the models.
 //! - [`report`]: paper-style tables (polars) and charts (plotters).
@@ -14,6 +16,7 @@ pub mod method;
 pub mod metrics;
 pub mod models;
 pub mod pipeline;
+pub mod records;
 pub mod report;
 pub mod rewards;
 pub mod stages;

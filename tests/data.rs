@@ -6,10 +6,7 @@ use std::path::{Path, PathBuf};
 
 use ril_pipe::pipeline::{load_for_plan, Override};
 use ril_pipe::stages::world::{verify_bundle, BUNDLE_MANIFEST};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::support::repo;
 
 fn files_under(root: &Path, dir: &Path, out: &mut BTreeSet<String>) {
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -67,7 +64,12 @@ fn paper_pipeline_reads_the_repository_data_and_only_the_weights_from_outside() 
     let pipeline = load_for_plan(&file, &ril_pipe::stages::registry().schemas(), &overrides).unwrap();
     let base = pipeline.stages.iter().find(|s| s.id == "base").unwrap();
     let missing: BTreeSet<&str> = base.missing_files.iter().map(|m| m.param.as_str()).collect();
-    assert_eq!(missing, BTreeSet::from(["sd15", "clip_l14", "hpsv2", "hpsv2_config", "inception", "fid_reference"]));
+    assert_eq!(missing, BTreeSet::from(["sd15", "clip_l14", "hpsv2", "hpsv2_config", "inception"]));
+    // The FID reference comes from MS-COCO images through a `fid_stats` stage.
+    let fid = pipeline.stages.iter().find(|s| s.id == "fid/coco").unwrap();
+    let missing: BTreeSet<&str> = fid.missing_files.iter().map(|m| m.param.as_str()).collect();
+    assert_eq!(missing, BTreeSet::from(["images", "inception"]));
+    assert!(pipeline.stages.iter().any(|s| s.kind == "report" && s.params["paper_numbers"] == serde_json::json!(true)), "the study ends in its report, with the paper's numbers");
     let data = repo().join("data").canonicalize().unwrap();
     for param in ["aesthetic_head", "bpe", "train_prompts", "test_prompts"] {
         let path = PathBuf::from(base.params[param].as_str().unwrap());

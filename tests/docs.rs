@@ -4,10 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use ril_pipe::pipeline::{expand, spec, FileCheck};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::support::repo;
 
 /// README.md and every page of docs/.
 fn pages() -> Vec<PathBuf> {

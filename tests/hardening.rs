@@ -17,6 +17,8 @@ mod input;
 #[path = "hardening/paths.rs"]
 mod paths;
 
+pub use support::{wait_for, world};
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -25,12 +27,6 @@ use std::time::{Duration, Instant};
 /// The shipped binary.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_ril-pipe")
-}
-
-pub fn world(name: &str) -> PathBuf {
-    let root = PathBuf::from(std::env::var_os("RIL_FIXTURES").expect("RIL_FIXTURES is not set: run through `make hardening`")).join("world");
-    assert!(root.join(".stamp").exists(), "fixtures for `world` missing: run `make fixtures`");
-    root.join(name)
 }
 
 /// Settings that keep fine-tunes and evaluations of the random world to about a second.
@@ -258,17 +254,6 @@ pub fn seed() -> u64 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64)
-}
-
-pub fn wait_for(pred: impl Fn() -> bool, limit: Duration) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if pred() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    false
 }
 
 /// Sends SIGKILL (what `kill -9` does) and reaps the process.

@@ -2,7 +2,6 @@
 //! committed tiny world (a RID chain of two tasks, a soup with unequal coefficients): the files
 //! and weights it lists, and the exported adapters read back give the model's own UNet output.
 //! (The comparison with diffusers itself is the parity test `tests/parity/lora_export.rs`.)
-mod support;
 
 use std::path::Path;
 
@@ -14,10 +13,9 @@ use ril_pipe::models::lora::peft::AdapterIndex;
 use ril_pipe::models::lora::LoraGroup;
 use ril_pipe::models::weights::TensorMap;
 use ril_pipe::pipeline::{load_resolved, Override};
-use ril_pipe::stages::diffusion::Diffusion;
-use ril_pipe::stages::precision::Precision;
+use ril_pipe::models::precision::Precision;
 use ril_pipe::stages::world::ModelRecord;
-use support::{output_text, ril_in, tiny_weights};
+use crate::support::{max_abs_diff, output_text, ril_in, tiny_weights};
 use tch::{Device, Kind, Tensor};
 
 const PIPELINE: &str = r#"
@@ -49,7 +47,7 @@ fn outputs(dir: &Path, stage: &str, exported: &Path) -> (Tensor, Tensor) {
     let cache = Cache::new(dir.join("cache"));
     let object = plan(&pipeline, &registry, &cache, &FileHasher::ephemeral()).unwrap().cached_object(&cache, stage, &[]).unwrap();
     let (record, adapters) = ModelRecord::of_object(&object, stage).unwrap();
-    let diffusion = Diffusion::load(&record, adapters.as_deref(), Device::Cpu, Precision::Fp32).unwrap();
+    let diffusion = record.load_diffusion(adapters.as_deref(), Device::Cpu, Precision::Fp32).unwrap();
     tch::manual_seed(3);
     let sample = Tensor::randn([2, 4, 8, 8], (Kind::Float, Device::Cpu));
     let timesteps = Tensor::from_slice(&[901i64, 21]);
@@ -62,10 +60,6 @@ fn outputs(dir: &Path, stage: &str, exported: &Path) -> (Tensor, Tensor) {
     let inputs: TensorMap = [("sample", sample), ("timestep", timesteps), ("encoder_hidden_states", context)].into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     let theirs = component::run(Operation::Unet, &loaded, &inputs).unwrap().into_iter().find(|(n, _)| n == "sample").unwrap().1;
     (own, theirs)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
 }
 
 #[test]

@@ -1,23 +1,17 @@
 //! The method's stage kinds end to end on a miniature random world (saved by diffusers and
 //! transformers themselves, `tests/parity/fixtures_world.py`): what the paper's method promises
 //! must hold for the real stages, not only for the functions inside them.
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ril_pipe::exec::filehash::FileHasher;
 use ril_pipe::exec::plan::plan;
-use ril_pipe::exec::run::Outcome;
+use ril_pipe::exec::launch::Outcome;
 use ril_pipe::exec::{run, Cache, RunOptions};
+use ril_pipe::method::checkpoint::Checkpoint;
 use ril_pipe::pipeline::{load_resolved, Override, ResolvedPipeline};
-use ril_pipe::stages::records::{EvaluationRecord, Metric, TrainLogLine};
+use ril_pipe::records::{EvaluationRecord, Metric, TrainLogLine};
 use ril_pipe::stages::registry;
-use tch::Tensor;
-
-fn world(name: &str) -> PathBuf {
-    let root = PathBuf::from(std::env::var_os("RIL_FIXTURES").expect("RIL_FIXTURES is not set: run through `make test`")).join("world");
-    assert!(root.join(".stamp").exists(), "fixtures for `world` missing: run `make fixtures`");
-    root.join(name)
-}
+use crate::support::{object, tensors, world};
 
 /// Fine-tunes of a few steps on the random world: cheap, and enough to move the adapters.
 fn pipeline(dir: &Path, world_name: &str, stages: &str) -> PathBuf {
@@ -55,16 +49,6 @@ fn run_all(p: &ResolvedPipeline, cache: &Cache) -> ril_pipe::exec::RunSummary {
         }
     }
     summary
-}
-
-fn object(p: &ResolvedPipeline, cache: &Cache, id: &str) -> PathBuf {
-    let pl = plan(p, &registry(), cache, &FileHasher::ephemeral()).unwrap();
-    let stage = pl.stages.iter().find(|s| s.stage.id == id).unwrap_or_else(|| panic!("no stage {id}"));
-    cache.object_dir(&stage.key).unwrap()
-}
-
-fn tensors(path: &Path) -> BTreeMap<String, Tensor> {
-    Tensor::read_safetensors(path).unwrap().into_iter().collect()
 }
 
 const CHAIN: &str = r#"
@@ -207,15 +191,13 @@ fn an_interrupted_finetune_resumes_to_the_same_result() {
     let cancel = opts.cancel.clone();
     // Stop the run once the fine-tune has checkpointed its third step.
     let pl = plan(&p, &registry(), &cache, &FileHasher::ephemeral()).unwrap();
-    let partial = cache.partial_dir(&pl.stages[1].key).unwrap().join("state.json");
+    let partial = cache.partial_dir(&pl.stages[1].key).unwrap().join("checkpoint.safetensors");
     let watcher = std::thread::spawn(move || {
         let start = std::time::Instant::now();
         while start.elapsed() < std::time::Duration::from_secs(300) {
-            if let Ok(text) = std::fs::read_to_string(&partial) {
-                if serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|v| v["step"].as_u64() >= Some(3)) {
-                    cancel.store(true, std::sync::atomic::Ordering::SeqCst);
-                    return true;
-                }
+            if Checkpoint::saved_step(&partial) >= Some(3) {
+                cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+                return true;
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }

@@ -7,20 +7,7 @@ use std::process::Command;
 use ril_pipe::models::weights::{read_safetensors, TensorMap};
 use serde_json::{json, Value};
 use tch::{Kind, Tensor};
-
-fn fixtures(area: &str) -> PathBuf {
-    let root = std::env::var_os("RIL_FIXTURES")
-        .map(PathBuf::from)
-        .expect("RIL_FIXTURES is not set: run the tests through `make test` (or `make fixtures` and source scripts/dev-env.sh)");
-    let dir = root.join(area);
-    assert!(dir.join(".stamp").exists(), "fixtures for `{area}` missing in {}: run `make fixtures`", dir.display());
-    dir
-}
-
-/// The public data the repository carries (`data/README.md`).
-fn data() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data")
-}
+use crate::support::{data_dir, fixtures, max_abs_diff};
 
 struct Outcome {
     code: i32,
@@ -75,11 +62,6 @@ fn edit_json(path: &Path, edit: impl FnOnce(&mut Value)) {
     let mut value: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     edit(&mut value);
     std::fs::write(path, serde_json::to_string_pretty(&value).unwrap()).unwrap();
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size(), "shape mismatch");
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
 }
 
 const DIFFUSERS_FILES: [&str; 2] = ["config.json", "diffusion_pytorch_model.safetensors"];
@@ -203,7 +185,7 @@ fn inspect_without_model_index_reads_the_standard_subfolders() {
 
 /// (path, expected kind), each a component that loads cleanly.
 fn clean_components() -> Vec<(PathBuf, &'static str)> {
-    let weights = data().join("weights");
+    let weights = data_dir().join("weights");
     vec![
         (fixtures("unet").join("three_blocks_linear"), "unet"),
         (fixtures("unet").join("all_xattn_odd").join(UNET_WEIGHTS), "unet"),
@@ -221,7 +203,7 @@ fn clean_components() -> Vec<(PathBuf, &'static str)> {
         (fixtures("inception").join("pt_inception_random.pth"), "inception_fid"),
         (fixtures("ddim").join("sd15_scheduler_config.json"), "scheduler"),
         (fixtures("tokenizer").join("hf_tokenizer"), "tokenizer"),
-        (data().join("bpe_simple_vocab_16e6.txt.gz"), "tokenizer"),
+        (data_dir().join("bpe_simple_vocab_16e6.txt.gz"), "tokenizer"),
     ]
 }
 
@@ -244,7 +226,7 @@ fn inspect_recognises_single_components_of_every_kind() {
 
 #[test]
 fn inspect_shows_what_it_read_off_each_checkpoint() {
-    let laion = inspect_json(&data().join("weights/laion_aesthetic_v2_sac_logos_ava1_l14_linearMSE.safetensors")).json();
+    let laion = inspect_json(&data_dir().join("weights/laion_aesthetic_v2_sac_logos_ava1_l14_linearMSE.safetensors")).json();
     assert_eq!(laion["components"][0]["config"]["dims"], json!([768, 1024, 128, 64, 16, 1]));
     let small = inspect_json(&fixtures("aesthetic").join("small_head.safetensors")).json();
     assert_eq!(small["components"][0]["config"]["dims"], json!([32, 24, 8, 1]));
@@ -560,7 +542,7 @@ fn run_clip_towers_reproduce_the_reference_outputs() {
 #[test]
 fn run_aesthetic_and_inception_reproduce_the_reference_outputs() {
     let r = read_safetensors(&fixtures("aesthetic").join("laion.safetensors")).unwrap();
-    let head = data().join("weights/laion_aesthetic_v2_sac_logos_ava1_l14_linearMSE.pth");
+    let head = data_dir().join("weights/laion_aesthetic_v2_sac_logos_ava1_l14_linearMSE.pth");
     let (out, t) = run_component("aesthetic", &head, &[("embeddings", &r["embeddings"])], &[]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_close("laion scores", &t["scores"], &r["scores"]);

@@ -2,23 +2,17 @@
 //! fine-tune (frozen models in bf16, LoRA, teacher and optimizer in fp32) runs on the CPU, stays
 //! close to the fp32 one, and an fp32 stage is what it always was. The memory estimate of
 //! `plan` is filled in for the stages that load models.
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ril_pipe::exec::filehash::FileHasher;
 use ril_pipe::exec::plan::plan;
-use ril_pipe::exec::run::Outcome;
+use ril_pipe::exec::launch::Outcome;
 use ril_pipe::exec::{run, Cache, RunOptions};
 use ril_pipe::pipeline::{load_resolved, ResolvedPipeline};
-use ril_pipe::stages::records::{EvaluationRecord, TrainLogLine};
+use ril_pipe::records::{EvaluationRecord, TrainLogLine};
 use ril_pipe::stages::registry;
-use tch::{Kind, Tensor};
-
-fn world() -> PathBuf {
-    let root = PathBuf::from(std::env::var_os("RIL_FIXTURES").expect("RIL_FIXTURES is not set: run through `make test`")).join("world");
-    assert!(root.join(".stamp").exists(), "fixtures for `world` missing: run `make fixtures`");
-    root.join("random")
-}
+use tch::Kind;
+use crate::support::{object, tensors, world};
 
 const STAGES: &str = r#"
   - id: ft/${precision}
@@ -44,21 +38,11 @@ stages:
     kind: tiny_world
     params: {{root: "{root}"}}
 {STAGES}"#,
-        root = world().display()
+        root = world("random").display()
     );
     let path = dir.join("p.yaml");
     std::fs::write(&path, text).unwrap();
     load_resolved(&path, &registry().schemas(), &[]).unwrap()
-}
-
-fn object(p: &ResolvedPipeline, cache: &Cache, id: &str) -> PathBuf {
-    let pl = plan(p, &registry(), cache, &FileHasher::ephemeral()).unwrap();
-    let stage = pl.stages.iter().find(|s| s.stage.id == id).unwrap_or_else(|| panic!("no stage {id}"));
-    cache.object_dir(&stage.key).unwrap()
-}
-
-fn tensors(path: &Path) -> BTreeMap<String, Tensor> {
-    Tensor::read_safetensors(path).unwrap().into_iter().collect()
 }
 
 fn train_log(dir: &Path) -> Vec<TrainLogLine> {
@@ -104,7 +88,7 @@ fn a_bf16_finetune_keeps_fp32_adapters_and_stays_close_to_fp32() {
     assert!(norm > 1e-4, "the fp32 fine-tune did not move B");
     assert!(diff > 0.0, "bf16 changed nothing: the precision was not applied");
     let relative = (dsq / nsq).sqrt();
-    assert!(relative < 0.15, "bf16 adapters differ from the fp32 ones by {relative} (relative Frobenius)");
+    assert!(relative < 0.10, "bf16 adapters differ from the fp32 ones by {relative} (relative Frobenius)");
     assert!(agree / count > 0.95, "only {} of the B elements moved the same way", agree / count);
     assert!(diff <= 2.0 * 1e-2 * 2.0 + 1e-6, "an element moved further than two AdamW steps: {diff}");
     // Finite rewards, losses and gradients at every step, in both precisions; close rewards.
@@ -113,7 +97,7 @@ fn a_bf16_finetune_keeps_fp32_adapters_and_stays_close_to_fp32() {
     for (a, b) in log32.iter().zip(&log16) {
         assert!(b.reward.is_finite() && b.loss.is_finite() && b.grad_norm.is_finite() && b.grad_norm > 0.0, "{b:?}");
         println!("step {}: reward fp32 {:.6} bf16 {:.6}, grad norm fp32 {:.4e} bf16 {:.4e}", a.step, a.reward, b.reward, a.grad_norm, b.grad_norm);
-        assert!((a.reward - b.reward).abs() <= 0.05 * a.reward.abs().max(1e-3), "step {}: {} vs {}", a.step, a.reward, b.reward);
+        assert!((a.reward - b.reward).abs() <= 0.02 * a.reward.abs().max(1e-3), "step {}: {} vs {}", a.step, a.reward, b.reward);
         assert!((a.grad_norm - b.grad_norm).abs() <= 0.02 * a.grad_norm, "step {}: gradient norm {} vs {}", a.step, a.grad_norm, b.grad_norm);
     }
     // Evaluating the same model in bf16 gives nearly the fp32 metrics.

@@ -1,24 +1,25 @@
 //! Reports: table layouts and values from a known fixture, LaTeX escaping, charts and montages
 //! written, the flat metrics, the regression gate's verdicts, and the report stage end to end
 //! (run by the runner with fixture stages, computed alone from cached inputs, published).
-mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ril_pipe::exec::kind::{StageContext, StageError, StageKind};
-use ril_pipe::exec::{run, Cache, Params, Registry, RunOptions};
-use ril_pipe::pipeline::schema::{InputSpec, KindSchema, ParamSpec, ParamType};
-use ril_pipe::pipeline::{load_resolved, Override};
-use ril_pipe::report::check::{compare, judge, Baseline, BaselineMetric, Direction, Verdict};
+use ril_pipe::exec::{run, Cache, Registry, RunOptions};
+use ril_pipe::pipeline::params::StageParams;
+use ril_pipe::pipeline::schema::{InputSpec, KindSchema};
+use ril_pipe::pipeline::{load_resolved, Override, ResolvedPipeline};
+use ril_pipe::report::check::{compare, judge, merged_metrics, Baseline, BaselineMetric, Direction, Verdict};
 use ril_pipe::report::frames::Frames;
-use ril_pipe::report::publish::{cached_reports, ensure_reports, merged_metrics, publish, PublishError};
+use ril_pipe::exec::publish::{cached_of_kind, ensure_of_kind, publish_objects, CachedObject, PublishError};
+use ril_pipe::report::charts::file_stem;
 use ril_pipe::report::render::{csv, latex, latex_escape, markdown};
 use ril_pipe::report::tables::{build_all, BuiltTables, Table};
 use ril_pipe::report::{write_report, Evaluation, ForgettingRun, ReportOptions, StudyInputs, Training};
-use ril_pipe::stages::forgetting::forgetting;
-use ril_pipe::stages::records::{EvaluationRecord, Metric, Task, TrainLogLine, TrainSummary};
+use ril_pipe::records::forgetting;
+use ril_pipe::records::{EvaluationRecord, Metric, Task, TrainLogLine, TrainSummary};
 use serde_json::json;
 
 // ---------------------------------------------------------------- fixture
@@ -58,6 +59,7 @@ fn record(tasks: &[Task], values: [f64; 6], origin: &str) -> EvaluationRecord {
         prompts: 4,
         images_per_prompt: 1,
         seed: 0,
+        rewards: Default::default(),
     }
 }
 
@@ -93,7 +95,7 @@ fn training(stage_id: &str, key: &str, method: &str, task: Task, seconds_per_epo
         stage_id: stage_id.into(),
         key: key.into(),
         method: method.into(),
-        task: Some(task),
+        task: Some(task.clone()),
         summary: TrainSummary {
             method: method.into(),
             tasks: vec![task],
@@ -529,6 +531,14 @@ fn check_command_exit_codes_and_update() {
 /// line to `count_file` whenever it really runs.
 struct FakeEval;
 
+ril_pipe::stage_params! {
+    struct FakeEvalParams {
+        tasks: String = param(String::new()).doc("task letters"),
+        values: Vec<f64> = required().doc("six metrics"),
+        count_file: String = param(String::new()),
+    }
+}
+
 impl StageKind for FakeEval {
     fn schema(&self) -> KindSchema {
         KindSchema {
@@ -536,20 +546,17 @@ impl StageKind for FakeEval {
             version: 1,
             doc: "test kind",
             uses_input_labels: false,
-            params: vec![
-                ParamSpec { name: "tasks", ty: ParamType::String, default: Some(json!("")), doc: "task letters" },
-                ParamSpec { name: "values", ty: ParamType::List(Box::new(ParamType::Float)), default: None, doc: "six metrics" },
-                ParamSpec { name: "count_file", ty: ParamType::String, default: Some(json!("")), doc: "" },
-            ],
+            reads_declared_rewards: false,
+            params: FakeEvalParams::specs(),
             inputs: vec![],
         }
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let p = ctx.params().clone();
-        count(&p)?;
-        let tasks: Vec<Task> = p.str_of("tasks")?.chars().filter_map(|c| Task::parse(&c.to_string())).collect();
-        let values: Vec<f64> = p["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let p: FakeEvalParams = ctx.typed_params()?;
+        count(&p.count_file)?;
+        let tasks: Vec<Task> = p.tasks.chars().filter_map(|c| Task::parse(&c.to_string())).collect();
+        let values = p.values;
         let r = EvaluationRecord {
             tasks,
             origin: "finetune".into(),
@@ -557,6 +564,7 @@ impl StageKind for FakeEval {
             prompts: 4,
             images_per_prompt: 1,
             seed: 0,
+            rewards: Default::default(),
         };
         r.write(&ctx.out_dir().join("metrics.json"))?;
         write_grid(&ctx.out_dir().join("grid.png"), 120);
@@ -567,6 +575,14 @@ impl StageKind for FakeEval {
 /// Writes a training log and summary.
 struct FakeTrain;
 
+ril_pipe::stage_params! {
+    struct FakeTrainParams {
+        method: String = required(),
+        seconds_per_epoch: f64 = required(),
+        count_file: String = param(String::new()),
+    }
+}
+
 impl StageKind for FakeTrain {
     fn schema(&self) -> KindSchema {
         KindSchema {
@@ -574,20 +590,17 @@ impl StageKind for FakeTrain {
             version: 1,
             doc: "test kind",
             uses_input_labels: false,
-            params: vec![
-                ParamSpec { name: "method", ty: ParamType::String, default: None, doc: "" },
-                ParamSpec { name: "seconds_per_epoch", ty: ParamType::Float, default: None, doc: "" },
-                ParamSpec { name: "count_file", ty: ParamType::String, default: Some(json!("")), doc: "" },
-            ],
+            reads_declared_rewards: false,
+            params: FakeTrainParams::specs(),
             inputs: vec![],
         }
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let p = ctx.params().clone();
-        count(&p)?;
-        let method = p.str_of("method")?.to_string();
-        let t = training(&ctx.stage.id, "", &method, Task::Aesthetic, p.f64_of("seconds_per_epoch")?, method == "rid");
+        let p: FakeTrainParams = ctx.typed_params()?;
+        count(&p.count_file)?;
+        let method = p.method;
+        let t = training(&ctx.stage.id, "", &method, Task::Aesthetic, p.seconds_per_epoch, method == "rid");
         let log: String = t.log.iter().map(|l| serde_json::to_string(l).unwrap() + "\n").collect();
         std::fs::write(ctx.out_dir().join("train_log.jsonl"), log)?;
         std::fs::write(ctx.out_dir().join("train_summary.json"), serde_json::to_vec(&t.summary).unwrap())?;
@@ -595,9 +608,8 @@ impl StageKind for FakeTrain {
     }
 }
 
-fn count(p: &serde_json::Map<String, serde_json::Value>) -> Result<(), StageError> {
+fn count(file: &str) -> Result<(), StageError> {
     use std::io::Write as _;
-    let file = p.str_of("count_file")?;
     if !file.is_empty() {
         writeln!(std::fs::OpenOptions::new().create(true).append(true).open(file)?, "x")?;
     }
@@ -679,18 +691,18 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn the_report_stage_runs_from_the_cache_and_publishes_atomically() {
     let dir = tempfile::tempdir().unwrap();
-    let file = support::write_pipeline(dir.path(), "study.yaml", STUDY);
+    let file = crate::support::write_pipeline(dir.path(), "study.yaml", STUDY);
     let counter = dir.path().join("count.txt");
     let sets = vec![format!("vars.count={}", counter.display())];
     let pipeline = resolve(&file, &sets);
     let cache = Cache::new(dir.path().join("cache"));
 
     // Nothing cached: the report lists what it lacks and runs nothing.
-    match ensure_reports(&pipeline, &registry(), &cache) {
-        Err(PublishError::MissingInputs(list)) => {
+    match ensure_reports(&pipeline, &cache) {
+        Err(PublishError::MissingInputs { kind, list }) => {
             assert!(list.iter().any(|l| l.starts_with("eval/base (fake_eval, not computed")), "{list:?}");
             assert!(list.iter().any(|l| l.starts_with("forgetting/rid/AHC (forgetting")), "{list:?}");
-            let text = PublishError::MissingInputs(list).to_string();
+            let text = PublishError::MissingInputs { kind, list }.to_string();
             assert!(text.contains("ril-pipe run"), "{text}");
         }
         other => panic!("expected missing inputs, got {other:?}"),
@@ -702,7 +714,7 @@ fn the_report_stage_runs_from_the_cache_and_publishes_atomically() {
     let ran = lines(&counter);
     assert_eq!(ran, 7 + 2, "7 evaluations, 2 trainings");
 
-    let reports = ensure_reports(&pipeline, &registry(), &cache).unwrap();
+    let reports = ensure_reports(&pipeline, &cache).unwrap();
     assert_eq!(reports.len(), 1);
     let root = dir.path().join("reports");
     let dest = publish(&reports, &root, &pipeline.name).unwrap();
@@ -720,7 +732,7 @@ fn the_report_stage_runs_from_the_cache_and_publishes_atomically() {
     changed.push("report.title=Second look".into());
     let pipeline2 = resolve(&file, &changed);
     std::fs::write(dest.join("stale.txt"), "from an older report").unwrap();
-    let reports = ensure_reports(&pipeline2, &registry(), &cache).unwrap();
+    let reports = ensure_reports(&pipeline2, &cache).unwrap();
     assert_eq!(lines(&counter), ran, "no input stage ran again");
     let dest = publish(&reports, &root, &pipeline2.name).unwrap();
     assert!(std::fs::read_to_string(dest.join("index.md")).unwrap().starts_with("# Second look"));
@@ -736,12 +748,26 @@ fn the_report_stage_runs_from_the_cache_and_publishes_atomically() {
     assert!(matches!(publish(&reports, &root, "../escape"), Err(PublishError::BadName(_))));
 
     // `check PIPELINE` reads the cached report's metrics; an uncomputed report is an error.
-    let metrics = merged_metrics(&cached_reports(&pipeline2, &registry(), &cache).unwrap()).unwrap();
+    let metrics = merged_metrics(cached_reports(&pipeline2, &cache).unwrap().iter().map(|r| r.dir.as_path())).unwrap();
     assert!(close(metrics["average/rid/aesthetic"], 5.65));
     assert!(close(metrics["forgetting/baseline/AHC/hps"], 0.03));
     let mut third = sets.clone();
     third.push("report.title=Never made".into());
-    assert!(matches!(cached_reports(&resolve(&file, &third), &registry(), &cache), Err(PublishError::NotReported(id)) if id == "report"));
+    assert!(matches!(cached_reports(&resolve(&file, &third), &cache), Err(PublishError::NotCached(id)) if id == "report"));
+}
+
+/// The pipeline's report stages, run from cached inputs if needed (as `ril-pipe report` does).
+fn ensure_reports(pipeline: &ResolvedPipeline, cache: &Cache) -> Result<Vec<CachedObject>, PublishError> {
+    ensure_of_kind(pipeline, &registry(), cache, "report")
+}
+
+fn cached_reports(pipeline: &ResolvedPipeline, cache: &Cache) -> Result<Vec<CachedObject>, PublishError> {
+    cached_of_kind(pipeline, &registry(), cache, "report")
+}
+
+/// Copies the reports to `<root>/<name>/` (as `ril-pipe report` does).
+fn publish(reports: &[CachedObject], root: &Path, name: &str) -> Result<PathBuf, PublishError> {
+    publish_objects(reports, root, name, file_stem)
 }
 
 #[test]

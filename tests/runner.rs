@@ -1,18 +1,18 @@
 //! The runner end to end with test-only kinds: expansion, validation messages, cache keys,
 //! atomic commits, resume after a killed run, locking, plan's reasons, gc.
-mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ril_pipe::exec::filehash::FileHasher;
 use ril_pipe::exec::plan::{plan, Status};
-use ril_pipe::exec::run::Outcome;
+use ril_pipe::exec::launch::Outcome;
 use ril_pipe::exec::{run, Cache, RunOptions};
 use ril_pipe::pipeline::{load_resolved, Override, PipelineError, ResolvedPipeline};
-use support::{executions, registry, write_pipeline};
+use crate::support::{executions, registry, write_pipeline};
+use crate::support::wait_for;
 
 fn resolve(file: &Path, sets: &[&str]) -> Result<ResolvedPipeline, PipelineError> {
     let overrides: Vec<Override> = sets.iter().map(|s| Override::parse(s).unwrap()).collect();
@@ -114,6 +114,12 @@ fn validation_errors_name_line_column_and_key() {
     let e = case("type.yaml", "stages:\n  - id: a\n    kind: write\n    params:\n      steps: many\n");
     assert!(e.starts_with("5:14: stage `a`: parameter `steps`: expected an integer, found string `\"many\"`"), "{e}");
 
+    let e = case("range.yaml", "stages:\n  - id: a\n    kind: write\n    params:\n      steps: 0\n");
+    assert!(e.starts_with("5:14: stage `a`: parameter `steps`: expected a value >= 1, found 0"), "{e}");
+
+    let e = case("range_default.yaml", "defaults: {write: {rate: -1}}\nstages:\n  - id: a\n    kind: write\n");
+    assert!(e.starts_with("1:26: stage `a`: parameter `rate`: expected a value in [0, 10], found -1.0"), "{e}");
+
     let e = case("enum.yaml", "stages:\n  - id: a\n    kind: write\n    params: {mode: c}\n");
     assert!(e.starts_with("4:20: stage `a`: parameter `mode`: expected one of a, b, found string `\"c\"`"), "{e}");
     assert!(!e.contains("did you mean"), "no suggestion for one-letter words: {e}");
@@ -165,6 +171,8 @@ fn overrides_reach_variables_defaults_and_stages() {
     }
     let err = resolve(&file, &["ft/AB/1.steps=lots"]).unwrap_err();
     assert!(err.to_string().contains("expected an integer"), "{err}");
+    let err = resolve(&file, &["ft/AB/1.steps=0"]).unwrap_err();
+    assert!(err.to_string().contains("parameter `steps`: expected a value >= 1, found 0"), "{err}");
 }
 
 #[test]
@@ -321,7 +329,7 @@ fn cancellation_stops_the_run_and_keeps_finished_stages() {
 /// Re-runs this test binary as a separate process that runs one pipeline (see `child_entry`).
 fn spawn_child(pipeline: &Path, cache: &Path) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_entry", "--ignored", "--nocapture", "--test-threads=1"])
+        .args(["--exact", "runner::child_entry", "--ignored", "--nocapture", "--test-threads=1"])
         .env("RIL_TEST_CHILD_PIPELINE", pipeline)
         .env("RIL_TEST_CHILD_CACHE", cache)
         .stdout(Stdio::null())
@@ -340,17 +348,6 @@ fn child_entry() {
     let p = resolve(Path::new(&pipeline), &[]).unwrap();
     let summary = run(&p, &registry(), &Cache::new(PathBuf::from(cache)), &RunOptions::default()).unwrap();
     assert!(summary.ok());
-}
-
-fn wait_for(pred: impl Fn() -> bool, limit: Duration) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if pred() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 #[test]
@@ -443,10 +440,10 @@ fn exec_stage_entry() {
     let (Some(spec), Some(cache)) = (std::env::var_os("RIL_TEST_EXEC_SPEC"), std::env::var_os("RIL_TEST_EXEC_CACHE")) else {
         return;
     };
-    let frozen: ril_pipe::exec::run::FrozenStage = serde_json::from_slice(&std::fs::read(spec).unwrap()).unwrap();
+    let frozen: ril_pipe::exec::launch::FrozenStage = serde_json::from_slice(&std::fs::read(spec).unwrap()).unwrap();
     let registry = registry();
     let kind = registry.get(&frozen.stage.kind).unwrap();
-    let (outcome, _) = ril_pipe::exec::run::execute_object(
+    let (outcome, _) = ril_pipe::exec::launch::local::execute_object(
         &Cache::new(PathBuf::from(cache)),
         kind.as_ref(),
         &frozen,
@@ -460,7 +457,7 @@ fn exec_stage_entry() {
 
 /// A stand-in for sbatch/squeue/scancel: jobs run at once in the background; squeue lists the
 /// ones whose process is alive.
-fn fake_slurm(dir: &Path) -> ril_pipe::exec::slurm::SlurmCommands {
+fn fake_slurm(dir: &Path) -> ril_pipe::exec::launch::slurm::SlurmCommands {
     let write = |name: &str, text: &str| {
         let p = dir.join(name);
         std::fs::write(&p, text).unwrap();
@@ -484,7 +481,7 @@ fn fake_slurm(dir: &Path) -> ril_pipe::exec::slurm::SlurmCommands {
         ),
     );
     let scancel = write("scancel", &format!("#!/bin/sh\nfor id in \"$@\"; do kill $(cat {s}/$id.pid) 2>/dev/null; done\n", s = state.display()));
-    ril_pipe::exec::slurm::SlurmCommands { sbatch, squeue, scancel }
+    ril_pipe::exec::launch::slurm::SlurmCommands { sbatch, squeue, scancel }
 }
 
 #[test]
@@ -497,13 +494,13 @@ fn slurm_executor_submits_each_stage_and_matches_the_local_run() {
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\n# exec-stage SPEC --cache DIR ...\nRIL_TEST_EXEC_SPEC=\"$2\" RIL_TEST_EXEC_CACHE=\"$4\" exec {} --exact exec_stage_entry --ignored --test-threads=1\n",
+            "#!/bin/sh\n# exec-stage SPEC --cache DIR ...\nRIL_TEST_EXEC_SPEC=\"$2\" RIL_TEST_EXEC_CACHE=\"$4\" exec {} --exact runner::exec_stage_entry --ignored --test-threads=1\n",
             std::env::current_exe().unwrap().display()
         ),
     )
     .unwrap();
     std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let mut config = ril_pipe::exec::slurm::SlurmConfig::new(wrapper);
+    let mut config = ril_pipe::exec::launch::slurm::SlurmConfig::new(wrapper);
     config.commands = fake_slurm(dir.path());
     config.poll_interval = Duration::from_millis(100);
     let slurm_cache = tempfile::tempdir().unwrap();

@@ -1,10 +1,9 @@
 //! `ril-pipe sample` on the committed tiny world, through the built binary: the evaluation's
 //! images come out again bitwise, and a stage that is not in the cache is refused with the
 //! command that computes it, training nothing.
-mod support;
 
 use ril_pipe::report::montage::{read_png, Rgb};
-use support::{output_text, ril_in, tiny_weights};
+use crate::support::{output_text, ril_in, tiny_weights};
 
 /// The base model and its evaluation: 3 test prompts x 2 images in batches of 4, so that a batch
 /// ends inside a prompt's images.
@@ -69,6 +68,14 @@ fn sample_gives_the_evaluations_images_bitwise() {
     assert_eq!(manifest["images"].as_array().unwrap().len(), 6);
     assert_eq!(manifest["images"][3]["index"], 3);
     assert_eq!(manifest["seed"], 77);
+
+    // Flags that stand for an evaluation's parameters obey their ranges; nothing is written.
+    for (flag, value, expected) in [("--guidance", "-1", "--guidance: expected a value >= 0, found -1.0"), ("--steps", "0", "--steps: expected a value in [1, 1000], found 0"), ("--batch-size", "0", "--batch-size: expected a value >= 1, found 0")] {
+        let flag_value = format!("{flag}={value}");
+        let out = ril_in(dir, &["sample", "p.yaml", "base", "--prompt", "a red circle", &flag_value, "--device", "cpu", "--out", "refused"]);
+        assert!(!out.status.success() && output_text(&out).contains(expected), "{flag} {value}: {}", output_text(&out));
+        assert!(!dir.join("refused").exists());
+    }
 }
 
 #[test]

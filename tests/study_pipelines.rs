@@ -3,16 +3,13 @@
 //! seeds, so its seed-0 stages are the demo's stages, with the same cache keys (after `make
 //! demo` they come from the cache), and its other seeds differ from them only in the seed.
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use ril_pipe::exec::plan::plan;
 use ril_pipe::exec::Cache;
 use ril_pipe::pipeline::load_resolved;
 use ril_pipe::stages::registry;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::support::repo;
 
 /// Stage id -> (kind, cache key) of a pipeline's plan against an empty cache.
 fn keys(file: &str) -> BTreeMap<String, (String, String)> {

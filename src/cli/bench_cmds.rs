@@ -28,7 +28,7 @@ use ril_pipe::rewards::aesthetic::AestheticReward;
 use ril_pipe::rewards::Reward;
 use ril_pipe::stages::device::{cuda_memory, gpus_for, tch_device};
 use ril_pipe::stages::memory::{training_estimate, TrainShapes, TrainStep};
-use ril_pipe::stages::precision::Precision;
+use ril_pipe::models::precision::Precision;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
@@ -203,7 +203,7 @@ fn run_method(args: &BenchStepArgs, cfg: &UNet2DConditionConfig, vae_cfg: &Autoe
     let m = args.micro.max(1);
     let context = |b: i64| (Tensor::randn([b, 77, cfg.cross_attention_dim], (Kind::Float, device)) * 0.5).to_kind(precision.kind());
     let (cond, uncond) = (context(m), context(1));
-    let side = args.resolution >> vae_cfg.block_out_channels.len().saturating_sub(1);
+    let side = vae_cfg.latent_side(args.resolution);
     let z_1 = Tensor::randn([m, cfg.in_channels, side, side], (Kind::Float, device));
     let prompts: Vec<String> = (0..m).map(|i| format!("prompt {i}")).collect();
     let batch = MicroBatch { cond: &cond, uncond: &uncond, prompts: &prompts, seed: 0 };

@@ -8,8 +8,10 @@ use clap::Args;
 use ril_pipe::exec::key::short_key;
 use ril_pipe::exec::plan::{plan as make_plan, Plan, Status};
 use ril_pipe::exec::progress::StageProgress;
-use ril_pipe::exec::run::{execute_object, format_seconds, FrozenStage, Outcome};
-use ril_pipe::exec::slurm::SlurmConfig;
+use ril_pipe::exec::launch::local::execute_object;
+use ril_pipe::exec::launch::{FrozenStage, Outcome};
+use ril_pipe::exec::progress::format_seconds;
+use ril_pipe::exec::launch::slurm::SlurmConfig;
 use ril_pipe::exec::{Cache, Executor, Registry, RunOptions};
 use ril_pipe::pipeline::{load_for_plan, load_resolved, Override, ResolvedPipeline};
 
@@ -134,6 +136,7 @@ fn install_interrupt(cancel: Arc<AtomicBool>) {
 pub fn run(args: RunArgs, cache: &Cache) -> anyhow::Result<i32> {
     let registry = registry();
     let pipeline = resolve(&args.pipeline, &registry)?;
+    ril_pipe::stages::reward_set::check_declared(&pipeline)?;
     let executor = match args.executor {
         ExecutorArg::Local => Executor::Local,
         ExecutorArg::Slurm => {
@@ -207,6 +210,7 @@ pub fn run(args: RunArgs, cache: &Cache) -> anyhow::Result<i32> {
 pub fn plan(args: PlanArgs, cache: &Cache) -> anyhow::Result<i32> {
     let registry = registry();
     let pipeline = resolve_for_plan(&args.pipeline, &registry)?;
+    ril_pipe::stages::reward_set::check_declared(&pipeline)?;
     let hasher = if cache.root().exists() {
         cache.file_hasher()
     } else {
@@ -358,7 +362,8 @@ pub fn kinds(args: KindsArgs) -> anyhow::Result<i32> {
                 Some(v) => format!("default {v}"),
                 None => "required".to_string(),
             };
-            println!("  param  {:<18} {:?}, {default} - {}", p.name, p.ty, p.doc);
+            let range = p.range.map(|r| format!(", range {r}")).unwrap_or_default();
+            println!("  param  {:<18} {:?}, {default}{range} - {}", p.name, p.ty, p.doc);
         }
     }
     if let Some(k) = &args.kind {
@@ -414,7 +419,7 @@ pub fn export(args: ExportArgs, cache: &Cache) -> anyhow::Result<i32> {
     let pipeline = resolve(&args.pipeline, &registry)?;
     let plan = make_plan(&pipeline, &registry, cache, &ril_pipe::exec::filehash::FileHasher::ephemeral())?;
     let object = plan.cached_object(cache, &args.stage, &args.pipeline.set)?;
-    let n = ril_pipe::exec::publish(&object, &args.to).with_context(|| format!("cannot write {}", args.to.display()))?;
+    let n = ril_pipe::exec::publish::export(&object, &args.to).with_context(|| format!("cannot write {}", args.to.display()))?;
     eprintln!("exported {} ({n} files) to {}", args.stage, args.to.display());
     Ok(0)
 }

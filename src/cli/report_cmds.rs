@@ -3,11 +3,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::Args;
+use ril_pipe::exec::publish::{cached_of_kind, ensure_of_kind, publish_objects};
 use ril_pipe::exec::{atomic_write, Cache, Registry};
 use ril_pipe::pipeline::ResolvedPipeline;
-use ril_pipe::report::check::{compare, read_metrics, render, Baseline};
-use ril_pipe::report::publish::{cached_reports, ensure_reports, merged_metrics, publish, REPORT_KIND};
+use ril_pipe::report::charts::file_stem;
+use ril_pipe::report::check::{compare, merged_metrics, read_metrics, render, Baseline};
 use ril_pipe::report::INDEX_FILE;
+use ril_pipe::stages::report::KIND as REPORT_KIND;
+use ril_pipe::stages::seeds_report::KIND as SEEDS_REPORT_KIND;
 
 use super::pipeline_cmds::{registry, resolve};
 use super::PipelineArgs;
@@ -40,11 +43,15 @@ pub struct CheckArgs {
     update: bool,
 }
 
-/// Makes sure the report stages are computed and copies them to `reports/<name>/`.
+/// Makes sure the report stages are computed (from cached inputs) and copies them to
+/// `reports/<name>/` (several reports each into a subfolder named after its stage), with the
+/// seeds report when the pipeline has one.
 fn publish_pipeline(pipeline: &ResolvedPipeline, registry: &Registry, cache: &Cache) -> anyhow::Result<PathBuf> {
-    let reports = ensure_reports(pipeline, registry, cache)?;
-    let dest = publish(&reports, Path::new(REPORTS_DIR), &pipeline.name)?;
-    Ok(dest)
+    let mut reports = ensure_of_kind(pipeline, registry, cache, REPORT_KIND)?;
+    if pipeline.stages.iter().any(|s| s.kind == SEEDS_REPORT_KIND) {
+        reports.extend(ensure_of_kind(pipeline, registry, cache, SEEDS_REPORT_KIND)?);
+    }
+    Ok(publish_objects(&reports, Path::new(REPORTS_DIR), &pipeline.name, file_stem)?)
 }
 
 pub fn report(args: ReportArgs, cache: &Cache) -> anyhow::Result<i32> {
@@ -77,7 +84,7 @@ pub fn check(args: CheckArgs, cache: &Cache) -> anyhow::Result<i32> {
                 },
                 &registry,
             )?;
-            merged_metrics(&cached_reports(&pipeline, &registry, cache)?)?
+            merged_metrics(cached_of_kind(&pipeline, &registry, cache, REPORT_KIND)?.iter().map(|r| r.dir.as_path()))?
         }
         (None, None) => anyhow::bail!("give a pipeline or --metrics FILE"),
     };

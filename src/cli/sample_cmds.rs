@@ -7,8 +7,9 @@ use ril_pipe::exec::plan::plan as make_plan;
 use ril_pipe::exec::progress::StageProgress;
 use ril_pipe::exec::Cache;
 use ril_pipe::stages::device::{gpus_for, tch_device};
-use ril_pipe::stages::evaluate::SamplingSettings;
-use ril_pipe::stages::precision::Precision;
+use ril_pipe::pipeline::params::check_param;
+use ril_pipe::stages::evaluate::{EvaluateParams, SamplingSettings};
+use ril_pipe::models::precision::Precision;
 use ril_pipe::stages::sample::{sample_model, SampleRequest};
 use ril_pipe::stages::world::{read_prompts, ModelRecord};
 
@@ -81,15 +82,18 @@ pub fn sample(args: SampleArgs, cache: &Cache) -> anyhow::Result<i32> {
     if let Some(seed) = args.seed {
         settings.seed = seed;
     }
+    // The flags obey the ranges of the evaluation's parameters they stand for.
+    let check = |flag: &str, param: &str, value: serde_json::Value| check_param::<EvaluateParams>(param, &value).map_err(|e| anyhow::anyhow!("{flag}: {e}"));
     if let Some(g) = args.guidance {
+        check("--guidance", "guidance", g.into())?;
         settings.sampler.guidance = g;
     }
     if let Some(steps) = args.steps {
-        anyhow::ensure!(steps > 0, "--steps must be at least 1");
+        check("--steps", "ddim_steps", steps.into())?;
         settings.sampler.steps = steps;
     }
     if let Some(b) = args.batch_size {
-        anyhow::ensure!(b > 0, "--batch-size must be at least 1");
+        check("--batch-size", "batch_size", b.into())?;
         settings.batch_size = b;
     }
     if let Some(p) = &args.precision {

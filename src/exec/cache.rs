@@ -43,6 +43,8 @@ pub enum CacheError {
     BadOutput { path: PathBuf, reason: String },
     #[error("the cache {root} is in use by {holder}; {advice}")]
     Busy { root: PathBuf, holder: String, advice: String },
+    #[error("the cached object {key} of stage `{stage}` is damaged ({reason}); nothing was read from it: `ril-pipe verify --repair` removes it and `ril-pipe run` on the pipeline computes it again")]
+    Damaged { stage: String, key: String, reason: String },
 }
 
 /// One output file as recorded in a manifest.
@@ -84,7 +86,7 @@ pub struct Cache {
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-fn now_unix() -> u64 {
+pub(super) fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -112,7 +114,7 @@ impl Cache {
         &self.root
     }
 
-    fn io(&self, context: impl Into<String>) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
+    pub(super) fn io(&self, context: impl Into<String>) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
         let context = context.into();
         move |source| CacheError::Io {
             root: self.root.clone(),
@@ -121,7 +123,7 @@ impl Cache {
         }
     }
 
-    fn ensure(&self, dir: &Path) -> Result<(), CacheError> {
+    pub(super) fn ensure(&self, dir: &Path) -> Result<(), CacheError> {
         std::fs::create_dir_all(dir).map_err(self.io(format!("cannot create {}", dir.display())))
     }
 
@@ -199,6 +201,16 @@ impl Cache {
             }
         }
         Ok(Ok(manifest))
+    }
+
+    /// The folder of the finished object `key` (of stage `stage`, for messages) once every file
+    /// of it matches its manifest's hash: what a reader outside the runner (check, report,
+    /// export, sample, lora export) reads, so that a changed byte is never taken for a result.
+    pub fn verified_object(&self, key: &str, stage: &str) -> Result<PathBuf, CacheError> {
+        match self.verify(key)? {
+            Ok(_) => self.object_dir(key),
+            Err(reason) => Err(CacheError::Damaged { stage: stage.to_string(), key: super::key::short_key(key).to_string(), reason }),
+        }
     }
 
     /// A fresh temporary folder for computing `key`.
@@ -300,118 +312,6 @@ impl Cache {
         manifest.files.values().map(|f| f.size).sum()
     }
 
-    fn lock_file(&self, path: &Path) -> Result<File, CacheError> {
-        if let Some(parent) = path.parent() {
-            self.ensure(parent)?;
-        }
-        std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(self.io(format!("cannot open lock {}", path.display())))
-    }
-
-    /// Held while this process computes `key`; `on_wait` is called once if another process
-    /// holds it (so the user learns why nothing moves).
-    pub fn lock_object(&self, key: &str, on_wait: &mut dyn FnMut()) -> Result<ObjectLock, CacheError> {
-        check_key(key)?;
-        let file = self.lock_file(&self.root.join("locks").join(key))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                on_wait();
-                file.lock().map_err(self.io("cannot lock an object"))?;
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(self.io("cannot lock an object")(e)),
-        }
-        Ok(ObjectLock { _file: file })
-    }
-
-    /// Whether some process holds the lock of `key` right now.
-    fn object_locked(&self, key: &str) -> bool {
-        let path = self.root.join("locks").join(key);
-        let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(path) else {
-            return false;
-        };
-        matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock))
-    }
-
-    /// The lock every run holds (shared): `gc` needs it exclusively. When `wait` is false and
-    /// gc holds it, fails with a message naming the holder.
-    pub fn run_lock(&self, wait: bool, on_wait: &mut dyn FnMut(&str)) -> Result<CacheLock, CacheError> {
-        self.cache_lock(LockMode::Shared, wait, on_wait)
-    }
-
-    /// The exclusive lock of `gc`: no run may be active.
-    pub fn gc_lock(&self, wait: bool, on_wait: &mut dyn FnMut(&str)) -> Result<CacheLock, CacheError> {
-        self.cache_lock(LockMode::Exclusive, wait, on_wait)
-    }
-
-    fn cache_lock(&self, mode: LockMode, wait: bool, on_wait: &mut dyn FnMut(&str)) -> Result<CacheLock, CacheError> {
-        self.ensure(&self.root)?;
-        let file = self.lock_file(&self.root.join("lock"))?;
-        let attempt = match mode {
-            LockMode::Shared => file.try_lock_shared(),
-            LockMode::Exclusive => file.try_lock(),
-        };
-        match attempt {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let holder = self.holder_description();
-                if !wait {
-                    return Err(CacheError::Busy { root: self.root.clone(), holder, advice: mode.busy_advice().into() });
-                }
-                on_wait(&holder);
-                let blocking = match mode {
-                    LockMode::Shared => file.lock_shared(),
-                    LockMode::Exclusive => file.lock(),
-                };
-                blocking.map_err(self.io("cannot lock the cache"))?;
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(self.io("cannot lock the cache")(e)),
-        }
-        let marker = self.register_holder(mode.holder())?;
-        Ok(CacheLock { _file: file, marker })
-    }
-
-    /// Records who holds the cache lock, for the messages of those who wait.
-    fn register_holder(&self, what: &str) -> Result<PathBuf, CacheError> {
-        let dir = self.root.join("holders");
-        self.ensure(&dir)?;
-        let path = dir.join(format!("{}.{what}", std::process::id()));
-        let text = format!("ril-pipe {what} (pid {}, since unix time {})", std::process::id(), now_unix());
-        std::fs::write(&path, text).map_err(self.io("cannot record the lock holder"))?;
-        Ok(path)
-    }
-
-    fn holder_description(&self) -> String {
-        let mut holders = Vec::new();
-        if let Ok(entries) = std::fs::read_dir(self.root.join("holders")) {
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let pid_alive = name
-                    .split('.')
-                    .next()
-                    .and_then(|p| p.parse::<u32>().ok())
-                    .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-                if pid_alive {
-                    if let Ok(text) = std::fs::read_to_string(entry.path()) {
-                        holders.push(text);
-                    }
-                } else {
-                    let _ = std::fs::remove_file(entry.path());
-                }
-            }
-        }
-        if holders.is_empty() {
-            "another ril-pipe process".to_string()
-        } else {
-            holders.join(", ")
-        }
-    }
-
     /// Removes temporary folders whose computing process is gone (a run that was killed).
     /// Returns how many were removed.
     pub fn clean_stale_tmp(&self) -> usize {
@@ -501,48 +401,6 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-/// Held while a process computes an object.
-pub struct ObjectLock {
-    _file: File,
-}
-
-/// How the cache-wide lock is taken: shared by runs, exclusive for `gc`.
-#[derive(Clone, Copy)]
-enum LockMode {
-    Shared,
-    Exclusive,
-}
-
-impl LockMode {
-    /// Who holds the lock in this mode, as the holder files name it.
-    fn holder(self) -> &'static str {
-        match self {
-            LockMode::Shared => "run",
-            LockMode::Exclusive => "gc",
-        }
-    }
-
-    /// What to tell someone who finds the lock taken and would not wait.
-    fn busy_advice(self) -> &'static str {
-        match self {
-            LockMode::Shared => "try again when it has finished",
-            LockMode::Exclusive => "gc removes nothing while a run is active; try again when it has finished, or pass --wait",
-        }
-    }
-}
-
-/// The cache-wide lock of a run (shared) or of gc (exclusive); released on drop.
-pub struct CacheLock {
-    _file: File,
-    marker: PathBuf,
-}
-
-impl Drop for CacheLock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.marker);
-    }
-}
-
 /// How long to sleep between polls elsewhere in the runner.
 pub const POLL: Duration = Duration::from_millis(200);
 
@@ -558,6 +416,7 @@ mod tests {
             inputs: BTreeMap::new(),
             input_labels: None,
             files: BTreeMap::new(),
+            rewards: BTreeMap::new(),
         }
     }
 

@@ -27,6 +27,10 @@ pub struct Ingredients {
     pub input_labels: Option<InputLabels>,
     /// Absolute path -> content hash of each external file or folder.
     pub files: BTreeMap<String, String>,
+    /// Name -> declaration of each declared reward the stage uses, its TorchScript archive by
+    /// content hash only (renaming or moving the file keeps the key); absent when none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rewards: BTreeMap<String, Value>,
 }
 
 impl Ingredients {
@@ -85,6 +89,17 @@ impl Ingredients {
             } else {
                 why.push(format!("input {name} changed upstream: {}", changed.join(", ")));
             }
+        }
+        for (name, declaration) in &self.rewards {
+            match before.rewards.get(name) {
+                Some(old) if old == declaration => {}
+                Some(old) if old.get("torchscript") != declaration.get("torchscript") => why.push(format!("reward {name}: its TorchScript file's content changed")),
+                Some(_) => why.push(format!("reward {name}: its declaration changed")),
+                None => why.push(format!("reward {name}: newly used")),
+            }
+        }
+        for name in before.rewards.keys().filter(|k| !self.rewards.contains_key(*k)) {
+            why.push(format!("reward {name}: no longer used"));
         }
         if self.input_labels != before.input_labels && why.is_empty() {
             why.push("input stage ids or labels changed".to_string());
@@ -164,6 +179,7 @@ mod tests {
             inputs: [("model".to_string(), vec!["a".repeat(64)])].into_iter().collect(),
             input_labels: None,
             files: BTreeMap::new(),
+            rewards: BTreeMap::new(),
         }
     }
 

@@ -69,6 +69,21 @@ impl StageError {
     }
 }
 
+impl From<crate::pipeline::params::ParamError> for StageError {
+    fn from(e: crate::pipeline::params::ParamError) -> Self {
+        StageError::Failed(format!("{e} (the kind's schema and its parameters disagree: a bug)"))
+    }
+}
+
+impl From<crate::records::RecordError> for StageError {
+    fn from(e: crate::records::RecordError) -> Self {
+        match e {
+            crate::records::RecordError::Io { context, source } => StageError::Io { context, source },
+            crate::records::RecordError::Format(message) => StageError::Failed(message),
+        }
+    }
+}
+
 impl From<std::io::Error> for StageError {
     fn from(source: std::io::Error) -> Self {
         StageError::Io {
@@ -198,6 +213,11 @@ impl StageContext {
         &self.stage.params
     }
 
+    /// The stage's parameters as its kind's typed struct.
+    pub fn typed_params<P: crate::pipeline::params::StageParams>(&self) -> Result<P, StageError> {
+        Ok(P::from_params(&self.stage.params)?)
+    }
+
     /// The single stage of input `name`.
     pub fn input(&self, name: &str) -> Result<&InputObject, StageError> {
         match self.inputs.get(name).map(Vec::as_slice) {
@@ -246,35 +266,3 @@ impl StageContext {
 
 /// The log every stage keeps with its outputs.
 pub const LOG_FILE: &str = "log.txt";
-
-/// Typed access to stage parameters (already validated by the pipeline layer, so a mismatch is
-/// a bug in the kind's schema, reported as a stage failure rather than a panic).
-pub trait Params {
-    fn f64_of(&self, name: &str) -> Result<f64, StageError>;
-    fn i64_of(&self, name: &str) -> Result<i64, StageError>;
-    fn str_of(&self, name: &str) -> Result<&str, StageError>;
-    fn bool_of(&self, name: &str) -> Result<bool, StageError>;
-    fn opt_str(&self, name: &str) -> Option<&str>;
-}
-
-fn param_type_error(name: &str, what: &str) -> StageError {
-    StageError::Failed(format!("parameter `{name}` is not {what}"))
-}
-
-impl Params for Map<String, Value> {
-    fn f64_of(&self, name: &str) -> Result<f64, StageError> {
-        self.get(name).and_then(Value::as_f64).ok_or_else(|| param_type_error(name, "a number"))
-    }
-    fn i64_of(&self, name: &str) -> Result<i64, StageError> {
-        self.get(name).and_then(Value::as_i64).ok_or_else(|| param_type_error(name, "an integer"))
-    }
-    fn str_of(&self, name: &str) -> Result<&str, StageError> {
-        self.get(name).and_then(Value::as_str).ok_or_else(|| param_type_error(name, "a string"))
-    }
-    fn bool_of(&self, name: &str) -> Result<bool, StageError> {
-        self.get(name).and_then(Value::as_bool).ok_or_else(|| param_type_error(name, "a boolean"))
-    }
-    fn opt_str(&self, name: &str) -> Option<&str> {
-        self.get(name).and_then(Value::as_str)
-    }
-}

@@ -19,6 +19,17 @@ pub enum Status {
     Corrupt(String),
 }
 
+/// `cached`, `not computed`, `damaged: <reason>`.
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Status::Hit => write!(f, "cached"),
+            Status::Miss => write!(f, "not computed"),
+            Status::Corrupt(reason) => write!(f, "damaged: {reason}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PlannedStage {
     pub stage: ResolvedStage,
@@ -81,7 +92,7 @@ impl Plan {
             return Err(PlanError::NoStage { stage: id.to_string(), hint });
         };
         if stage.status == Status::Hit {
-            return Ok(cache.object_dir(&stage.key)?);
+            return Ok(cache.verified_object(&stage.key, id)?);
         }
         let missing = self.missing_upstream(id);
         let upstream = match missing.len() {
@@ -170,7 +181,8 @@ pub fn plan(pipeline: &ResolvedPipeline, registry: &Registry, cache: &Cache, has
             })?;
             files.insert(path.to_string_lossy().into_owned(), hash);
         }
-        let params = stage.params.iter().map(|(k, v)| (k.clone(), hash_paths(v, &files))).collect();
+        let at_default = |name: &str, value: &serde_json::Value| schema.params.iter().any(|p| p.name == name && p.keyed_when_set && p.default.as_ref() == Some(value));
+        let params = stage.params.iter().filter(|(k, v)| !at_default(k, v)).map(|(k, v)| (k.clone(), hash_paths(v, &files))).collect();
         let inputs: BTreeMap<String, Vec<String>> = stage
             .inputs
             .iter()
@@ -189,6 +201,21 @@ pub fn plan(pipeline: &ResolvedPipeline, registry: &Registry, cache: &Cache, has
                 })
                 .collect()
         });
+        let mut rewards = BTreeMap::new();
+        for (name, reward) in &stage.rewards {
+            let hash = if stage.missing_files.iter().any(|m| m.path == reward.torchscript) {
+                "missing".to_string()
+            } else {
+                let hash = hasher.hash(&reward.torchscript).map_err(|source| PlanError::File {
+                    stage: stage.id.clone(),
+                    path: reward.torchscript.display().to_string(),
+                    source,
+                })?;
+                format!("blake3:{hash}")
+            };
+            let declaration = serde_json::json!({"torchscript": hash, "direction": reward.direction, "label": reward.label, "letter": reward.letter});
+            rewards.insert(name.clone(), declaration);
+        }
         let ingredients = Ingredients {
             kind: stage.kind.clone(),
             version: schema.version,
@@ -196,6 +223,7 @@ pub fn plan(pipeline: &ResolvedPipeline, registry: &Registry, cache: &Cache, has
             inputs,
             input_labels,
             files,
+            rewards,
         };
         let key = ingredients.key();
         key_of.insert(stage.id.clone(), key.clone());

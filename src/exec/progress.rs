@@ -164,3 +164,14 @@ impl StageProgress {
         }
     }
 }
+
+/// `12.3s`, `4m05s`, `2h07m`.
+pub fn format_seconds(s: f64) -> String {
+    if s < 60.0 {
+        format!("{s:.1}s")
+    } else if s < 3600.0 {
+        format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64)
+    } else {
+        format!("{}h{:02}m", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64)
+    }
+}

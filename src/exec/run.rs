@@ -1,21 +1,18 @@
 //! Execution: stages in dependency order, independent ones concurrently up to `jobs`, at most
 //! one stage per GPU, every result committed atomically to the cache.
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
-
-use crate::pipeline::ResolvedStage;
-
-use super::cache::{Cache, CacheError, ObjectState, POLL};
+use super::cache::{Cache, CacheError, POLL};
 use super::journal::{Journal, JournalEntry};
-use super::key::{short_key, Ingredients};
-use super::kind::{InputObject, Registry, StageContext, StageError, LOG_FILE};
+use super::kind::Registry;
+use super::launch::local::LocalLauncher;
+use super::launch::slurm::{SlurmConfig, SlurmLauncher};
+use super::launch::{Finished, FrozenStage, Launcher, Outcome};
 use super::plan::{plan, Plan, PlanError, PlannedStage, Status};
-use super::progress::{ProgressHub, StageProgress};
+use super::progress::{format_seconds, ProgressHub};
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -43,7 +40,7 @@ pub enum Executor {
     #[default]
     Local,
     /// As Slurm jobs, each running `ril-pipe exec-stage` against the shared cache.
-    Slurm(super::slurm::SlurmConfig),
+    Slurm(SlurmConfig),
 }
 
 impl Default for RunOptions {
@@ -59,18 +56,6 @@ impl Default for RunOptions {
             executor: Executor::Local,
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    /// Computed in this run.
-    Executed { seconds: f64 },
-    /// Found in the cache (also: finished meanwhile by another process).
-    Cached,
-    Failed { error: String, log: Option<PathBuf> },
-    /// Not run because an input failed or the run stopped.
-    Skipped { reason: String },
-    Cancelled,
 }
 
 #[derive(Debug, Clone)]
@@ -122,77 +107,10 @@ pub enum RunError {
     Cache(#[from] CacheError),
     #[error("{0}")]
     Executor(String),
-}
-
-/// A unit that finished (or could not start).
-pub struct Finished {
-    pub unit: usize,
-    pub outcome: Outcome,
-    pub note: Option<String>,
-}
-
-/// Starts units and reports when they finish: threads here, or jobs of a batch system.
-pub trait Launcher {
-    fn start(&mut self, unit: usize, frozen: &FrozenStage, device: String, threads: usize, progress: StageProgress) -> Result<(), String>;
-    /// Units finished since the last call, waiting at most `timeout` for the first.
-    fn wait(&mut self, timeout: std::time::Duration) -> Vec<Finished>;
-    /// Asks every running unit to stop.
-    fn cancel(&mut self);
-    /// Whether devices are assigned by the launcher (a batch system) rather than the run.
-    fn assigns_devices(&self) -> bool;
-}
-
-/// Runs units on threads of this process.
-struct LocalLauncher {
-    kinds: HashMap<String, Arc<dyn super::kind::StageKind>>,
-    cache_root: PathBuf,
-    cancel: Arc<AtomicBool>,
-    tx: mpsc::Sender<Finished>,
-    rx: mpsc::Receiver<Finished>,
-}
-
-impl LocalLauncher {
-    fn new(registry: &Registry, cache: &Cache, cancel: Arc<AtomicBool>) -> Self {
-        let (tx, rx) = mpsc::channel();
-        let kinds = registry.schemas().keys().filter_map(|k| registry.get(k).map(|kind| (k.clone(), kind.clone()))).collect();
-        LocalLauncher {
-            kinds,
-            cache_root: cache.root().to_path_buf(),
-            cancel,
-            tx,
-            rx,
-        }
-    }
-}
-
-impl Launcher for LocalLauncher {
-    fn start(&mut self, unit: usize, frozen: &FrozenStage, device: String, threads: usize, progress: StageProgress) -> Result<(), String> {
-        let kind = self.kinds.get(&frozen.stage.kind).cloned().ok_or_else(|| format!("unknown kind `{}`", frozen.stage.kind))?;
-        let frozen = frozen.clone();
-        let tx = self.tx.clone();
-        let cancel = self.cancel.clone();
-        let cache = Cache::new(&self.cache_root);
-        std::thread::spawn(move || {
-            let (outcome, note) = execute_object(&cache, kind.as_ref(), &frozen, &device, threads, cancel, progress.clone());
-            progress.finish();
-            let _ = tx.send(Finished { unit, outcome, note });
-        });
-        Ok(())
-    }
-
-    fn wait(&mut self, timeout: std::time::Duration) -> Vec<Finished> {
-        let mut done: Vec<Finished> = self.rx.recv_timeout(timeout).into_iter().collect();
-        done.extend(self.rx.try_iter());
-        done
-    }
-
-    fn cancel(&mut self) {
-        // Stages poll the shared flag; nothing more to do here.
-    }
-
-    fn assigns_devices(&self) -> bool {
-        false
-    }
+    /// Stages asked for alone ([`run_only`]) need inputs that are not in the cache: one line
+    /// per input, `<id> (<kind>, <status>; needed by <stage>)`.
+    #[error("the stages asked for need stages that are not in the cache (run `ril-pipe run` on the pipeline first):\n{}", .0.iter().map(|s| format!("  {s}")).collect::<Vec<_>>().join("\n"))]
+    MissingInputs(Vec<String>),
 }
 
 /// One object to produce, and the stages merged into it.
@@ -202,61 +120,50 @@ struct Unit {
     deps: Vec<usize>,
 }
 
-/// A frozen stage: everything needed to compute one object without the pipeline file
-/// (`ril-pipe exec-stage`, e.g. as a Slurm job on another node).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FrozenStage {
-    pub stage: ResolvedStage,
-    pub key: String,
-    pub ingredients: Ingredients,
-    /// Input name -> (stage id, key) of each upstream object.
-    pub inputs: BTreeMap<String, Vec<(String, String)>>,
-    pub input_meta: BTreeMap<String, BTreeMap<String, String>>,
-}
-
-impl FrozenStage {
-    fn from_plan(p: &PlannedStage, key_of: &HashMap<&str, &str>, meta_of: &HashMap<&str, &BTreeMap<String, String>>) -> Self {
-        let mut inputs = BTreeMap::new();
-        let mut input_meta = BTreeMap::new();
-        for (name, ids) in &p.stage.inputs {
-            let mut list = Vec::new();
-            for id in ids {
-                if let Some(k) = key_of.get(id.as_str()) {
-                    list.push((id.clone(), k.to_string()));
-                }
-                if let Some(m) = meta_of.get(id.as_str()) {
-                    input_meta.insert(id.clone(), (*m).clone());
-                }
-            }
-            inputs.insert(name.clone(), list);
-        }
-        FrozenStage {
-            stage: p.stage.clone(),
-            key: p.key.clone(),
-            ingredients: p.ingredients.clone(),
-            inputs,
-            input_meta,
-        }
-    }
-
-    /// The frozen form of every unique stage of a plan, by key.
-    pub fn all(plan: &Plan) -> BTreeMap<String, FrozenStage> {
-        let key_of: HashMap<&str, &str> = plan.stages.iter().map(|s| (s.stage.id.as_str(), s.key.as_str())).collect();
-        let meta_of: HashMap<&str, &BTreeMap<String, String>> = plan.stages.iter().map(|s| (s.stage.id.as_str(), &s.stage.meta)).collect();
-        plan.unique().map(|p| (p.key.clone(), FrozenStage::from_plan(p, &key_of, &meta_of))).collect()
-    }
-}
-
 /// Runs a pipeline's plan. Finished stages are committed and journalled as they complete, so
 /// an interrupted run loses at most the stages that were running.
-pub fn run(plan_in: &crate::pipeline::ResolvedPipeline, registry: &Registry, cache: &Cache, opts: &RunOptions) -> Result<RunSummary, RunError> {
+pub fn run(pipeline: &crate::pipeline::ResolvedPipeline, registry: &Registry, cache: &Cache, opts: &RunOptions) -> Result<RunSummary, RunError> {
+    run_selected(pipeline, registry, cache, opts, None)
+}
+
+/// [`run`] of the stages `ids` alone (e.g. a pipeline's reports): those not in the cache are
+/// computed from their inputs, which must all be in the cache already; nothing upstream runs
+/// ([`RunError::MissingInputs`] lists what is missing).
+pub fn run_only(pipeline: &crate::pipeline::ResolvedPipeline, registry: &Registry, cache: &Cache, opts: &RunOptions, ids: &BTreeSet<String>) -> Result<RunSummary, RunError> {
+    run_selected(pipeline, registry, cache, opts, Some(ids))
+}
+
+/// The inputs of the stages `ids` that must run but are not in the cache.
+fn missing_inputs(plan: &Plan, ids: &BTreeSet<String>) -> Vec<String> {
+    let by_id: BTreeMap<&str, &PlannedStage> = plan.stages.iter().map(|s| (s.stage.id.as_str(), s)).collect();
+    let mut missing = Vec::new();
+    for s in plan.stages.iter().filter(|s| ids.contains(&s.stage.id) && s.status != Status::Hit) {
+        for id in s.stage.inputs.values().flatten() {
+            if let Some(input) = by_id.get(id.as_str()).filter(|i| i.status != Status::Hit) {
+                let line = format!("{id} ({}, {}; needed by {})", input.stage.kind, input.status, s.stage.id);
+                if !missing.contains(&line) {
+                    missing.push(line);
+                }
+            }
+        }
+    }
+    missing
+}
+
+fn run_selected(pipeline: &crate::pipeline::ResolvedPipeline, registry: &Registry, cache: &Cache, opts: &RunOptions, only: Option<&BTreeSet<String>>) -> Result<RunSummary, RunError> {
     let started = Instant::now();
     let hub_pre = ProgressHub::new(0, false);
     let _lock = cache.run_lock(opts.wait, &mut |holder| hub_pre.println(&format!("waiting: the cache is in use by {holder}")))?;
     let cleaned_tmp = cache.clean_stale_tmp();
     let hasher = cache.file_hasher();
-    let plan = plan(plan_in, registry, cache, &hasher)?;
-    let units = build_units(&plan);
+    let plan = plan(pipeline, registry, cache, &hasher)?;
+    if let Some(ids) = only {
+        let missing = missing_inputs(&plan, ids);
+        if !missing.is_empty() {
+            return Err(RunError::MissingInputs(missing));
+        }
+    }
+    let units = build_units(&plan, only);
     let to_run = units.iter().filter(|u| u.planned.status != Status::Hit).count();
     let hub = ProgressHub::new(to_run as u64, opts.progress);
     let mut summary = RunSummary {
@@ -322,7 +229,7 @@ pub fn run(plan_in: &crate::pipeline::ResolvedPipeline, registry: &Registry, cac
     let frozen = FrozenStage::all(&plan);
     let mut launcher: Box<dyn Launcher> = match &opts.executor {
         Executor::Local => Box::new(LocalLauncher::new(registry, cache, opts.cancel.clone())),
-        Executor::Slurm(config) => Box::new(super::slurm::SlurmLauncher::new(config.clone(), cache)?),
+        Executor::Slurm(config) => Box::new(SlurmLauncher::new(config.clone(), cache).map_err(RunError::Executor)?),
     };
     let mut free_gpus: Vec<String> = opts.gpus.iter().rev().cloned().collect();
     let mut gpu_of: HashMap<usize, String> = HashMap::new();
@@ -454,10 +361,11 @@ pub fn run(plan_in: &crate::pipeline::ResolvedPipeline, registry: &Registry, cac
     Ok(summary)
 }
 
-fn build_units(plan: &Plan) -> Vec<Unit> {
+/// The unique objects of a plan (of the stages `only`, when given) with their dependencies.
+fn build_units(plan: &Plan, only: Option<&BTreeSet<String>>) -> Vec<Unit> {
     let mut index_of_key: HashMap<String, usize> = HashMap::new();
     let mut units: Vec<Unit> = Vec::new();
-    for p in &plan.stages {
+    for p in plan.stages.iter().filter(|p| only.is_none_or(|ids| ids.contains(&p.stage.id))) {
         match index_of_key.get(&p.key) {
             Some(&i) => units[i].merged.push(p.stage.id.clone()),
             None => {
@@ -488,160 +396,4 @@ fn build_units(plan: &Plan) -> Vec<Unit> {
     units
 }
 
-pub fn format_seconds(s: f64) -> String {
-    if s < 60.0 {
-        format!("{s:.1}s")
-    } else if s < 3600.0 {
-        format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64)
-    } else {
-        format!("{}h{:02}m", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64)
-    }
-}
 
-/// Computes one object (or finds it done by another process), holding its lock. Returns the
-/// outcome and an optional note for the user.
-pub fn execute_object(
-    cache: &Cache,
-    kind: &dyn super::kind::StageKind,
-    frozen: &FrozenStage,
-    device: &str,
-    threads: usize,
-    cancel: Arc<AtomicBool>,
-    progress: StageProgress,
-) -> (Outcome, Option<String>) {
-    let id = frozen.stage.id.clone();
-    let failed = |error: String| Outcome::Failed { error, log: None };
-    let mut note = None;
-    let lock = cache.lock_object(&frozen.key, &mut || {
-        eprintln!("  waiting {id}: another process is computing it");
-    });
-    let _lock = match lock {
-        Ok(l) => l,
-        Err(e) => return (failed(e.to_string()), None),
-    };
-    match cache.lookup(&frozen.key) {
-        Ok(ObjectState::Done(_)) => return (Outcome::Cached, None),
-        Ok(ObjectState::Corrupt(reason)) => {
-            note = Some(format!("  damaged {id} ({}): {reason}; removing it and computing again", short_key(&frozen.key)));
-            if let Err(e) = cache.remove_object(&frozen.key) {
-                return (failed(e.to_string()), note);
-            }
-        }
-        Ok(ObjectState::Missing) => {}
-        Err(e) => return (failed(e.to_string()), None),
-    }
-    let mut inputs = BTreeMap::new();
-    for (name, list) in &frozen.inputs {
-        let mut objects = Vec::new();
-        for (upstream, key) in list {
-            let manifest = match checked_input(cache, upstream, key) {
-                Ok(m) => m,
-                Err(error) => return (failed(error), note),
-            };
-            let dir = match cache.object_dir(key) {
-                Ok(d) => d,
-                Err(e) => return (failed(e.to_string()), note),
-            };
-            objects.push(InputObject {
-                stage_id: upstream.clone(),
-                kind: manifest.kind.clone(),
-                key: key.clone(),
-                dir,
-                meta: frozen.input_meta.get(upstream).cloned().unwrap_or_default(),
-                manifest,
-            });
-        }
-        inputs.insert(name.clone(), objects);
-    }
-    let tmp = match cache.begin(&frozen.key) {
-        Ok(t) => t,
-        Err(e) => return (failed(e.to_string()), note),
-    };
-    let resume = match cache.partial_dir(&frozen.key) {
-        Ok(r) => r,
-        Err(e) => return (failed(e.to_string()), note),
-    };
-    let mut ctx = match StageContext::new(frozen.stage.clone(), frozen.key.clone(), inputs, device.to_string(), threads, tmp.clone(), resume.clone(), cancel, progress) {
-        Ok(c) => c,
-        Err(e) => {
-            cache.discard(&tmp);
-            return (failed(e.to_string()), note);
-        }
-    };
-    let started = Instant::now();
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| kind.run(&mut ctx)));
-    let seconds = started.elapsed().as_secs_f64();
-    let result = result.unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "unknown panic".into());
-        Err(StageError::Failed(format!("internal error (panic): {what}")))
-    });
-    match result {
-        Ok(()) => {
-            ctx.log(format!("finished in {}", format_seconds(seconds)));
-            ctx.close_log();
-            match cache.commit(&tmp, &frozen.key, &id, &frozen.ingredients, seconds) {
-                Ok(_) => {
-                    if resume.exists() {
-                        let _ = std::fs::remove_dir_all(&resume);
-                    }
-                    (Outcome::Executed { seconds }, note)
-                }
-                Err(e) => {
-                    cache.discard(&tmp);
-                    (failed(format!("cannot store the outputs: {e}")), note)
-                }
-            }
-        }
-        Err(StageError::Cancelled) => {
-            ctx.close_log();
-            cache.discard(&tmp);
-            (Outcome::Cancelled, note)
-        }
-        Err(e) => {
-            ctx.log(format!("error: {e}"));
-            ctx.close_log();
-            let log = keep_failed_log(cache, &id, &frozen.key, &tmp);
-            cache.discard(&tmp);
-            (Outcome::Failed { error: e.to_string(), log }, note)
-        }
-    }
-}
-
-/// The manifest of an input object after checking every file's hash: a stage never reads a
-/// damaged input. A damaged input is removed (so the next run recomputes it) and named.
-fn checked_input(cache: &Cache, upstream: &str, key: &str) -> Result<super::cache::Manifest, String> {
-    match cache.verify(key) {
-        Ok(Ok(manifest)) => Ok(manifest),
-        Ok(Err(_)) if matches!(cache.lookup(key), Ok(ObjectState::Missing)) => Err(format!("input {upstream} ({}) is not in the cache", short_key(key))),
-        Ok(Err(reason)) => {
-            // Under the object's lock, so that a process recomputing it right now is not undone.
-            let removed = cache.lock_object(key, &mut || {}).and_then(|_lock| match cache.verify(key)? {
-                Ok(manifest) => Ok(Some(manifest)),
-                Err(_) => cache.remove_object(key).map(|()| None),
-            });
-            match removed {
-                Ok(Some(manifest)) => Ok(manifest),
-                Ok(None) => Err(format!(
-                    "input {upstream} ({}) is damaged in the cache: {reason}; it was removed, run again to recompute it",
-                    short_key(key)
-                )),
-                Err(e) => Err(format!("input {upstream} ({}) is damaged in the cache: {reason}; cannot remove it: {e}", short_key(key))),
-            }
-        }
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// Moves a failed stage's log to `<cache>/logs/` so the user can read it; the outputs go.
-fn keep_failed_log(cache: &Cache, id: &str, key: &str, tmp: &std::path::Path) -> Option<PathBuf> {
-    let dir = cache.logs_dir();
-    std::fs::create_dir_all(&dir).ok()?;
-    let safe: String = id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
-    let dest = dir.join(format!("{safe}.{}.failed.log", short_key(key)));
-    std::fs::rename(tmp.join(LOG_FILE), &dest).ok()?;
-    Some(dest)
-}

@@ -34,6 +34,15 @@ pub enum DistillSpace {
     Latent,
 }
 
+impl DistillSpace {
+    pub fn name(self) -> &'static str {
+        match self {
+            DistillSpace::Image => "image",
+            DistillSpace::Latent => "latent",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Objective {
     Baseline,

@@ -3,6 +3,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::models::ddim::{Ddim, DdimError};
+use crate::models::diffusion::{Diffusion, DiffusionError};
 use crate::models::unet::UNet2DConditionModel;
 
 use super::noise;
@@ -25,6 +26,14 @@ impl EpsModel for UNet2DConditionModel {
 pub struct CastUnet<'a> {
     pub unet: &'a UNet2DConditionModel,
     pub compute: Kind,
+}
+
+impl<'a> CastUnet<'a> {
+    /// The UNet of a diffusion model as the sampler sees it: fp32 latents in, fp32 noise
+    /// prediction out.
+    pub fn of(diffusion: &'a Diffusion) -> Self {
+        CastUnet { unet: &diffusion.unet, compute: diffusion.precision.kind() }
+    }
 }
 
 impl EpsModel for CastUnet<'_> {
@@ -110,6 +119,21 @@ impl Sampler {
             z = self.step(model, &z, i, cond, uncond, seed)?;
         }
         Ok(z)
+    }
+}
+
+impl Sampler {
+    /// Images `[B, 3, H, W]` in [0, 1] of samples `first .. first + B` of a run, one per prompt,
+    /// without graph: the evaluation's noise convention, shared by `evaluate` and `ril-pipe
+    /// sample`. Sample `i` starts from `z_N` = noise stream `i` of `seed` (whatever the batch it
+    /// falls in); DDIM's variance noise (eta > 0) is drawn for the batch from `seed ^ first`.
+    pub fn generate(&self, diffusion: &Diffusion, prompts: &[String], uncond: &Tensor, seed: u64, first: u64) -> Result<Tensor, DiffusionError> {
+        let cond = diffusion.encode_prompts(prompts)?;
+        let z_n = initial_latents(seed, first, prompts.len() as i64, diffusion.latent_shape, diffusion.device);
+        tch::no_grad(|| {
+            let z_0 = self.sample(&CastUnet::of(diffusion), &z_n, &cond, uncond, seed ^ first).map_err(DiffusionError::model)?;
+            Ok(diffusion.decode(&z_0))
+        })
     }
 }
 

@@ -2,4 +2,5 @@
 pub mod clip_score;
 pub mod fid;
 pub mod filesize;
+pub mod image_folder;
 pub mod zlib_deflate;

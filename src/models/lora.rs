@@ -68,6 +68,15 @@ pub enum LoraInit {
     Normal,
 }
 
+impl LoraInit {
+    pub fn name(self) -> &'static str {
+        match self {
+            LoraInit::KaimingUniform => "kaiming_uniform",
+            LoraInit::Normal => "normal",
+        }
+    }
+}
+
 /// Which layers get adapters and how new adapters are made.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -343,16 +352,24 @@ impl LoraGroup {
     /// [`Self::save`]. A group bound to a model must get exactly its layers, shapes included; an
     /// empty group takes the file's layers (they must match the targets) and binds them later.
     pub fn load(&self, path: &Path) -> Result<(), LoraError> {
+        let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(path)
+            .map_err(|e| LoraError::File { path: path.to_path_buf(), reason: e.to_string() })?
+            .into_iter()
+            .collect();
+        self.load_tensors(&tensors, path)
+    }
+
+    /// [`Self::load`] of tensors named as [`Self::named_tensors`] names them, read from `path`
+    /// (named in errors).
+    pub fn load_tensors(&self, tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<(), LoraError> {
         let file_err = |reason: String| LoraError::File { path: path.to_path_buf(), reason };
-        let tensors: BTreeMap<String, Tensor> =
-            Tensor::read_safetensors(path).map_err(|e| file_err(e.to_string()))?.into_iter().collect();
         let scales_tensor = tensors.get(SCALES_NAME).ok_or_else(|| file_err(format!("no `{SCALES_NAME}` tensor")))?;
         let scales: Vec<f64> = Vec::<f64>::try_from(&scales_tensor.to_kind(Kind::Double).flatten(0, -1))
             .map_err(|e| file_err(e.to_string()))?;
         let count = scales.len();
 
         let mut parsed: BTreeMap<String, FileLayer> = BTreeMap::new();
-        for (key, tensor) in &tensors {
+        for (key, tensor) in tensors {
             if key == SCALES_NAME {
                 continue;
             }

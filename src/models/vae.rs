@@ -83,6 +83,12 @@ impl AutoencoderKLConfig {
         }
     }
 
+    /// The side of the latents of `image_side` x `image_side` images (each block but the last
+    /// halves it).
+    pub fn latent_side(&self, image_side: i64) -> i64 {
+        image_side >> self.block_out_channels.len().saturating_sub(1)
+    }
+
     pub fn from_file(path: &Path) -> Result<Self, VaeError> {
         let err = |reason: String| VaeError::ConfigFile { path: path.to_path_buf(), reason };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;

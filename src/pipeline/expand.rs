@@ -9,9 +9,9 @@ use serde_json::{Map, Value};
 use super::error::{Diagnostic, PipelineError};
 use super::interp::{interpolate, interpolate_str, scalar_to_text, type_name, Env, Scope};
 use super::locate::YamlPath;
-use super::resolved::{ResolvedPipeline, ResolvedStage, Resources};
-use super::schema::{KindSchema, ParamType};
-use super::spec::{check_keys, closest, PipelineSpec, StageTemplate};
+use super::resolved::{DeclaredReward, MissingFile, ResolvedPipeline, ResolvedStage, Resources};
+use super::schema::{KindSchema, ParamType, Range};
+use super::spec::{check_keys, closest, PipelineSpec, RewardSpec, StageTemplate};
 use super::{dag, glob};
 
 /// A pipeline refuses to expand into more stages than this (a typo in a matrix should not
@@ -121,7 +121,8 @@ pub fn resolve_with(spec: &PipelineSpec, schemas: &Schemas, overrides: &[Overrid
     }
     apply_stage_overrides(&mut raw, schemas, overrides)?;
     let base_dir = spec.file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let stages = finish_stages(&spec, &raw, schemas, &base_dir, file_check, &mut diags);
+    let rewards = resolve_rewards(&spec, &scope, env, &base_dir, file_check, &mut diags);
+    let stages = finish_stages(&spec, &raw, schemas, &base_dir, file_check, &rewards, &mut diags);
     if !diags.is_empty() {
         return Err(PipelineError::invalid(spec.file.clone(), &spec.source, diags));
     }
@@ -526,7 +527,59 @@ fn apply_stage_overrides(raw: &mut [RawStage], schemas: &Schemas, overrides: &[O
     Ok(())
 }
 
-fn finish_stages(spec: &PipelineSpec, raw: &[RawStage], schemas: &Schemas, base_dir: &Path, file_check: FileCheck, diags: &mut Vec<Diagnostic>) -> Vec<ResolvedStage> {
+/// A declared reward with its file made absolute; `missing` when the file is not there (only
+/// when resolved for planning).
+struct RewardFile {
+    reward: DeclaredReward,
+    missing: bool,
+}
+
+/// The `rewards:` of the pipeline with their files checked: each path (which may use `${...}`)
+/// must exist (to run) or is recorded as missing (to plan). What the file holds is checked when
+/// it is loaded.
+fn resolve_rewards(spec: &PipelineSpec, scope: &Scope, env: &dyn Env, base_dir: &Path, file_check: FileCheck, diags: &mut Vec<Diagnostic>) -> BTreeMap<String, RewardFile> {
+    let mut out = BTreeMap::new();
+    for (name, r) in &spec.rewards {
+        let at = RewardSpec::path(name).key("torchscript");
+        let written = match interpolate_str(&r.torchscript, scope, env) {
+            Ok(Value::String(s)) => std::path::PathBuf::from(s),
+            Ok(other) => {
+                diags.push(Diagnostic::new(at, format!("reward `{name}`: `torchscript` must be a path, found a {}", type_name(&other))));
+                continue;
+            }
+            Err(e) => {
+                diags.push(Diagnostic::new(at, e));
+                continue;
+            }
+        };
+        let full = if written.is_absolute() { written } else { base_dir.join(written) };
+        let (torchscript, missing) = match full.canonicalize() {
+            Ok(abs) if abs.is_file() => (abs, false),
+            Ok(abs) => {
+                diags.push(Diagnostic::new(at, format!("reward `{name}`: {} is not a file (a TorchScript archive is one `.pt` file)", abs.display())));
+                continue;
+            }
+            Err(_) if file_check == FileCheck::Record => (full, true),
+            Err(e) => {
+                diags.push(Diagnostic::new(at, format!("reward `{name}`: {} does not exist or cannot be read ({e}); relative paths are read from the pipeline's folder", full.display())));
+                continue;
+            }
+        };
+        let reward = DeclaredReward { torchscript, direction: r.direction, label: r.label.clone(), letter: r.letter };
+        out.insert(name.clone(), RewardFile { reward, missing });
+    }
+    out
+}
+
+fn finish_stages(
+    spec: &PipelineSpec,
+    raw: &[RawStage],
+    schemas: &Schemas,
+    base_dir: &Path,
+    file_check: FileCheck,
+    rewards: &BTreeMap<String, RewardFile>,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<ResolvedStage> {
     let ids: Vec<&str> = raw.iter().map(|s| s.id.as_str()).collect();
     let mut stages = Vec::with_capacity(raw.len());
     // One message per template and problem is enough: a matrix repeats its mistakes.
@@ -544,10 +597,22 @@ fn finish_stages(spec: &PipelineSpec, raw: &[RawStage], schemas: &Schemas, base_
         let mut local = Vec::new();
         let mut files = FileSink {
             check: file_check,
+            declared: spec.rewards.keys().cloned().collect(),
             ..FileSink::default()
         };
         let mut missing_files = Vec::new();
         let params = type_params(spec, stage, schema, base_dir, &mut files, &mut missing_files, &mut local);
+        let mut used = BTreeMap::new();
+        for (name, file) in rewards.iter().filter(|(name, _)| schema.reads_declared_rewards || files.rewards.contains(name)) {
+            if file.missing {
+                missing_files.push(MissingFile {
+                    param: format!("rewards.{name}"),
+                    path: file.reward.torchscript.clone(),
+                    doc: format!("the TorchScript archive of reward `{name}`"),
+                });
+            }
+            used.insert(name.clone(), file.reward.clone());
+        }
         let inputs = resolve_inputs(stage, schema, &ids, &mut local);
         let resources = parse_resources(&stage.resources, &stage.path.key("resources"), &mut local);
         let failed = !local.is_empty();
@@ -567,6 +632,7 @@ fn finish_stages(spec: &PipelineSpec, raw: &[RawStage], schemas: &Schemas, base_
             inputs,
             files,
             missing_files,
+            rewards: used,
             meta: stage.meta.clone(),
             resources,
         });
@@ -574,7 +640,8 @@ fn finish_stages(spec: &PipelineSpec, raw: &[RawStage], schemas: &Schemas, base_
     stages
 }
 
-/// Where [`check_type`] puts the files of `Path` parameters.
+/// Where [`check_type`] puts the files of `Path` parameters and the declared rewards that
+/// `Reward` parameters name.
 #[derive(Debug)]
 pub struct FileSink {
     pub check: FileCheck,
@@ -582,6 +649,11 @@ pub struct FileSink {
     pub found: Vec<std::path::PathBuf>,
     /// Files that do not exist (with [`FileCheck::Record`]).
     pub missing: Vec<std::path::PathBuf>,
+    /// The names the pipeline declares in `rewards:` (besides the built-in ones, the tasks a
+    /// `Reward` parameter may name).
+    pub declared: Vec<String>,
+    /// The declared rewards named so far.
+    pub rewards: Vec<String>,
 }
 
 impl Default for FileSink {
@@ -590,8 +662,28 @@ impl Default for FileSink {
             check: FileCheck::Require,
             found: Vec::new(),
             missing: Vec::new(),
+            declared: Vec::new(),
+            rewards: Vec::new(),
         }
     }
+}
+
+/// Checks that `name` is a built-in reward task or one the pipeline declares (recorded in
+/// `files.rewards`).
+fn check_reward(name: &str, files: &mut FileSink) -> Result<(), String> {
+    let builtin: Vec<&str> = crate::records::Task::BUILTIN.iter().map(crate::records::Task::name).collect();
+    if builtin.contains(&name) {
+        return Ok(());
+    }
+    if files.declared.iter().any(|d| d == name) {
+        if !files.rewards.iter().any(|r| r == name) {
+            files.rewards.push(name.to_string());
+        }
+        return Ok(());
+    }
+    let declared = if files.declared.is_empty() { "none; declare yours in `rewards:`".to_string() } else { files.declared.join(", ") };
+    let hint = closest(name, builtin.iter().copied().chain(files.declared.iter().map(String::as_str))).map(|c| format!("; did you mean `{c}`?")).unwrap_or_default();
+    Err(format!("unknown task `{name}` (built-in: {}; declared in `rewards:`: {declared}){hint}", builtin.join(", ")))
 }
 
 fn type_params(
@@ -627,7 +719,11 @@ fn type_params(
             continue;
         }
         let missing_before = files.missing.len();
-        match check_type(&value, &p.ty, base_dir, files) {
+        let checked = check_type(&value, &p.ty, base_dir, files).and_then(|v| match &p.range {
+            Some(range) => check_range(&v, range).map(|()| v),
+            None => Ok(v),
+        });
+        match checked {
             Ok(v) => {
                 for path in &files.missing[missing_before..] {
                     missing_files.push(super::resolved::MissingFile {
@@ -697,6 +793,21 @@ pub fn check_type(value: &Value, ty: &ParamType, base_dir: &Path, files: &mut Fi
                 Err(e) => Err(format!("{} does not exist or cannot be read ({e}); relative paths are read from the pipeline's folder", full.display())),
             }
         }
+        ParamType::Reward => match value.as_str() {
+            Some(name) => check_reward(name, files).map(|()| value.clone()),
+            None => Err(format!("expected the name of a reward task, {}", found())),
+        },
+        ParamType::RewardMap(inner) => match value {
+            Value::Object(map) => {
+                let mut out = Map::new();
+                for (k, v) in map {
+                    check_reward(k, files)?;
+                    out.insert(k.clone(), check_type(v, inner, base_dir, files).map_err(|e| format!("key `{k}`: {e}"))?);
+                }
+                Ok(Value::Object(out))
+            }
+            _ => Err(format!("expected a mapping from reward tasks to values, {}", found())),
+        },
         ParamType::List(inner) => match value {
             Value::Array(items) => items
                 .iter()
@@ -717,6 +828,23 @@ pub fn check_type(value: &Value, ty: &ParamType, base_dir: &Path, files: &mut Fi
             _ => Err(format!("expected a mapping, {}", found())),
         },
         ParamType::Any => Ok(value.clone()),
+    }
+}
+
+/// Checks every number of a typed value (a number, or the numbers of a list or mapping)
+/// against a parameter's range.
+pub fn check_range(value: &Value, range: &Range) -> Result<(), String> {
+    match value {
+        Value::Number(n) => match n.as_f64() {
+            Some(x) if range.contains(x) => Ok(()),
+            _ => {
+                let wanted = if range.min.is_some() && range.max.is_some() { format!("in {range}") } else { range.to_string() };
+                Err(format!("expected a value {wanted}, found {n}"))
+            }
+        },
+        Value::Array(items) => items.iter().enumerate().try_for_each(|(i, v)| check_range(v, range).map_err(|e| format!("element {i}: {e}"))),
+        Value::Object(map) => map.iter().try_for_each(|(k, v)| check_range(v, range).map_err(|e| format!("key `{k}`: {e}"))),
+        _ => Ok(()),
     }
 }
 

@@ -1,13 +1,15 @@
 //! The pipeline layer: YAML spec, matrix expansion, validation, DAG. Knows nothing of tensors.
 //!
 //! [`load`] reads a file, [`expand::resolve`] turns it into a [`resolved::ResolvedPipeline`];
-//! stage kinds describe their parameters to it through [`schema::KindSchema`].
+//! stage kinds describe their parameters to it through [`schema::KindSchema`], declared as typed
+//! structs with [`params::StageParams`].
 pub mod dag;
 pub mod error;
 pub mod expand;
 pub mod glob;
 pub mod interp;
 pub mod locate;
+pub mod params;
 pub mod resolved;
 pub mod schema;
 pub mod spec;

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::records::RewardDirection;
+
 /// Compute resources a stage asks for (from the pipeline; used by the scheduler and Slurm).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Resources {
@@ -27,6 +29,18 @@ pub struct MissingFile {
     pub doc: String,
 }
 
+/// A reward the pipeline declares in `rewards:`, as the stages that use it get it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeclaredReward {
+    /// The TorchScript archive, absolute (its content hash, not its path, is in the cache key).
+    pub torchscript: PathBuf,
+    pub direction: RewardDirection,
+    /// Column title in tables and charts.
+    pub label: String,
+    /// Its letter in task orders (`order: AS`).
+    pub letter: char,
+}
+
 /// One stage, fully resolved.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResolvedStage {
@@ -42,6 +56,10 @@ pub struct ResolvedStage {
     /// resolved to run refuses them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing_files: Vec<MissingFile>,
+    /// The declared rewards the stage uses (those its parameters name, or all of them for a
+    /// kind that reads every declared reward), by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rewards: BTreeMap<String, DeclaredReward>,
     /// Free-form labels (matrix values, task, order...) for reports; not part of the cache key.
     pub meta: BTreeMap<String, String>,
     pub resources: Resources,

@@ -5,6 +5,8 @@
 //! description: ...           # optional
 //! vars: {...}                # variables for ${...}; --set vars.NAME=VALUE overrides them
 //! defaults: {KIND: {...}}    # parameter defaults per stage kind
+//! rewards:                   # rewards of your own, used by name wherever a task is named
+//!   redness: {torchscript: rewards/redness.pt, direction: higher, label: Redness, letter: R}
 //! stages:
 //!   - id: ft/${method}/${order}/${step}
 //!     kind: finetune
@@ -16,9 +18,12 @@
 //!     resources: {gpus: 1, cpus: 4, mem_gb: 32, time_min: 240, partition: gpu}
 //!     meta: {label: ...}
 //! ```
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
+
+use crate::records::{Metric, RewardDirection, Task};
 
 use super::error::{Diagnostic, PipelineError};
 use super::locate::YamlPath;
@@ -33,7 +38,27 @@ pub struct PipelineSpec {
     pub description: Option<String>,
     pub vars: Map<String, Value>,
     pub defaults: Map<String, Value>,
+    /// The rewards declared in `rewards:`, by name.
+    pub rewards: BTreeMap<String, RewardSpec>,
     pub stages: Vec<StageTemplate>,
+}
+
+/// One entry of `rewards:`: a TorchScript reward of the user's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RewardSpec {
+    /// The archive as written (relative paths are read from the pipeline's folder).
+    pub torchscript: String,
+    pub direction: RewardDirection,
+    /// Column title in tables and charts (default: the name).
+    pub label: String,
+    /// Its letter in task orders (default: the name's first letter, upper case).
+    pub letter: char,
+}
+
+impl RewardSpec {
+    pub fn path(name: &str) -> YamlPath {
+        YamlPath::root().key("rewards").key(name)
+    }
 }
 
 /// One entry of `stages:`; expands into one or more stages.
@@ -74,7 +99,11 @@ pub struct ChainSpec {
     pub first: String,
 }
 
-const TOP_KEYS: &[&str] = &["name", "description", "vars", "defaults", "stages"];
+const TOP_KEYS: &[&str] = &["name", "description", "vars", "defaults", "rewards", "stages"];
+const REWARD_KEYS: &[&str] = &["torchscript", "direction", "label", "letter"];
+/// The fields of an evaluation's `scores.jsonl` besides the metrics (a declared reward's score
+/// is a field of it too).
+const SCORE_FIELDS: [&str; 5] = ["prompt", "image", "text", "png_bytes", "jpeg_bytes"];
 const STAGE_KEYS: &[&str] = &["id", "kind", "params", "inputs", "matrix", "exclude", "chain", "resources", "meta"];
 const CHAIN_KEYS: &[&str] = &["over", "as", "link", "first"];
 
@@ -330,6 +359,7 @@ fn build(file: &Path, source: &str, doc: Value, diags: &mut Vec<Diagnostic>) -> 
             diags.push(Diagnostic::new(root.key("defaults").key(kind), "defaults of a kind must be a mapping of parameters"));
         }
     }
+    let rewards = build_rewards(top.get("rewards").unwrap_or(&Value::Null), diags);
     let mut stages = Vec::new();
     match top.get("stages") {
         Some(Value::Array(items)) => {
@@ -352,8 +382,74 @@ fn build(file: &Path, source: &str, doc: Value, diags: &mut Vec<Diagnostic>) -> 
         description,
         vars,
         defaults,
+        rewards,
         stages,
     }
+}
+
+/// `rewards:`: each name declared once, not a built-in one, with a TorchScript file, a direction
+/// and a letter of its own.
+fn build_rewards(value: &Value, diags: &mut Vec<Diagnostic>) -> BTreeMap<String, RewardSpec> {
+    let root = YamlPath::root().key("rewards");
+    let builtin: Vec<&str> = Task::BUILTIN.iter().map(Task::name).collect();
+    let mut out: BTreeMap<String, RewardSpec> = BTreeMap::new();
+    for (name, entry) in as_map(value, &root, "`rewards`", diags) {
+        let path = RewardSpec::path(&name);
+        if builtin.contains(&name.as_str()) {
+            diags.push(Diagnostic::new(root.key_name(&name), format!("`{name}` is a built-in reward and cannot be redeclared (built-in: {}); give yours another name", builtin.join(", "))));
+            continue;
+        }
+        let reserved = Metric::BUILTIN.iter().map(Metric::key).chain(SCORE_FIELDS).find(|k| *k == name);
+        if let Some(key) = reserved {
+            diags.push(Diagnostic::new(root.key_name(&name), format!("`{key}` names a built-in metric or a field of `scores.jsonl`; give your reward another name")));
+            continue;
+        }
+        if !name.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) || !is_safe_name(&name) || name.contains('.') {
+            diags.push(Diagnostic::new(root.key_name(&name), format!("`{name}` is not a valid reward name (a letter, then letters, digits, `_` or `-`; it names metrics and columns)")));
+            continue;
+        }
+        let Value::Object(map) = &entry else {
+            diags.push(Diagnostic::new(path, format!("reward `{name}` must be a mapping with `torchscript` (and `direction`, `label`, `letter`)")));
+            continue;
+        };
+        check_keys(map, REWARD_KEYS, &path, &format!("reward `{name}`"), diags);
+        let torchscript = as_string(map.get("torchscript"), &path.key("torchscript"), "`torchscript`", diags);
+        if map.get("torchscript").is_none() {
+            diags.push(Diagnostic::new(path.clone(), format!("reward `{name}` needs `torchscript` (the path of its TorchScript archive, relative to the pipeline file)")));
+        }
+        let direction = match map.get("direction") {
+            None => Some(RewardDirection::Higher),
+            Some(v) => match v.as_str().and_then(RewardDirection::parse) {
+                Some(d) => Some(d),
+                None => {
+                    diags.push(Diagnostic::new(path.key("direction"), format!("`direction` must be `higher` or `lower`, found `{}`", v.as_str().map_or_else(|| v.to_string(), str::to_string))));
+                    None
+                }
+            },
+        };
+        let label = as_string(map.get("label"), &path.key("label"), "`label`", diags).unwrap_or_else(|| name.clone());
+        let default_letter = name.chars().next().map(|c| c.to_ascii_uppercase());
+        let letter = match map.get("letter") {
+            None => default_letter,
+            Some(Value::String(s)) if s.len() == 1 && s.chars().all(|c| c.is_ascii_uppercase()) => s.chars().next(),
+            Some(other) => {
+                diags.push(Diagnostic::new(path.key("letter"), format!("`letter` must be one upper-case letter (A-Z), found `{}`", other.as_str().map_or_else(|| other.to_string(), str::to_string))));
+                None
+            }
+        };
+        if let Some(l) = letter {
+            let taken = Task::BUILTIN.iter().find(|t| t.builtin_letter() == Some(l)).map(|t| t.name().to_string()).or_else(|| out.iter().find(|(_, r)| r.letter == l).map(|(n, _)| n.clone()));
+            if let Some(other) = taken {
+                let key = if map.contains_key("letter") { path.key("letter") } else { path.clone() };
+                diags.push(Diagnostic::new(key, format!("reward `{name}`: letter {l} (its letter in task orders) is `{other}`'s already; give it another with `letter:`")));
+                continue;
+            }
+        }
+        if let (Some(torchscript), Some(direction), Some(letter)) = (torchscript, direction, letter) {
+            out.insert(name, RewardSpec { torchscript, direction, label, letter });
+        }
+    }
+    out
 }
 
 /// Names that become file or folder names.

@@ -9,7 +9,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use polars::prelude::*;
 
-use crate::stages::records::{Metric, Task};
+use crate::records::Metric;
 
 use super::frames::{self, Frames};
 use super::inputs::{method_title, parse_order, task_title, StudyInputs, Training};
@@ -135,8 +135,8 @@ fn y_range(values: impl IntoIterator<Item = f64>) -> std::ops::Range<f64> {
     (lo - pad)..(hi + pad)
 }
 
-fn direction_text(metric: Metric) -> &'static str {
-    if metric.higher_is_better() {
+fn direction_text(higher_is_better: bool) -> &'static str {
+    if higher_is_better {
         "↑ higher is better"
     } else {
         "↓ lower is better"
@@ -193,14 +193,17 @@ pub type Line = Vec<(f64, f64)>;
 /// One order's panel of a trajectory chart.
 pub struct TrajectoryPanel {
     pub order: String,
-    pub tasks: Vec<Task>,
+    /// The titles of the order's tasks.
+    pub tasks: Vec<String>,
     /// method -> its line.
     pub lines: BTreeMap<String, Line>,
 }
 
 /// One metric over the task sequence: a panel per order, a line per method.
 pub struct TrajectoryFigure {
-    pub metric: Metric,
+    /// The metric's column title.
+    pub title: String,
+    pub higher_is_better: bool,
     pub panels: Vec<TrajectoryPanel>,
     pub methods: Vec<String>,
 }
@@ -220,7 +223,7 @@ impl Figure for TrajectoryFigure {
 
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), String> {
         root.fill(&WHITE).map_err(fail)?;
-        let title = format!("{} after each task ({})", self.metric.title(), direction_text(self.metric));
+        let title = format!("{} after each task ({})", self.title, direction_text(self.higher_is_better));
         let area = root.titled(&title, (FONT, 24)).map_err(fail)?;
         let area = legend_strip(&area, &self.methods, false)?;
         let (rows, cols) = self.grid();
@@ -228,7 +231,7 @@ impl Figure for TrajectoryFigure {
         let y = y_range(all);
         for (panel_area, TrajectoryPanel { order, tasks, lines }) in area.split_evenly((rows, cols)).iter().zip(&self.panels) {
             let steps = tasks.len();
-            let labels: Vec<String> = std::iter::once("base".to_string()).chain(tasks.iter().map(|t| format!("+{}", task_title(*t)))).collect();
+            let labels: Vec<String> = std::iter::once("base".to_string()).chain(tasks.iter().map(|t| format!("+{t}"))).collect();
             let mut chart = ChartBuilder::on(panel_area)
                 .caption(format!("order {order}"), (FONT, 18))
                 .margin(12)
@@ -243,7 +246,7 @@ impl Figure for TrajectoryFigure {
                     SegmentValue::Exact(i) | SegmentValue::CenterOf(i) => labels.get(*i as usize).cloned().unwrap_or_default(),
                     SegmentValue::Last => String::new(),
                 })
-                .y_desc(self.metric.title())
+                .y_desc(self.title.as_str())
                 .label_style((FONT, 13))
                 .axis_desc_style((FONT, 14))
                 .max_light_lines(1)
@@ -268,8 +271,8 @@ pub type BarGroup = (String, BTreeMap<String, f64>);
 
 /// Forgetting per metric: a panel per metric, grouped bars (orders, then the average) per method.
 pub struct ForgettingFigure {
-    /// metric -> its groups, in order, the average last.
-    pub panels: Vec<(Metric, Vec<BarGroup>)>,
+    /// metric title -> its groups, in order, the average last.
+    pub panels: Vec<(String, Vec<BarGroup>)>,
     pub methods: Vec<String>,
 }
 
@@ -292,7 +295,7 @@ impl Figure for ForgettingFigure {
             let n = groups.len();
             let labels: Vec<String> = groups.iter().map(|g| g.0.clone()).collect();
             let mut chart = ChartBuilder::on(panel_area)
-                .caption(metric.title(), (FONT, 18))
+                .caption(metric.as_str(), (FONT, 18))
                 .margin(12)
                 .x_label_area_size(34)
                 .y_label_area_size(64)
@@ -311,7 +314,7 @@ impl Figure for ForgettingFigure {
                         String::new()
                     }
                 })
-                .y_desc(format!("F ({})", metric.title()))
+                .y_desc(format!("F ({metric})"))
                 .label_style((FONT, 13))
                 .axis_desc_style((FONT, 14))
                 .max_light_lines(1)
@@ -421,17 +424,18 @@ pub fn write_all(inputs: &StudyInputs, frames: &Frames, dir: &Path) -> Result<Ch
     let mut set = ChartSet::default();
     let methods = inputs.methods();
     let orders = inputs.orders();
+    let declared = inputs.rewards();
 
     // Trajectories, from the evaluations frame (base at step 0).
     let base = frames::cells(&frames::evaluations_of(frames, frames::ROLE_BASE, None)?, &[])?;
     let steps = frames::evaluations_of(frames, frames::ROLE_STEP, None)?;
-    for metric in Metric::ALL {
+    for metric in declared.metrics() {
         let rows = steps.clone().lazy().filter(col("metric").eq(lit(metric.key()))).collect()?;
         if rows.height() == 0 {
             continue;
         }
         let (m_of, o_of, s_of, v_of) = (frames::strings(&rows, "method")?, frames::strings(&rows, "order")?, frames::ints(&rows, "step")?, frames::floats(&rows, "value")?);
-        let base_value = base.get(&(vec![], metric)).and_then(|c| c.0);
+        let base_value = base.get(&(vec![], metric.clone())).and_then(|c| c.0);
         let mut panels = Vec::new();
         for order in &orders {
             let mut lines: BTreeMap<String, Line> = BTreeMap::new();
@@ -454,7 +458,7 @@ pub fn write_all(inputs: &StudyInputs, frames: &Frames, dir: &Path) -> Result<Ch
             }
             panels.push(TrajectoryPanel {
                 order: order.clone(),
-                tasks: parse_order(order)?,
+                tasks: parse_order(order, &declared)?.iter().map(|t| task_title(t, &declared)).collect(),
                 lines,
             });
         }
@@ -463,7 +467,8 @@ pub fn write_all(inputs: &StudyInputs, frames: &Frames, dir: &Path) -> Result<Ch
         }
         let stem = format!("trajectory_{}", metric.key());
         let fig = TrajectoryFigure {
-            metric,
+            title: metric.title(&declared),
+            higher_is_better: metric.higher_is_better(&declared),
             panels,
             methods: methods.clone(),
         };
@@ -477,12 +482,12 @@ pub fn write_all(inputs: &StudyInputs, frames: &Frames, dir: &Path) -> Result<Ch
     // Forgetting bars, from the finals frame; the paper's "-" values are simply not drawn.
     let finals = frames::cells(&frames.finals, &["method", "order"])?;
     let mut panels = Vec::new();
-    for metric in Metric::ALL {
+    for metric in declared.metrics() {
         let mut groups: Vec<BarGroup> = Vec::new();
         for order in &orders {
             let values: BTreeMap<String, f64> = methods
                 .iter()
-                .filter_map(|m| finals.get(&(vec![m.clone(), order.clone()], metric)).and_then(|c| c.1).map(|f| (m.clone(), f)))
+                .filter_map(|m| finals.get(&(vec![m.clone(), order.clone()], metric.clone())).and_then(|c| c.1).map(|f| (m.clone(), f)))
                 .collect();
             groups.push((order.clone(), values));
         }
@@ -497,7 +502,7 @@ pub fn write_all(inputs: &StudyInputs, frames: &Frames, dir: &Path) -> Result<Ch
             continue;
         }
         groups.push(("average".into(), average));
-        panels.push((metric, groups));
+        panels.push((metric.title(&declared), groups));
     }
     if panels.is_empty() {
         set.notes.push("Forgetting chart: no forgetting values reported (input `forgetting`).".into());
@@ -523,7 +528,7 @@ pub fn write_all(inputs: &StudyInputs, frames: &Frames, dir: &Path) -> Result<Ch
             continue;
         }
         let also = &seen[t.key.as_str()][1..];
-        let task = t.task.map(task_title).unwrap_or("reward mixture");
+        let task = t.task.as_ref().map_or_else(|| "reward mixture".to_string(), |task| task_title(task, &declared));
         let mut label = format!("{} ({}, {task})", t.stage_id, method_title(&t.method));
         if !also.is_empty() {
             label.push_str(&format!(", same stage as {}", also.join(", ")));

@@ -13,7 +13,10 @@
 //! The tolerance of a metric is the larger of `abs_tol` and `rel_tol * |baseline|` (each taken
 //! from the metric, else from `defaults`, else 0). A change within the tolerance is `ok`, also
 //! exactly at it; beyond it a change in the metric's direction is `improved` (reported, never a
-//! failure) and one against it a `REGRESSION`. A baseline metric the run lacks is `missing`.
+//! failure) and one against it a `REGRESSION`. A metric with `direction: both` has no good
+//! direction: a change beyond its tolerance either way is `CHANGED`, a failure (in a
+//! reproduction a far jump in the "good" direction is as suspect as one in the bad: a bug that
+//! stops training "improves" forgetting to 0). A baseline metric the run lacks is `missing`.
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
@@ -34,6 +37,8 @@ pub enum BaselineError {
 pub enum Direction {
     Higher,
     Lower,
+    /// Any change beyond the tolerance fails.
+    Both,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -118,7 +123,7 @@ impl Baseline {
             let direction = e
                 .direction
                 .or(defaults.direction)
-                .ok_or_else(|| invalid(path, format!("metric `{key}`: no `direction` (higher or lower), and none in `defaults`")))?;
+                .ok_or_else(|| invalid(path, format!("metric `{key}`: no `direction` (higher, lower or both), and none in `defaults`")))?;
             let abs_tol = check_tolerance(path, &format!("metric `{key}`: abs_tol"), e.abs_tol)?.or(defaults.abs_tol).unwrap_or(0.0);
             let rel_tol = check_tolerance(path, &format!("metric `{key}`: rel_tol"), e.rel_tol)?.or(defaults.rel_tol).unwrap_or(0.0);
             metrics.push(BaselineMetric {
@@ -162,12 +167,14 @@ pub enum Verdict {
     Ok,
     Improved,
     Regression,
+    /// Beyond the tolerance of a `direction: both` metric.
+    Changed,
     Missing,
 }
 
 impl Verdict {
     pub fn fails(self) -> bool {
-        matches!(self, Verdict::Regression | Verdict::Missing)
+        matches!(self, Verdict::Regression | Verdict::Changed | Verdict::Missing)
     }
 }
 
@@ -177,6 +184,7 @@ impl fmt::Display for Verdict {
             Verdict::Ok => "ok",
             Verdict::Improved => "improved",
             Verdict::Regression => "REGRESSION",
+            Verdict::Changed => "CHANGED",
             Verdict::Missing => "missing",
         })
     }
@@ -195,15 +203,16 @@ pub struct Comparison {
 /// for the rounding of the subtraction itself (a few ulps of the operands).
 pub fn judge(metric: &BaselineMetric, now: f64) -> Verdict {
     let delta = now - metric.value;
+    let rounding = 4.0 * f64::EPSILON * metric.value.abs().max(now.abs());
+    if delta.abs() <= metric.tolerance() + rounding {
+        return Verdict::Ok;
+    }
     let better = match metric.direction {
         Direction::Higher => delta,
         Direction::Lower => -delta,
+        Direction::Both => return Verdict::Changed,
     };
-    let rounding = 4.0 * f64::EPSILON * metric.value.abs().max(now.abs());
-    let tolerance = metric.tolerance() + rounding;
-    if better.abs() <= tolerance {
-        Verdict::Ok
-    } else if better > 0.0 {
+    if better > 0.0 {
         Verdict::Improved
     } else {
         Verdict::Regression
@@ -243,6 +252,7 @@ pub fn render(comparisons: &[Comparison]) -> String {
         let arrow = match c.metric.direction {
             Direction::Higher => "↑",
             Direction::Lower => "↓",
+            Direction::Both => "↕",
         };
         rows.push(vec![
             format!("{} {arrow}", c.metric.key),
@@ -273,11 +283,12 @@ pub fn render(comparisons: &[Comparison]) -> String {
     }
     let count = |v: Verdict| comparisons.iter().filter(|c| c.verdict == v).count();
     s.push_str(&format!(
-        "{} metrics: {} ok, {} improved, {} regressions, {} missing\n",
+        "{} metrics: {} ok, {} improved, {} regressions, {} changed, {} missing\n",
         comparisons.len(),
         count(Verdict::Ok),
         count(Verdict::Improved),
         count(Verdict::Regression),
+        count(Verdict::Changed),
         count(Verdict::Missing)
     ));
     s
@@ -290,6 +301,23 @@ pub fn read_metrics(path: &Path) -> Result<BTreeMap<String, f64>, BaselineError>
         error,
     })?;
     parse_metrics(&text, &path.display().to_string())
+}
+
+/// The union of several reports' metrics files (`metrics.json` in each folder); a key that two
+/// reports give different values is an error.
+pub fn merged_metrics<'a>(report_dirs: impl IntoIterator<Item = &'a Path>) -> Result<BTreeMap<String, f64>, BaselineError> {
+    let mut out: BTreeMap<String, f64> = BTreeMap::new();
+    for dir in report_dirs {
+        let path = dir.join(super::REPORT_METRICS_FILE);
+        for (k, v) in read_metrics(&path)? {
+            if let Some(old) = out.insert(k.clone(), v) {
+                if old != v {
+                    return Err(invalid(&path.display().to_string(), format!("metric `{k}` differs between the report stages ({old} and {v})")));
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 pub fn parse_metrics(text: &str, path: &str) -> Result<BTreeMap<String, f64>, BaselineError> {
@@ -336,6 +364,23 @@ mod tests {
         assert!(err(r#"{"metrics": {"a": {"value": 1, "direction": "lower", "abs_tol": -1}}}"#).contains(">= 0"));
         assert!(err(r#"{"metrics": {"a": {"value": 1, "direction": "lower", "tol": 1}}}"#).contains("unknown field"));
         assert!(err(r#"{"metric": {}}"#).contains("unknown top-level key"));
+    }
+
+    #[test]
+    fn a_metric_without_a_good_direction_fails_on_a_change_either_way() {
+        let m = metric(2.0, Direction::Both, 0.1, 0.0);
+        assert_eq!(judge(&m, 2.1), Verdict::Ok, "at the tolerance");
+        assert_eq!(judge(&m, 1.95), Verdict::Ok);
+        assert_eq!(judge(&m, 2.2), Verdict::Changed);
+        assert_eq!(judge(&m, 0.0), Verdict::Changed, "a drop to 0 (forgetting that vanished) fails");
+        assert!(Verdict::Changed.fails());
+        // The same changes on a metric with a direction: one improves, one regresses.
+        assert_eq!(judge(&metric(2.0, Direction::Lower, 0.1, 0.0), 0.0), Verdict::Improved);
+        assert_eq!(judge(&metric(2.0, Direction::Lower, 0.1, 0.0), 2.2), Verdict::Regression);
+        let b = Baseline::parse(r#"{"metrics": {"f": {"value": 1.0, "direction": "both", "abs_tol": 0.1}}}"#, "f").unwrap();
+        assert_eq!(b.metrics[0].direction, Direction::Both);
+        let table = render(&compare(&b, &BTreeMap::from([("f".to_string(), 3.0)])));
+        assert!(table.contains("f ↕") && table.contains("CHANGED") && table.contains("1 changed"), "{table}");
     }
 
     #[test]

@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use polars::prelude::*;
 
-use crate::stages::forgetting::forgetting;
-use crate::stages::records::{EvaluationRecord, Metric};
+use crate::records::forgetting;
+use crate::records::{EvaluationRecord, Metric};
 
 use super::inputs::{Evaluation, StudyInputs};
 use super::ReportError;
@@ -36,7 +36,7 @@ struct EvalRows {
     method: Vec<Option<String>>,
     order: Vec<Option<String>>,
     step: Vec<i64>,
-    metric: Vec<&'static str>,
+    metric: Vec<String>,
     value: Vec<f64>,
     forgetting: Vec<Option<f64>>,
 }
@@ -49,7 +49,7 @@ impl EvalRows {
             self.method.push(e.method.clone());
             self.order.push(e.order.clone());
             self.step.push(e.step as i64);
-            self.metric.push(m.key());
+            self.metric.push(m.key().to_string());
             self.value.push(*v);
             self.forgetting.push(forgetting.get(m).copied().flatten());
         }
@@ -119,7 +119,7 @@ impl Frames {
                 id.push(run.stage_id.clone());
                 method.push(run.method.clone());
                 order.push(run.order.clone());
-                metric.push(m.key());
+                metric.push(m.key().to_string());
                 value.push(*last);
                 forget.push(run.record.forgetting.get(m).copied().flatten());
             }
@@ -141,7 +141,7 @@ impl Frames {
             }
             id.push(t.stage_id.clone());
             method.push(t.method.clone());
-            task.push(t.task.map(|t| t.name()));
+            task.push(t.task.as_ref().map(|t| t.name().to_string()));
             spe.push(t.summary.seconds_per_epoch);
             steps.push(t.summary.steps as i64);
         }
@@ -184,7 +184,7 @@ pub fn cells(df: &DataFrame, keys: &[&str]) -> PolarsResult<Cells> {
     let forgetting = floats(df, "forgetting")?;
     let mut out = HashMap::new();
     for i in 0..df.height() {
-        let Some(metric) = metrics[i].as_deref().and_then(Metric::parse) else { continue };
+        let Some(metric) = metrics[i].as_deref().map(Metric::from_key) else { continue };
         let key = key_cols.iter().map(|c| c[i].clone().unwrap_or_default()).collect();
         out.insert((key, metric), (values[i], forgetting[i]));
     }

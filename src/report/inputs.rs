@@ -1,14 +1,10 @@
-//! The records a report reads, with the labels (`meta`) of the stages that wrote them.
-use std::path::{Path, PathBuf};
+//! The records a report reads, with the labels (`meta`) of the stages that wrote them (the
+//! report stage gathers them from its inputs).
+use std::path::PathBuf;
 
-use crate::exec::{InputObject, StageContext};
-use crate::stages::forgetting::{ForgettingRecord, FORGETTING_FILE};
-use crate::stages::records::{EvaluationRecord, Task, TrainLogLine, TrainSummary, METRICS_FILE, TRAIN_LOG_FILE, TRAIN_SUMMARY_FILE};
+use crate::records::{DeclaredRewards, EvaluationRecord, ForgettingRecord, Task, TrainLogLine, TrainSummary};
 
 use super::ReportError;
-
-/// The optional sample grid an evaluation may write (one row, one column per prompt).
-pub const GRID_FILE: &str = "grid.png";
 
 /// One evaluation of a model.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,119 +54,44 @@ pub struct StudyInputs {
     pub trainings: Vec<Training>,
 }
 
-/// Task letters of an order string (`AHC` -> aesthetic, hps, compress).
-pub fn parse_order(order: &str) -> Result<Vec<Task>, ReportError> {
+/// Task letters of an order string (`AHC` -> aesthetic, hps, compress; a declared reward by the
+/// letter of its declaration).
+pub fn parse_order(order: &str, declared: &DeclaredRewards) -> Result<Vec<Task>, ReportError> {
     order
         .chars()
-        .map(|c| Task::parse(&c.to_string()).ok_or_else(|| ReportError::Input(format!("`{order}` is not a task order (letters A, H, C)"))))
+        .map(|c| {
+            declared.task_of_letter(c).ok_or_else(|| {
+                let letters: Vec<String> = Task::BUILTIN.iter().filter_map(Task::builtin_letter).chain(declared.0.values().map(|r| r.letter)).map(String::from).collect();
+                ReportError::Input(format!("`{order}` is not a task order (letters {})", letters.join(", ")))
+            })
+        })
         .collect()
 }
 
 /// The letters of a task sequence.
-pub fn order_string(tasks: &[Task]) -> String {
-    tasks.iter().map(|t| t.letter()).collect()
-}
-
-fn label<'a>(input: &'a InputObject, name: &str) -> Option<&'a str> {
-    input.meta.get(name).map(String::as_str)
-}
-
-fn read_evaluation(input: &InputObject) -> Result<Evaluation, ReportError> {
-    let record = EvaluationRecord::read(&input.file(METRICS_FILE).map_err(stage_err)?).map_err(stage_err)?;
-    let grid = input.manifest.files.contains_key(GRID_FILE).then(|| input.dir.join(GRID_FILE));
-    Ok(Evaluation {
-        stage_id: input.stage_id.clone(),
-        method: label(input, "method").map(str::to_string),
-        order: label(input, "order").map(str::to_string),
-        step: record.tasks.len(),
-        record,
-        grid,
-    })
-}
-
-fn stage_err(e: crate::exec::StageError) -> ReportError {
-    ReportError::Input(e.to_string())
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T, ReportError> {
-    let bytes = std::fs::read(path).map_err(|e| ReportError::io(format!("cannot read {}", path.display()), e))?;
-    serde_json::from_slice(&bytes).map_err(|e| ReportError::Input(format!("{} is not {what}: {e}", path.display())))
-}
-
-/// Reads `train_log.jsonl`; a line that is not a log record is an error naming the line.
-pub fn read_train_log(path: &Path) -> Result<Vec<TrainLogLine>, ReportError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ReportError::io(format!("cannot read {}", path.display()), e))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| ReportError::Input(format!("{}:{}: not a training log line: {e}", path.display(), i + 1))))
-        .collect()
+pub fn order_string(tasks: &[Task], declared: &DeclaredRewards) -> String {
+    tasks.iter().map(|t| t.letter(declared)).collect()
 }
 
 impl StudyInputs {
-    /// Reads the report stage's inputs from the cache.
-    pub fn from_context(ctx: &StageContext) -> Result<Self, ReportError> {
-        let base = ctx.input("base").map_err(stage_err).and_then(read_evaluation)?;
-        let evals = ctx.input_list("evals").iter().map(read_evaluation).collect::<Result<Vec<_>, _>>()?;
-        let mut forgetting = Vec::new();
-        for input in ctx.input_list("forgetting") {
-            let record: ForgettingRecord = read_json(&input.file(FORGETTING_FILE).map_err(stage_err)?, "a forgetting record")?;
-            let method = label(input, "method")
-                .ok_or_else(|| ReportError::Input(format!("forgetting input `{}` has no `method` label (put the method in its matrix)", input.stage_id)))?;
-            forgetting.push(ForgettingRun {
-                stage_id: input.stage_id.clone(),
-                method: method.to_string(),
-                order: label(input, "order").map(str::to_string).unwrap_or_else(|| order_string(&record.tasks)),
-                record,
-            });
-        }
-        let optional = |name: &str| -> Result<Option<Evaluation>, ReportError> {
-            match ctx.input_list(name) {
-                [] => Ok(None),
-                [one] => read_evaluation(one).map(Some),
-                many => Err(ReportError::Input(format!("input `{name}` takes one stage, got {}", many.len()))),
-            }
-        };
-        let soup = optional("soup")?;
-        let joint = optional("joint")?;
-        let mut trainings = Vec::new();
-        for input in ctx.input_list("trainings") {
-            let summary: TrainSummary = read_json(&input.file(TRAIN_SUMMARY_FILE).map_err(stage_err)?, "a training summary")?;
-            let log = read_train_log(&input.file(TRAIN_LOG_FILE).map_err(stage_err)?)?;
-            let task = match label(input, "task") {
-                Some(t) => Some(Task::parse(t).ok_or_else(|| ReportError::Input(format!("training `{}`: label task={t} is not a task", input.stage_id)))?),
-                None => match summary.tasks.as_slice() {
-                    [one] => Some(*one),
-                    _ => None,
-                },
-            };
-            trainings.push(Training {
-                stage_id: input.stage_id.clone(),
-                key: input.key.clone(),
-                method: label(input, "method").map(str::to_string).unwrap_or_else(|| summary.method.clone()),
-                task,
-                summary,
-                log,
-            });
-        }
-        Ok(StudyInputs {
-            base,
-            evals,
-            forgetting,
-            soup,
-            joint,
-            trainings,
-        })
-    }
-
     /// The base model, the evaluations after tasks, the soup and the joint model.
     pub fn all_evaluations(&self) -> impl Iterator<Item = &Evaluation> {
         std::iter::once(&self.base).chain(&self.evals).chain(&self.soup).chain(&self.joint)
     }
 
+    /// The rewards the study's pipeline declared, as its evaluation records name them.
+    pub fn rewards(&self) -> DeclaredRewards {
+        let mut declared = DeclaredRewards::default();
+        for e in self.all_evaluations() {
+            declared.merge(&e.record.rewards);
+        }
+        declared
+    }
+
     /// Checks that labels and records agree: every evaluation after a task names its method
     /// and order, and its record's tasks are the first `step` tasks of that order.
     pub fn check(&self) -> Result<(), ReportError> {
+        let declared = self.rewards();
         if !self.base.record.tasks.is_empty() {
             return Err(ReportError::Input(format!(
                 "input `base` ({}) is of a model tuned on {} task(s), not the base model",
@@ -185,22 +106,22 @@ impl StudyInputs {
                     e.stage_id
                 )));
             };
-            let tasks = parse_order(order)?;
+            let tasks = parse_order(order, &declared)?;
             if e.step == 0 || e.step > tasks.len() || e.record.tasks[..] != tasks[..e.step] {
                 return Err(ReportError::Input(format!(
                     "evaluation `{}` is labelled order {order} but its model was tuned on [{}]",
                     e.stage_id,
-                    order_string(&e.record.tasks)
+                    order_string(&e.record.tasks, &declared)
                 )));
             }
         }
         for f in &self.forgetting {
-            if order_string(&f.record.tasks) != f.order {
+            if order_string(&f.record.tasks, &declared) != f.order {
                 return Err(ReportError::Input(format!(
                     "forgetting `{}` is labelled order {} but covers [{}]",
                     f.stage_id,
                     f.order,
-                    order_string(&f.record.tasks)
+                    order_string(&f.record.tasks, &declared)
                 )));
             }
         }
@@ -252,11 +173,13 @@ pub fn method_title(method: &str) -> String {
     }
 }
 
-/// How a task is named in tables.
-pub fn task_title(task: Task) -> &'static str {
+/// How a task is named in tables (a declared reward by its label).
+pub fn task_title(task: &Task, declared: &DeclaredRewards) -> String {
     match task {
-        Task::Aesthetic => "Aesthetic",
-        Task::Hps => "HPS",
-        Task::Compress => "Compress",
+        Task::Aesthetic => "Aesthetic".into(),
+        Task::Hps => "HPS".into(),
+        Task::Compress => "Compress".into(),
+        Task::PickScore => "PickScore".into(),
+        Task::Declared(name) => declared.get(name).map_or_else(|| name.clone(), |r| r.label.clone()),
     }
 }

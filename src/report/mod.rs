@@ -10,13 +10,14 @@
 //! - [`charts`] and [`montage`]: trajectories, forgetting bars, training curves, sample grids.
 //! - [`check`]: comparison of a run's metrics with a committed baseline file.
 //! - [`seeds`]: a study over several training seeds (mean ± std, claims counted, error bars).
-//! - [`publish`]: the report stages of a pipeline, run if needed and copied to `reports/<name>/`.
+//!
+//! A report is a pure function of the study's records to files; the report stage gathers the
+//! records, and publishing to `reports/<name>/` is the runner's copy of the stage's object.
 pub mod charts;
 pub mod check;
 pub mod frames;
 pub mod inputs;
 pub mod montage;
-pub mod publish;
 pub mod render;
 pub mod seeds;
 pub mod tables;
@@ -24,7 +25,7 @@ pub mod tables;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::stages::records::Metric;
+use crate::records::Metric;
 
 pub use inputs::{Evaluation, ForgettingRun, StudyInputs, Training};
 
@@ -171,6 +172,7 @@ fn index_markdown(
     montages: &montage::Montages,
     notes: &[String],
 ) -> String {
+    let declared = inputs.rewards();
     let mut s = format!("# {}\n\n", options.title);
     s.push_str(&format!(
         "Inputs: base model `{}`, {} evaluation(s) after tasks, {} forgetting record(s), {} training stage(s){}{}.\n\n",
@@ -201,7 +203,7 @@ fn index_markdown(
     if !charts.trajectories.is_empty() {
         s.push_str("## Metrics over the task sequence\n\n");
         for (metric, stem) in &charts.trajectories {
-            s.push_str(&format!("### {}\n\n![{} after each task](charts/{stem}.png)\n\n[SVG](charts/{stem}.svg)\n\n", metric.title(), metric.title()));
+            s.push_str(&format!("### {}\n\n![{} after each task](charts/{stem}.png)\n\n[SVG](charts/{stem}.svg)\n\n", metric.title(&declared), metric.title(&declared)));
         }
     }
     if let Some(stem) = &charts.forgetting {
@@ -230,9 +232,11 @@ fn index_markdown(
 }
 
 /// Digits shown for a metric (and its forgetting) in the tables.
-pub fn precision(metric: Metric) -> usize {
+pub fn precision(metric: &Metric) -> usize {
     match metric {
         Metric::Hps => 3,
+        // A declared reward's scale is unknown: enough digits for scores below 1.
+        Metric::Declared(_) => 4,
         _ => 2,
     }
 }

@@ -161,7 +161,8 @@ pub fn write_all(inputs: &StudyInputs, options: &ReportOptions, dir: &Path) -> R
         return Ok(out);
     }
     let order = &options.table2_order;
-    let tasks = parse_order(order)?;
+    let declared = inputs.rewards();
+    let tasks = parse_order(order, &declared)?;
     let mut missing = Vec::new();
     let sequence = |method: &str| -> Vec<&Evaluation> {
         let mut list: Vec<&Evaluation> = inputs
@@ -193,7 +194,7 @@ pub fn write_all(inputs: &StudyInputs, options: &ReportOptions, dir: &Path) -> R
             rows.push(r);
         }
         for e in &list {
-            let task = tasks.get(e.step - 1).map(|t| task_title(*t)).unwrap_or("?");
+            let task = tasks.get(e.step - 1).map_or_else(|| "?".to_string(), |t| task_title(t, &declared));
             if let Some(r) = grid_row(format!("after {}. {task}", e.step), e, &mut missing)? {
                 rows.push(r);
             }

@@ -15,8 +15,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde::Serialize;
 
-use crate::stages::forgetting::ForgettingRecord;
-use crate::stages::records::{Metric, Task};
+use crate::records::{DeclaredRewards, ForgettingRecord, Metric, Task};
 
 use super::charts::{method_color, save, Figure, FONT};
 use super::inputs::{method_rank, method_title, parse_order, task_title};
@@ -56,6 +55,8 @@ pub struct SeedStudy {
     pub soups: Vec<SeedEval>,
     pub joints: Vec<SeedEval>,
     pub trainings: Vec<SeedTraining>,
+    /// The rewards the pipeline declared, as its records name them (titles, directions, letters).
+    pub rewards: DeclaredRewards,
 }
 
 /// Mean and sample standard deviation (n - 1; 0 for one value) of `n` values.
@@ -108,13 +109,9 @@ pub struct Gain {
     pub relative_percent: bool,
 }
 
-/// The metric a task optimises (its "target").
-pub fn target_metric(task: Task) -> Metric {
-    match task {
-        Task::Aesthetic => Metric::Aesthetic,
-        Task::Hps => Metric::Hps,
-        Task::Compress => Metric::PngKb,
-    }
+/// The metric a task optimises (its first target: PNG size for compressibility).
+pub fn target_metric(task: &Task) -> Metric {
+    task.targets().swap_remove(0)
 }
 
 impl SeedStudy {
@@ -162,7 +159,7 @@ impl SeedStudy {
     /// Checks that every record covers its order and that no (seed, method, order) repeats.
     pub fn check(&self) -> Result<(), ReportError> {
         for (i, r) in self.runs.iter().enumerate() {
-            let tasks = parse_order(&r.order)?;
+            let tasks = parse_order(&r.order, &self.rewards)?;
             if r.record.tasks != tasks {
                 return Err(ReportError::Input(format!("forgetting record of seed {} {} is labelled order {} but covers other tasks", r.seed, r.method, r.order)));
             }
@@ -177,15 +174,15 @@ impl SeedStudy {
     }
 
     /// Per seed, the average over the orders of the final value and of the reported F.
-    fn seed_average(&self, seed: &str, method: &str, metric: Metric) -> (Option<f64>, Option<f64>) {
+    fn seed_average(&self, seed: &str, method: &str, metric: &Metric) -> (Option<f64>, Option<f64>) {
         let runs: Vec<&SeedRun> = self.runs.iter().filter(|r| r.seed == seed && r.method == method).collect();
         let finals: Vec<f64> = runs.iter().filter_map(|r| final_value(r, metric)).collect();
-        let forgetting: Vec<f64> = runs.iter().filter_map(|r| r.record.forgetting.get(&metric).copied().flatten()).collect();
+        let forgetting: Vec<f64> = runs.iter().filter_map(|r| r.record.forgetting.get(metric).copied().flatten()).collect();
         (Stat::of(&finals).map(|s| s.mean), Stat::of(&forgetting).map(|s| s.mean))
     }
 
     /// Over seeds, the per-seed averages over the orders: (value, F).
-    pub fn average(&self, method: &str, metric: Metric) -> (Option<Stat>, Option<Stat>) {
+    pub fn average(&self, method: &str, metric: &Metric) -> (Option<Stat>, Option<Stat>) {
         let (mut values, mut forgetting) = (Vec::new(), Vec::new());
         for seed in self.seeds() {
             let (v, f) = self.seed_average(&seed, method, metric);
@@ -196,8 +193,8 @@ impl SeedStudy {
     }
 
     /// Over seeds, the trajectory of `metric` along `order`: one statistic per step (0 = base).
-    pub fn trajectory(&self, method: &str, order: &str, metric: Metric) -> Vec<Stat> {
-        let series: Vec<&Vec<f64>> = self.runs.iter().filter(|r| r.method == method && r.order == order).filter_map(|r| r.record.trajectory.get(&metric)).collect();
+    pub fn trajectory(&self, method: &str, order: &str, metric: &Metric) -> Vec<Stat> {
+        let series: Vec<&Vec<f64>> = self.runs.iter().filter(|r| r.method == method && r.order == order).filter_map(|r| r.record.trajectory.get(metric)).collect();
         let steps = series.iter().map(|s| s.len()).min().unwrap_or(0);
         (0..steps).filter_map(|i| Stat::of(&series.iter().map(|s| s[i]).collect::<Vec<_>>())).collect()
     }
@@ -208,7 +205,7 @@ impl SeedStudy {
         let mut out = Vec::new();
         for method in self.methods() {
             for task in Task::ALL {
-                let metric = target_metric(task);
+                let metric = target_metric(&task);
                 let relative = metric == Metric::PngKb;
                 let mut changes = Vec::new();
                 for seed in self.seeds() {
@@ -252,14 +249,15 @@ impl SeedStudy {
                 });
             }
         };
+        let declared = &self.rewards;
         for metric in Metric::ALL {
-            let f = move |r: &SeedRun| r.record.forgetting.get(&metric).copied().flatten();
-            compare(&format!("forgetting_{}", metric.key()), format!("RID's {} forgetting F is below the baseline's", metric.title()), &f, true);
+            let f = |r: &SeedRun| r.record.forgetting.get(&metric).copied().flatten();
+            compare(&format!("forgetting_{}", metric.key()), format!("RID's {} forgetting F is below the baseline's", metric.title(declared)), &f, true);
         }
         for metric in Metric::ALL {
-            let v = move |r: &SeedRun| final_value(r, metric);
-            let lower = !metric.higher_is_better();
-            compare(&format!("final_{}", metric.key()), format!("RID's final {} is {} the baseline's", metric.title(), if lower { "below" } else { "above" }), &v, lower);
+            let v = |r: &SeedRun| final_value(r, &metric);
+            let lower = !metric.higher_is_better(declared);
+            compare(&format!("final_{}", metric.key()), format!("RID's final {} is {} the baseline's", metric.title(declared), if lower { "below" } else { "above" }), &v, lower);
         }
         // The soup against a compressibility model (the baseline's single-task C model).
         let soup_margins: Vec<f64> = seeds
@@ -283,19 +281,19 @@ impl SeedStudy {
         }
         // Joint tuning against RID's average over the orders, per seed and target.
         for task in Task::ALL {
-            let metric = target_metric(task);
+            let metric = target_metric(&task);
             let margins: Vec<f64> = seeds
                 .iter()
                 .filter_map(|s| {
                     let joint = *self.joints.iter().find(|e| &e.seed == s)?.metrics.get(&metric)?;
-                    let rid = self.seed_average(s, "rid", metric).0?;
-                    Some(if metric.higher_is_better() { rid - joint } else { joint - rid })
+                    let rid = self.seed_average(s, "rid", &metric).0?;
+                    Some(if metric.higher_is_better(declared) { rid - joint } else { joint - rid })
                 })
                 .collect();
             if !margins.is_empty() {
                 out.push(Claim {
                     id: format!("joint_below_rid_{}", metric.key()),
-                    text: format!("joint tuning ends worse than RID's average on {}", metric.title()),
+                    text: format!("joint tuning ends worse than RID's average on {}", metric.title(declared)),
                     holds: margins.iter().filter(|&&m| m > 0.0).count(),
                     of: margins.len(),
                     unit: "seeds".into(),
@@ -308,7 +306,7 @@ impl SeedStudy {
         for s in &seeds {
             for task in Task::ALL {
                 let spe = |method: &str| {
-                    let v: Vec<f64> = self.trainings.iter().filter(|t| &t.seed == s && t.method == method && t.task == Some(task)).map(|t| t.seconds_per_epoch).collect();
+                    let v: Vec<f64> = self.trainings.iter().filter(|t| &t.seed == s && t.method == method && t.task.as_ref() == Some(&task)).map(|t| t.seconds_per_epoch).collect();
                     Stat::of(&v).map(|st| st.mean)
                 };
                 if let (Some(b), Some(r)) = (spe("baseline"), spe("rid")) {
@@ -330,15 +328,15 @@ impl SeedStudy {
     }
 }
 
-fn final_value(run: &SeedRun, metric: Metric) -> Option<f64> {
-    run.record.trajectory.get(&metric).and_then(|t| t.last()).copied()
+fn final_value(run: &SeedRun, metric: &Metric) -> Option<f64> {
+    run.record.trajectory.get(metric).and_then(|t| t.last()).copied()
 }
 
-fn header(metric: Metric) -> String {
-    format!("{} {}", metric.title(), if metric.higher_is_better() { "↑" } else { "↓" })
+fn header(metric: &Metric, declared: &DeclaredRewards) -> String {
+    format!("{} {}", metric.title(declared), if metric.higher_is_better(declared) { "↑" } else { "↓" })
 }
 
-fn stat_cell(metric: Metric, value: Option<Stat>, forgetting: Option<Option<Stat>>) -> String {
+fn stat_cell(metric: &Metric, value: Option<Stat>, forgetting: Option<Option<Stat>>) -> String {
     let digits = precision(metric);
     let Some(v) = value else { return "n/a".into() };
     match forgetting {
@@ -363,16 +361,16 @@ fn markdown_table(headers: &[String], rows: &[Vec<String>], label_columns: usize
 /// The Table 3 analog over seeds: header and rows (base, each method's average, soup, joint).
 pub fn table3(study: &SeedStudy) -> (Vec<String>, Vec<Vec<String>>) {
     let mut headers = vec!["Model".to_string()];
-    headers.extend(Metric::ALL.iter().map(|&m| header(m)));
+    headers.extend(Metric::ALL.iter().map(|m| header(m, &study.rewards)));
     let mut rows = Vec::new();
     let mut base = vec!["Base model".to_string()];
-    base.extend(Metric::ALL.iter().map(|m| study.base.get(m).map_or("n/a".into(), |v| format!("{v:.*}", precision(*m)))));
+    base.extend(Metric::ALL.iter().map(|m| study.base.get(m).map_or("n/a".into(), |v| format!("{v:.*}", precision(m)))));
     rows.push(base);
     for method in study.methods() {
         let mut row = vec![format!("{}, average", method_title(&method))];
         for m in Metric::ALL {
-            let (v, f) = study.average(&method, m);
-            row.push(stat_cell(m, v, Some(f)));
+            let (v, f) = study.average(&method, &m);
+            row.push(stat_cell(&m, v, Some(f)));
         }
         rows.push(row);
     }
@@ -383,7 +381,7 @@ pub fn table3(study: &SeedStudy) -> (Vec<String>, Vec<Vec<String>>) {
         let mut row = vec![title.to_string()];
         for m in Metric::ALL {
             let v: Vec<f64> = evals.iter().filter_map(|e| e.metrics.get(&m).copied()).collect();
-            row.push(stat_cell(m, Stat::of(&v), None));
+            row.push(stat_cell(&m, Stat::of(&v), None));
         }
         rows.push(row);
     }
@@ -397,10 +395,10 @@ pub fn gains_table(study: &SeedStudy) -> (Vec<String>, Vec<Vec<String>>) {
         .gains()
         .iter()
         .map(|g| {
-            let digits = precision(g.metric);
+            let digits = precision(&g.metric);
             let change = if g.relative_percent { format!("{:+.1}% ± {:.1}%", g.change.mean, g.change.std) } else { format!("{:+.*} ± {:.*}", digits + 1, g.change.mean, digits + 1, g.change.std) };
             let base = study.base.get(&g.metric).map_or("n/a".into(), |v| format!("{v:.*}", digits));
-            vec![method_title(&g.method), task_title(g.task).to_string(), header(g.metric), base, change]
+            vec![method_title(&g.method), task_title(&g.task, &study.rewards), header(&g.metric, &study.rewards), base, change]
         })
         .collect();
     (headers, rows)
@@ -439,7 +437,7 @@ pub fn flat_metrics(study: &SeedStudy) -> BTreeMap<String, f64> {
     };
     for method in study.methods() {
         for m in Metric::ALL {
-            let (v, f) = study.average(&method, m);
+            let (v, f) = study.average(&method, &m);
             if let Some(v) = v {
                 put(format!("seeds/{method}/{}", m.key()), v);
             }
@@ -469,7 +467,10 @@ fn padded_range(lo: f64, hi: f64) -> std::ops::Range<f64> {
 
 /// A metric along each order, mean over seeds with ± std error bars, one line per method.
 struct TrajectoryBars {
-    metric: Metric,
+    /// The metric's column title.
+    title: String,
+    /// For the tasks' titles.
+    declared: DeclaredRewards,
     /// (order, tasks, method -> stats per step).
     panels: Vec<(String, Vec<Task>, BTreeMap<String, Vec<Stat>>)>,
     methods: Vec<String>,
@@ -486,7 +487,7 @@ impl Figure for TrajectoryBars {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), String> {
         root.fill(&WHITE).map_err(fail)?;
         let legend: Vec<String> = self.methods.iter().map(|m| method_title(m)).collect();
-        let title = format!("{} after each task: mean ± std over {} seeds ({})", self.metric.title(), self.seeds, legend.join(" / "));
+        let title = format!("{} after each task: mean ± std over {} seeds ({})", self.title, self.seeds, legend.join(" / "));
         let area = root.titled(&title, (FONT, 20)).map_err(fail)?;
         let cols = self.panels.len().clamp(1, 3);
         let rows = self.panels.len().div_ceil(cols).max(1);
@@ -495,7 +496,7 @@ impl Figure for TrajectoryBars {
         let y = if lo.is_finite() { padded_range(lo, hi) } else { 0.0..1.0 };
         for (panel, (order, tasks, lines)) in area.split_evenly((rows, cols)).iter().zip(&self.panels) {
             let steps = tasks.len();
-            let labels: Vec<String> = std::iter::once("base".to_string()).chain(tasks.iter().map(|t| format!("+{}", task_title(*t)))).collect();
+            let labels: Vec<String> = std::iter::once("base".to_string()).chain(tasks.iter().map(|t| format!("+{}", task_title(t, &self.declared)))).collect();
             let mut chart = ChartBuilder::on(panel)
                 .caption(format!("order {order}"), (FONT, 18))
                 .margin(12)
@@ -510,7 +511,7 @@ impl Figure for TrajectoryBars {
                     SegmentValue::Exact(i) | SegmentValue::CenterOf(i) => labels.get(*i as usize).cloned().unwrap_or_default(),
                     SegmentValue::Last => String::new(),
                 })
-                .y_desc(self.metric.title())
+                .y_desc(self.title.as_str())
                 .label_style((FONT, 13))
                 .axis_desc_style((FONT, 14))
                 .max_light_lines(1)
@@ -534,8 +535,8 @@ impl Figure for TrajectoryBars {
 
 /// Forgetting per metric: per method, the per-seed average over orders, mean ± std over seeds.
 struct ForgettingBars {
-    /// metric -> method -> F over seeds.
-    panels: Vec<(Metric, BTreeMap<String, Stat>)>,
+    /// metric title -> method -> F over seeds.
+    panels: Vec<(String, BTreeMap<String, Stat>)>,
     methods: Vec<String>,
     seeds: usize,
 }
@@ -560,7 +561,7 @@ impl Figure for ForgettingBars {
             let n = self.methods.len();
             let names: Vec<String> = self.methods.iter().map(|m| method_title(m)).collect();
             let mut chart = ChartBuilder::on(panel)
-                .caption(metric.title(), (FONT, 18))
+                .caption(metric.as_str(), (FONT, 18))
                 .margin(12)
                 .x_label_area_size(30)
                 .y_label_area_size(64)
@@ -619,21 +620,22 @@ pub fn write_seeds_report(study: &SeedStudy, title: &str, out: &Path) -> Result<
     for metric in Metric::ALL {
         let mut panels = Vec::new();
         for order in study.orders() {
-            let lines: BTreeMap<String, Vec<Stat>> = methods.iter().map(|m| (m.clone(), study.trajectory(m, &order, metric))).filter(|(_, t)| !t.is_empty()).collect();
+            let lines: BTreeMap<String, Vec<Stat>> = methods.iter().map(|m| (m.clone(), study.trajectory(m, &order, &metric))).filter(|(_, t)| !t.is_empty()).collect();
             if !lines.is_empty() {
-                panels.push((order.clone(), parse_order(&order)?, lines));
+                panels.push((order.clone(), parse_order(&order, &study.rewards)?, lines));
             }
         }
         if panels.is_empty() {
             continue;
         }
         let stem = format!("seeds_trajectory_{}", metric.key());
-        files.extend(save(&TrajectoryBars { metric, panels, methods: methods.clone(), seeds: seeds.len() }, &charts, &stem)?.map(|f| format!("charts/{f}")));
-        chart_stems.push((format!("{} after each task", metric.title()), stem));
+        let title = metric.title(&study.rewards);
+        chart_stems.push((format!("{title} after each task"), stem.clone()));
+        files.extend(save(&TrajectoryBars { title, panels, methods: methods.clone(), seeds: seeds.len(), declared: study.rewards.clone() }, &charts, &stem)?.map(|f| format!("charts/{f}")));
     }
-    let forgetting: Vec<(Metric, BTreeMap<String, Stat>)> = Metric::ALL
+    let forgetting: Vec<(String, BTreeMap<String, Stat>)> = Metric::ALL
         .into_iter()
-        .map(|m| (m, methods.iter().filter_map(|method| study.average(method, m).1.map(|s| (method.clone(), s))).collect::<BTreeMap<_, _>>()))
+        .map(|m| (m.title(&study.rewards), methods.iter().filter_map(|method| study.average(method, &m).1.map(|s| (method.clone(), s))).collect::<BTreeMap<_, _>>()))
         .filter(|(_, b)| !b.is_empty())
         .collect();
     if !forgetting.is_empty() {
@@ -682,14 +684,14 @@ mod tests {
     use super::*;
 
     fn record(tasks: &str, clip: &[f64], png: &[f64], f_clip: f64) -> ForgettingRecord {
-        let tasks = parse_order(tasks).unwrap();
+        let tasks = parse_order(tasks, &DeclaredRewards::default()).unwrap();
         let mut forgetting = BTreeMap::new();
         forgetting.insert(Metric::ClipScore, Some(f_clip));
         forgetting.insert(Metric::PngKb, None);
         let mut trajectory = BTreeMap::new();
         trajectory.insert(Metric::ClipScore, clip.to_vec());
         trajectory.insert(Metric::PngKb, png.to_vec());
-        ForgettingRecord { tasks, forgetting, trajectory }
+        ForgettingRecord { tasks, forgetting, trajectory, rewards: DeclaredRewards::default() }
     }
 
     fn study() -> SeedStudy {
@@ -706,7 +708,7 @@ mod tests {
         base.insert(Metric::ClipScore, 70.0);
         base.insert(Metric::PngKb, 1.0);
         let soup = |seed: &str, png: f64| SeedEval { seed: seed.into(), metrics: [(Metric::PngKb, png)].into_iter().collect() };
-        SeedStudy { base, runs, soups: vec![soup("0", 0.99), soup("1", 0.85)], joints: Vec::new(), trainings: Vec::new() }
+        SeedStudy { base, runs, soups: vec![soup("0", 0.99), soup("1", 0.85)], joints: Vec::new(), trainings: Vec::new(), rewards: DeclaredRewards::default() }
     }
 
     #[test]
@@ -742,7 +744,7 @@ mod tests {
     fn averages_gains_and_tables_are_over_seeds() {
         let s = study();
         // Seed 0: RID's final CLIP 69 and 68, average 68.5; seed 1: 68.5 and 61, average 64.75.
-        let (v, f) = s.average("rid", Metric::ClipScore);
+        let (v, f) = s.average("rid", &Metric::ClipScore);
         let v = v.unwrap();
         assert!((v.mean - (68.5 + 64.75) / 2.0).abs() < 1e-12 && v.n == 2);
         assert!((f.unwrap().mean - (1.5 + 5.25) / 2.0).abs() < 1e-12);
@@ -753,7 +755,7 @@ mod tests {
         assert_eq!(headers.len(), 7);
         assert_eq!(rows.len(), 4, "base, baseline, RID, soup");
         assert!(rows[2][5].starts_with("66.62 ± "), "{:?}", rows[2]);
-        let traj = s.trajectory("rid", "CA", Metric::ClipScore);
+        let traj = s.trajectory("rid", "CA", &Metric::ClipScore);
         assert_eq!(traj.len(), 3);
         assert!((traj[2].mean - (68.0 + 61.0) / 2.0).abs() < 1e-12);
     }

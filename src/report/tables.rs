@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use polars::prelude::*;
 
-use crate::stages::records::{Metric, Task};
+use crate::records::{DeclaredRewards, Metric, Task};
 
 use super::frames::{self, Frames};
 use super::inputs::{method_title, parse_order, task_title, StudyInputs};
@@ -112,15 +112,15 @@ pub struct BuiltTables {
     pub notes: Vec<String>,
 }
 
-fn header(metric: Metric) -> String {
-    format!("{} {}", metric.title(), if metric.higher_is_better() { "↑" } else { "↓" })
+fn header(metric: &Metric, declared: &DeclaredRewards) -> String {
+    format!("{} {}", metric.title(declared), if metric.higher_is_better(declared) { "↑" } else { "↓" })
 }
 
-fn format_value(metric: Metric, v: f64) -> String {
+fn format_value(metric: &Metric, v: f64) -> String {
     format!("{v:.*}", precision(metric))
 }
 
-fn cell_text(metric: Metric, cell: Option<&(f64, Forgetting)>, with_forgetting: bool) -> String {
+fn cell_text(metric: &Metric, cell: Option<&(f64, Forgetting)>, with_forgetting: bool) -> String {
     let Some((v, f)) = cell else { return "n/a".into() };
     let value = format_value(metric, *v);
     match (with_forgetting, f) {
@@ -130,9 +130,9 @@ fn cell_text(metric: Metric, cell: Option<&(f64, Forgetting)>, with_forgetting: 
     }
 }
 
-/// The metrics of the paper's column order that any of our rows has.
-fn present_metrics(rows: &[MetricRow]) -> Vec<Metric> {
-    Metric::ALL.into_iter().filter(|m| rows.iter().any(|r| !r.paper && r.cells.contains_key(m))).collect()
+/// The metrics of the paper's column order (then the declared rewards) that any of our rows has.
+fn present_metrics(rows: &[MetricRow], declared: &DeclaredRewards) -> Vec<Metric> {
+    declared.metrics().into_iter().filter(|m| rows.iter().any(|r| !r.paper && r.cells.contains_key(m))).collect()
 }
 
 struct MetricTableSpec<'a> {
@@ -142,10 +142,11 @@ struct MetricTableSpec<'a> {
     /// (CSV column, display header) of the label columns.
     labels: &'a [(&'a str, &'a str)],
     with_forgetting: bool,
+    declared: &'a DeclaredRewards,
 }
 
 fn metric_table(spec: MetricTableSpec, rows: &[MetricRow], rules_before: Vec<usize>) -> PolarsResult<Table> {
-    let metrics = present_metrics(rows);
+    let metrics = present_metrics(rows, spec.declared);
     let mut data = Vec::new();
     let mut display = Vec::new();
     for (i, (csv_name, title)) in spec.labels.iter().enumerate() {
@@ -172,8 +173,8 @@ fn metric_table(spec: MetricTableSpec, rows: &[MetricRow], rules_before: Vec<usi
                 .collect();
             data.push(Column::new(format!("{}_forgetting", m.key()).into(), f));
         }
-        let shown: Vec<String> = rows.iter().map(|r| cell_text(*m, r.cells.get(m), spec.with_forgetting)).collect();
-        display.push(Column::new(header(*m).into(), shown));
+        let shown: Vec<String> = rows.iter().map(|r| cell_text(m, r.cells.get(m), spec.with_forgetting)).collect();
+        display.push(Column::new(header(m, spec.declared).into(), shown));
     }
     Ok(Table {
         name: spec.name.to_string(),
@@ -210,7 +211,7 @@ pub fn build_all(inputs: &StudyInputs, frames: &Frames, options: &ReportOptions)
         Some(_) => tables.push(table6(inputs, options, &averages)?),
     }
 
-    match table4(frames, options)? {
+    match table4(frames, options, &inputs.rewards())? {
         Some(t) => tables.push(t),
         None => notes.push("Table 4 analog: no baseline or RID training summaries of a single task (input `trainings`).".into()),
     }
@@ -228,7 +229,7 @@ fn averages(frames: &Frames) -> Result<BTreeMap<(String, Metric), Average>, Repo
     let orders = frames::ints(&df, "orders")?;
     let mut out = BTreeMap::new();
     for i in 0..df.height() {
-        let (Some(method), Some(metric)) = (methods[i].clone(), metrics[i].as_deref().and_then(Metric::parse)) else { continue };
+        let (Some(method), Some(metric)) = (methods[i].clone(), metrics[i].as_deref().map(Metric::from_key)) else { continue };
         out.insert(
             (method, metric),
             Average {
@@ -254,7 +255,8 @@ fn base_row(frames: &Frames, label: &[&str]) -> Result<MetricRow, ReportError> {
 
 /// Table 2: metrics after each task of one order, each method; forgetting so far in parentheses.
 fn table2(inputs: &StudyInputs, frames: &Frames, order: &str, methods: &[String]) -> Result<Table, ReportError> {
-    let tasks = parse_order(order)?;
+    let declared = inputs.rewards();
+    let tasks = parse_order(order, &declared)?;
     let steps = frames::evaluations_of(frames, frames::ROLE_STEP, Some(order))?;
     if steps.height() == 0 {
         let available = inputs.orders().join(", ");
@@ -277,7 +279,7 @@ fn table2(inputs: &StudyInputs, frames: &Frames, order: &str, methods: &[String]
         }
         rules.push(rows.len());
         for (step, task) in tasks.iter().enumerate().take(max_step) {
-            let label = format!("{}. {}", step + 1, task_title(*task));
+            let label = format!("{}. {}", step + 1, task_title(task, &declared));
             let mut row = MetricRow::ours(&[&method_title(method), &label]);
             let at_step = steps
                 .clone()
@@ -292,7 +294,7 @@ fn table2(inputs: &StudyInputs, frames: &Frames, order: &str, methods: &[String]
             rows.push(row);
         }
     }
-    let names: Vec<&str> = tasks.iter().map(|t| task_title(*t)).collect();
+    let names: Vec<String> = tasks.iter().map(|t| task_title(t, &declared)).collect();
     metric_table(
         MetricTableSpec {
             name: "table2",
@@ -300,6 +302,7 @@ fn table2(inputs: &StudyInputs, frames: &Frames, order: &str, methods: &[String]
             note: "Each row is the model after the task named, evaluated on the held-out prompts; forgetting F so far in parentheses.".into(),
             labels: &[("method", "Method"), ("after_task", "After task")],
             with_forgetting: true,
+            declared: &declared,
         },
         &rows,
         rules,
@@ -317,6 +320,7 @@ fn table3(
     averages: &BTreeMap<(String, Metric), Average>,
 ) -> Result<Table, ReportError> {
     let finals = frames::cells(&frames.finals, &["method", "order"])?;
+    let declared = inputs.rewards();
     let orders = inputs.orders();
     let mut rows = vec![base_row(frames, &["Base model", ""])?];
     if options.paper_numbers {
@@ -332,16 +336,16 @@ fn table3(
         rules.push(rows.len());
         for order in method_orders {
             let mut row = MetricRow::ours(&[&title, order]);
-            for m in Metric::ALL {
-                if let Some((Some(v), f)) = finals.get(&(vec![method.clone(), order.clone()], m)) {
+            for m in declared.metrics() {
+                if let Some((Some(v), f)) = finals.get(&(vec![method.clone(), order.clone()], m.clone())) {
                     row.cells.insert(m, (*v, Forgetting::from_option(*f)));
                 }
             }
             rows.push(row);
         }
         let mut row = MetricRow::ours(&[&title, "Average"]);
-        for m in Metric::ALL {
-            if let Some(Average { value: Some(v), forgetting, .. }) = averages.get(&(method.clone(), m)) {
+        for m in declared.metrics() {
+            if let Some(Average { value: Some(v), forgetting, .. }) = averages.get(&(method.clone(), m.clone())) {
                 row.cells.insert(m, (*v, Forgetting::from_option(*forgetting)));
             }
         }
@@ -356,7 +360,7 @@ fn table3(
         rules.push(rows.len());
         let mut row = MetricRow::ours(&["Model soup", ""]);
         for (m, v) in &soup.record.metrics {
-            row.cells.insert(*m, (*v, Forgetting::NotApplicable));
+            row.cells.insert(m.clone(), (*v, Forgetting::NotApplicable));
         }
         rows.push(row);
         if options.paper_numbers {
@@ -370,6 +374,7 @@ fn table3(
             note: "Each order row is the model after its last task; forgetting F over the whole sequence in parentheses; averages over the orders (F averaged where reported).".into(),
             labels: &[("method", "Method"), ("order", "Order")],
             with_forgetting: true,
+            declared: &declared,
         },
         &rows,
         rules,
@@ -379,11 +384,12 @@ fn table3(
 
 /// Table 6: joint tuning (one adapter on the reward mixture) against RID's average.
 fn table6(inputs: &StudyInputs, options: &ReportOptions, averages: &BTreeMap<(String, Metric), Average>) -> Result<Table, ReportError> {
+    let declared = inputs.rewards();
     let mut rows = Vec::new();
     if let Some(joint) = &inputs.joint {
         let mut row = MetricRow::ours(&["Joint tuning"]);
         for (m, v) in &joint.record.metrics {
-            row.cells.insert(*m, (*v, Forgetting::NotApplicable));
+            row.cells.insert(m.clone(), (*v, Forgetting::NotApplicable));
         }
         rows.push(row);
         if options.paper_numbers {
@@ -392,8 +398,8 @@ fn table6(inputs: &StudyInputs, options: &ReportOptions, averages: &BTreeMap<(St
     }
     let mut rules = vec![];
     let mut rid = MetricRow::ours(&["RID, average"]);
-    for m in Metric::ALL {
-        if let Some(Average { value: Some(v), .. }) = averages.get(&("rid".to_string(), m)) {
+    for m in declared.metrics() {
+        if let Some(Average { value: Some(v), .. }) = averages.get(&("rid".to_string(), m.clone())) {
             rid.cells.insert(m, (*v, Forgetting::NotApplicable));
         }
     }
@@ -408,9 +414,10 @@ fn table6(inputs: &StudyInputs, options: &ReportOptions, averages: &BTreeMap<(St
         MetricTableSpec {
             name: "table6",
             caption: "Table 6 analog: joint tuning on the reward mixture vs. RID".into(),
-            note: "Joint tuning trains one adapter on 0.01 R_a + 2 R_h + R_c; RID is the average over the task orders.".into(),
+            note: "Joint tuning trains one adapter on a weighted sum of the rewards (the paper: 0.01 R_a + 2 R_h + R_c; the weights are the `joint` stage's); RID is the average over the task orders.".into(),
             labels: &[("model", "Model")],
             with_forgetting: false,
+            declared: &declared,
         },
         &rows,
         rules,
@@ -419,14 +426,14 @@ fn table6(inputs: &StudyInputs, options: &ReportOptions, averages: &BTreeMap<(St
 }
 
 /// Table 4: training seconds per epoch per method and task, RID's overhead over the baseline.
-fn table4(frames: &Frames, options: &ReportOptions) -> Result<Option<Table>, ReportError> {
+fn table4(frames: &Frames, options: &ReportOptions, declared: &DeclaredRewards) -> Result<Option<Table>, ReportError> {
     let df = frames::seconds_per_epoch(&frames.trainings)?;
     let methods = frames::strings(&df, "method")?;
     let tasks = frames::strings(&df, "task")?;
     let spe = frames::floats(&df, "seconds_per_epoch")?;
     let mut by: BTreeMap<(String, Task), f64> = BTreeMap::new();
     for i in 0..df.height() {
-        if let (Some(m), Some(t), Some(v)) = (&methods[i], tasks[i].as_deref().and_then(Task::parse), spe[i]) {
+        if let (Some(m), Some(t), Some(v)) = (&methods[i], tasks[i].as_deref().map(Task::from_name), spe[i]) {
             if m == "baseline" || m == "rid" {
                 by.insert((m.clone(), t), v);
             }
@@ -435,19 +442,21 @@ fn table4(frames: &Frames, options: &ReportOptions) -> Result<Option<Table>, Rep
     if by.is_empty() {
         return Ok(None);
     }
-    let task_cols: Vec<Task> = Task::ALL.into_iter().filter(|t| by.keys().any(|(_, bt)| bt == t)).collect();
+    let mut task_cols: Vec<Task> = by.keys().map(|(_, t)| t.clone()).collect();
+    task_cols.sort();
+    task_cols.dedup();
     // (label, source, unit, values per task)
     let mut rows: Vec<(String, &str, &str, Vec<Option<f64>>)> = Vec::new();
     let mut rules = vec![];
     for method in ["baseline", "rid"] {
-        let values: Vec<Option<f64>> = task_cols.iter().map(|t| by.get(&(method.to_string(), *t)).copied()).collect();
+        let values: Vec<Option<f64>> = task_cols.iter().map(|t| by.get(&(method.to_string(), t.clone())).copied()).collect();
         if values.iter().all(Option::is_none) {
             continue;
         }
         rows.push((method_title(method), "ours", "s/epoch", values));
         if options.paper_numbers {
             let minutes = if method == "baseline" { paper::BASELINE_MINUTES_PER_EPOCH } else { paper::RID_MINUTES_PER_EPOCH };
-            let values = task_cols.iter().map(|t| Some(minutes[Task::ALL.iter().position(|x| x == t).unwrap_or(0)] * 60.0)).collect();
+            let values = task_cols.iter().map(|t| Task::ALL.iter().position(|x| x == t).map(|i| minutes[i] * 60.0)).collect();
             rows.push((format!("{} (paper)", method_title(method)), "paper", "s/epoch", values));
         }
     }
@@ -486,7 +495,7 @@ fn table4(frames: &Frames, options: &ReportOptions) -> Result<Option<Table>, Rep
                 (Some(v), _) => format!("{v:.2}"),
             })
             .collect();
-        display.push(Column::new(format!("{} (s/epoch) ↓", task_title(*t)).into(), shown));
+        display.push(Column::new(format!("{} (s/epoch) ↓", task_title(t, declared)).into(), shown));
     }
     Ok(Some(Table {
         name: "table4".into(),

@@ -10,6 +10,7 @@ use crate::models::clip::VisionConfig;
 use crate::models::weights::{self, Extra};
 
 use super::clip_loader::{ClipFiles, ClipLoadError, FrozenClip};
+use super::{Reward, RewardError};
 
 pub struct AestheticReward {
     clip: FrozenClip,
@@ -89,5 +90,15 @@ impl AestheticReward {
         let emb = self.clip.image_embeddings(images)?;
         let out = self.head.forward(&emb.to_kind(self.kind)).map_err(|e| fail(Path::new("aesthetic head"), e))?;
         Ok(out.squeeze_dim(-1).to_kind(Kind::Float))
+    }
+}
+
+impl Reward for AestheticReward {
+    fn name(&self) -> &str {
+        "aesthetic"
+    }
+
+    fn score(&self, images: &Tensor, _prompts: &[String]) -> Result<Tensor, RewardError> {
+        AestheticReward::score(self, images).map_err(|e| RewardError::Model(Box::new(e)))
     }
 }

@@ -130,7 +130,14 @@ impl FrozenClip {
         let vision = self.clip.vision.as_ref().ok_or_else(|| self.missing("vision"))?;
         let size = vision.config().image_size;
         let pixels = preprocess(images, size).map_err(|e| ClipLoadError::Load { path: PathBuf::new(), reason: e.to_string() })?;
-        let out = vision.forward(&pixels).map_err(|e| ClipLoadError::Load { path: PathBuf::new(), reason: e.to_string() })?;
+        self.pixel_embeddings(&pixels)
+    }
+
+    /// L2-normalised fp32 image embeddings `[B, E]` of pixel values already preprocessed for
+    /// the model (`[B, 3, S, S]`, e.g. by a processor config), differentiable in them.
+    pub fn pixel_embeddings(&self, pixels: &Tensor) -> Result<Tensor, ClipLoadError> {
+        let vision = self.clip.vision.as_ref().ok_or_else(|| self.missing("vision"))?;
+        let out = vision.forward(pixels).map_err(|e| ClipLoadError::Load { path: PathBuf::new(), reason: e.to_string() })?;
         let embeds = out.embeds.ok_or_else(|| self.missing("vision"))?;
         Ok(normalize(&embeds.to_kind(Kind::Float)))
     }

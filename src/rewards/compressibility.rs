@@ -21,11 +21,10 @@ pub enum Reduction {
 }
 
 impl Reduction {
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "sum" => Some(Reduction::Sum),
-            "mean" => Some(Reduction::Mean),
-            _ => None,
+    pub fn name(self) -> &'static str {
+        match self {
+            Reduction::Sum => "sum",
+            Reduction::Mean => "mean",
         }
     }
 }

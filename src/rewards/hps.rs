@@ -3,6 +3,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::clip_loader::{ClipFiles, ClipLoadError, FrozenClip};
+use super::{Reward, RewardError};
 
 pub struct HpsReward {
     clip: FrozenClip,
@@ -21,5 +22,16 @@ impl HpsReward {
         let img = self.clip.image_embeddings(images)?;
         let txt = self.clip.text_embeddings(prompts)?;
         Ok((img * txt).sum_dim_intlist(-1, false, Kind::Float))
+    }
+}
+
+impl Reward for HpsReward {
+    fn name(&self) -> &str {
+        "hps"
+    }
+
+    fn score(&self, images: &Tensor, prompts: &[String]) -> Result<Tensor, RewardError> {
+        super::check_prompts(images.size()[0], prompts)?;
+        HpsReward::score(self, images, prompts).map_err(|e| RewardError::Model(Box::new(e)))
     }
 }

@@ -9,6 +9,8 @@ pub mod compressibility;
 pub mod diff_jpeg;
 pub mod hps;
 pub mod mixture;
+pub mod pickscore;
+pub mod torchscript;
 
 use tch::Tensor;
 
@@ -52,6 +54,32 @@ pub trait Reward {
     fn score(&self, images: &Tensor, prompts: &[String]) -> Result<Tensor, RewardError>;
 }
 
+pub use crate::records::RewardDirection;
+
+impl RewardDirection {
+    /// The reward wrapped so that maximising its scores is what this direction asks: itself for
+    /// `Higher`, its negative for `Lower` (same name, so logs still say which reward it is).
+    pub fn for_training(self, reward: Box<dyn Reward>) -> Box<dyn Reward> {
+        match self {
+            RewardDirection::Higher => reward,
+            RewardDirection::Lower => Box::new(Negated(reward)),
+        }
+    }
+}
+
+/// A `lower` reward as training maximises it: `-R(x)`.
+struct Negated(Box<dyn Reward>);
+
+impl Reward for Negated {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+
+    fn score(&self, images: &Tensor, prompts: &[String]) -> Result<Tensor, RewardError> {
+        Ok(self.0.score(images, prompts)?.f_neg()?)
+    }
+}
+
 /// Checks that `images` is [B, 3, H, W] and returns (B, H, W).
 pub fn check_images(images: &Tensor) -> Result<(i64, i64, i64), RewardError> {
     match images.size().as_slice() {
@@ -76,6 +104,51 @@ pub fn check_prompts(batch: i64, prompts: &[String]) -> Result<(), RewardError> 
 mod tests {
     use super::*;
     use tch::{Device, Kind};
+
+    /// The mean of the red channel: a reward whose gradient is known.
+    struct Red;
+
+    impl Reward for Red {
+        fn name(&self) -> &str {
+            "red"
+        }
+
+        fn score(&self, images: &Tensor, _prompts: &[String]) -> Result<Tensor, RewardError> {
+            Ok(images.select(1, 0).mean_dim([1i64, 2].as_slice(), false, Kind::Float))
+        }
+    }
+
+    #[test]
+    fn a_lower_reward_is_trained_on_its_negative() {
+        let images = Tensor::rand([2, 3, 4, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let raw = Red.score(&images, &[]).unwrap();
+        let lower = RewardDirection::Lower.for_training(Box::new(Red));
+        assert_eq!(lower.name(), "red");
+        let trained = lower.score(&images, &[]).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&trained).unwrap(), Vec::<f32>::try_from(&raw.neg()).unwrap());
+        trained.sum(Kind::Float).backward();
+        // d(-mean red)/dx: -1/16 on the red channel, 0 elsewhere.
+        let grad = images.grad();
+        assert_eq!(grad.select(1, 0).max().double_value(&[]), -1.0 / 16.0);
+        assert_eq!(grad.narrow(1, 1, 2).abs().max().double_value(&[]), 0.0);
+        let higher = RewardDirection::Higher.for_training(Box::new(Red));
+        let same = higher.score(&images, &[]).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&same).unwrap(), Vec::<f32>::try_from(&raw).unwrap());
+    }
+
+    #[test]
+    fn directions_read_and_write_as_in_a_pipeline() {
+        for d in [RewardDirection::Higher, RewardDirection::Lower] {
+            assert_eq!(RewardDirection::parse(d.name()), Some(d));
+            assert_eq!(serde_json::to_string(&d).unwrap(), format!("\"{}\"", d.name()));
+            assert_eq!(serde_json::from_str::<RewardDirection>(&format!("\"{}\"", d.name())).unwrap(), d);
+        }
+        assert_eq!(RewardDirection::parse("up"), None);
+        assert!(serde_json::from_str::<RewardDirection>("\"Higher\"").is_err());
+        assert_eq!(RewardDirection::default(), RewardDirection::Higher);
+        assert_eq!((RewardDirection::Higher.sign(), RewardDirection::Lower.sign()), (1.0, -1.0));
+        assert!(RewardDirection::Higher.higher_is_better() && !RewardDirection::Lower.higher_is_better());
+    }
 
     #[test]
     fn image_and_prompt_checks() {

@@ -1,32 +1,40 @@
 //! `evaluate`: sample held-out prompts x images per prompt from a model, with initial noise that
 //! depends only on (seed, prompt, image) so every model evaluated sees the same z_N, and measure
-//! aesthetic score, HPS, PNG and JPEG sizes, CLIP score and FID.
+//! aesthetic score, HPS, PNG and JPEG sizes, CLIP score and FID, PickScore when the world has
+//! it, and every reward the pipeline declares (its own values, whichever its direction).
 use std::io::Write as _;
-use std::path::Path;
 
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
-use crate::exec::{Params, StageContext, StageError, StageKind};
+use crate::exec::kind::Estimate;
+use crate::exec::{StageContext, StageError, StageKind};
 use crate::method::sampling::{Sampler, SamplerConfig};
 use crate::metrics::clip_score::clip_pair_scores;
 use crate::metrics::fid::{frechet_distance, FeatureStats};
 use crate::metrics::filesize::{jpeg_size, png_bytes, png_size, to_uint8_images, RgbImage};
 use crate::models::inception::InceptionV3;
-use crate::pipeline::schema::{KindSchema, ParamSpec, ParamType};
-use crate::pipeline::ResolvedPipeline;
+use crate::pipeline::params::StageParams;
+use crate::pipeline::schema::KindSchema;
+use crate::pipeline::{ResolvedPipeline, ResolvedStage};
 use crate::rewards::aesthetic::AestheticReward;
 use crate::rewards::clip_loader::FrozenClip;
 use crate::rewards::hps::HpsReward;
+use crate::rewards::Reward;
+use crate::stage_params;
 
-use super::diffusion::{sampler_config_of_params, Diffusion};
+use crate::models::precision::Precision;
+use crate::records::{EvaluationRecord, Metric, GRID_FILE, METRICS_FILE};
+
+use super::estimate;
 use super::finetune::model_input;
-use super::precision::Precision;
-use super::records::{EvaluationRecord, Metric, METRICS_FILE};
+use super::memory::Job;
+use super::params::{precision_param, SamplerParams};
+use super::reward_set::{declared_info, declared_reward, pickscore};
+use super::train::input_ranks;
 use super::world::{read_prompts, FidFeatures, ModelRecord, WorldSpec};
 
 pub const SCORES_FILE: &str = "scores.jsonl";
-pub const GRID_FILE: &str = "grid.png";
 
 pub struct Evaluate;
 
@@ -42,15 +50,24 @@ pub struct SamplingSettings {
     pub precision: Precision,
 }
 
+stage_params! {
+    /// The parameters of an `evaluate` stage.
+    pub struct EvaluateParams {
+        pub images_per_prompt: usize = param(4).min(1).doc("images per test prompt (paper: 200)"),
+        pub max_prompts: usize = param(0).min(0).doc("use only the first N test prompts; 0 = all"),
+        pub seed: u64 = param(1234).min(0).doc("seed of the initial noise, the same for every model evaluated"),
+        pub batch_size: usize = param(16).min(1).doc("images sampled at once"),
+        pub sampler: SamplerParams = flatten(),
+        pub jpeg_quality: i64 = param(80).min(1).max(100).doc("JPEG quality of the file-size metric"),
+        pub grid_prompts: usize = param(8).min(0).doc("prompts (columns) of the sample grid, first image of each"),
+        pub precision: Precision = precision_param(),
+    }
+}
+
 impl SamplingSettings {
     /// The settings of an `evaluate` stage's parameters.
-    pub fn of_params(p: &serde_json::Map<String, serde_json::Value>) -> Result<Self, StageError> {
-        Ok(SamplingSettings {
-            seed: p.i64_of("seed")? as u64,
-            sampler: sampler_config_of_params(p)?,
-            batch_size: p.i64_of("batch_size")?.max(1) as usize,
-            precision: Precision::of_params(p)?,
-        })
+    pub fn of_params(p: &EvaluateParams) -> Self {
+        SamplingSettings { seed: p.seed, sampler: p.sampler.config(), batch_size: p.batch_size, precision: p.precision }
     }
 
     /// The settings with which `pipeline` evaluates the model of stage `model`: those of the
@@ -61,10 +78,10 @@ impl SamplingSettings {
         let evaluations = || pipeline.stages.iter().filter(|s| s.kind == KIND);
         let of_model = evaluations().find(|s| s.inputs.get("model").is_some_and(|ids| ids.iter().any(|id| id == model)));
         match of_model.or_else(|| evaluations().next()) {
-            Some(stage) => Ok((Self::of_params(&stage.params)?, Some(stage.id.clone()))),
+            Some(stage) => Ok((Self::of_params(&EvaluateParams::from_params(&stage.params)?), Some(stage.id.clone()))),
             None => {
-                let defaults = Evaluate.schema().params.into_iter().filter_map(|p| p.default.map(|d| (p.name.to_string(), d))).collect();
-                Ok((Self::of_params(&defaults)?, None))
+                let defaults = EvaluateParams::defaults().ok_or_else(|| StageError::Failed("`evaluate` has a required parameter".into()))?;
+                Ok((Self::of_params(&defaults), None))
             }
         }
     }
@@ -75,62 +92,50 @@ pub const KIND: &str = "evaluate";
 
 impl StageKind for Evaluate {
     fn schema(&self) -> KindSchema {
-        let p = |name, ty, default: serde_json::Value, doc| ParamSpec {
-            name,
-            ty,
-            default: Some(default),
-            doc,
-        };
         KindSchema {
             kind: KIND,
             version: 1,
-            doc: "sample the world's test prompts with shared seeds and measure aesthetic, HPS, PNG/JPEG size, CLIP score and FID",
+            doc: "sample the world's test prompts with shared seeds and measure aesthetic, HPS, PNG/JPEG size, CLIP score, FID, PickScore (when the world names it) and every reward the pipeline declares",
             uses_input_labels: false,
-            params: vec![
-                p("images_per_prompt", ParamType::Int, json!(4), "images per test prompt (paper: 200)"),
-                p("max_prompts", ParamType::Int, json!(0), "use only the first N test prompts; 0 = all"),
-                p("seed", ParamType::Int, json!(1234), "seed of the initial noise, the same for every model evaluated"),
-                p("batch_size", ParamType::Int, json!(16), "images sampled at once"),
-                p("ddim_steps", ParamType::Int, json!(50), "DDIM steps"),
-                p("eta", ParamType::Float, json!(0.0), "DDIM eta"),
-                p("guidance", ParamType::Float, json!(7.5), "classifier-free guidance scale"),
-                p("jpeg_quality", ParamType::Int, json!(80), "JPEG quality of the file-size metric"),
-                p("grid_prompts", ParamType::Int, json!(8), "prompts (columns) of the sample grid, first image of each"),
-                Precision::param(),
-            ],
+            reads_declared_rewards: true,
+            params: EvaluateParams::specs(),
             inputs: vec![model_input("the model to evaluate (a world, finetune, soup or joint)")],
         }
     }
 
     fn estimate(&self, stage: &crate::pipeline::ResolvedStage, pipeline: &crate::pipeline::ResolvedPipeline) -> crate::exec::kind::Estimate {
-        super::estimate::sampling_estimate(stage, pipeline, 50)
+        match EvaluateParams::from_params(&stage.params) {
+            Ok(p) => sampling_estimate(stage, pipeline, &p),
+            Err(_) => Default::default(),
+        }
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let p = ctx.params().clone();
+        let p: EvaluateParams = ctx.typed_params()?;
         let device = super::device::tch_device(&ctx.device);
         tch::set_num_threads(ctx.threads.max(1) as i32);
         let (model, adapters) = ModelRecord::of_input(ctx.input("model")?)?;
         let world = &model.world;
-        let settings = SamplingSettings::of_params(&p)?;
+        let settings = SamplingSettings::of_params(&p);
         let precision = settings.precision;
         let ranks = adapters.as_deref().map_or(0, |path| super::memory::adapter_file_ranks(path).unwrap_or(0));
-        super::memory::check_fits(ctx, world, &model.lora_targets, &super::memory::evaluation_job(&p, ranks), precision)?;
-        let diffusion = Diffusion::load(&model, adapters.as_deref(), device, precision)?;
+        super::memory::check_fits(ctx, world, &model.lora_targets, &evaluation_job(&p, ranks), precision)?;
+        let diffusion = model.load_diffusion(adapters.as_deref(), device, precision)?;
         let mut prompts = read_prompts(&world.test_prompts)?;
-        let max = p.i64_of("max_prompts")?;
-        if max > 0 {
-            prompts.truncate(max as usize);
+        if p.max_prompts > 0 {
+            prompts.truncate(p.max_prompts);
         }
-        let per_prompt = p.i64_of("images_per_prompt")?.max(1) as usize;
+        let per_prompt = p.images_per_prompt;
         let (seed, batch) = (settings.seed, settings.batch_size);
-        let quality = p.i64_of("jpeg_quality")?.clamp(1, 100) as u8;
+        let quality = p.jpeg_quality as u8;
         let sampler = Sampler::new(diffusion.ddim.clone(), settings.sampler).map_err(StageError::failed)?;
         let kind = precision.kind();
         let aesthetic = AestheticReward::load(&world.aesthetic_clip, &world.aesthetic_head, device, kind).map_err(StageError::failed)?;
         let hps = HpsReward::load(&world.hps, device, kind).map_err(StageError::failed)?;
         let clip = FrozenClip::load(&world.clip_score, device, kind).map_err(StageError::failed)?;
         let fid = FidExtractor::load(world, device, precision)?;
+        let pickscore = world.pickscore.as_ref().map(|_| pickscore(world, device, precision)).transpose()?;
+        let declared = ctx.stage.rewards.keys().map(|name| Ok((name.clone(), declared_reward(name, &ctx.stage.rewards, world, device)?))).collect::<Result<Vec<_>, StageError>>()?;
         let uncond = diffusion.uncond()?;
 
         // Sample i is image k of prompt j, i = j * per_prompt + k.
@@ -146,23 +151,27 @@ impl StageKind for Evaluate {
         let mut scores = std::fs::File::create(ctx.out_dir().join(SCORES_FILE))?;
         let mut sums = [0.0f64; 4];
         let mut clip_sum = 0.0;
+        let mut pickscore_sum = 0.0;
+        let mut declared_sums = vec![0.0f64; declared.len()];
         let mut features = Vec::new();
-        let grid_prompts = (p.i64_of("grid_prompts")?.max(0) as usize).min(prompts.len());
+        let grid_prompts = p.grid_prompts.min(prompts.len());
         let mut grid: Vec<RgbImage> = Vec::new();
         let mut start = 0;
         while start < total {
             ctx.check_cancelled()?;
             let end = (start + batch).min(total);
             let batch_prompts: Vec<String> = (start..end).map(|i| prompts[i / per_prompt].clone()).collect();
-            let images = diffusion.generate(&sampler, &batch_prompts, &uncond, seed, start as u64)?;
-            let (a, h, clip_scores, feats) = tch::no_grad(|| -> Result<_, StageError> {
+            let images = sampler.generate(&diffusion, &batch_prompts, &uncond, seed, start as u64)?;
+            let (a, h, clip_scores, feats, own, pick) = tch::no_grad(|| -> Result<_, StageError> {
                 let a = aesthetic.score(&images).map_err(StageError::failed)?;
                 let h = hps.score(&images, &batch_prompts).map_err(StageError::failed)?;
                 let img = clip.image_embeddings(&images).map_err(StageError::failed)?;
                 let txt = clip.text_embeddings(&batch_prompts).map_err(StageError::failed)?;
                 let c = clip_pair_scores(&img, &txt).map_err(StageError::failed)?;
                 let f = fid.features(&images, &img)?;
-                Ok((a, h, c, f))
+                let own = declared.iter().map(|(_, r)| r.score(&images, &batch_prompts).map_err(StageError::failed)).collect::<Result<Vec<_>, _>>()?;
+                let pick = pickscore.as_ref().map(|r| r.score(&images, &batch_prompts).map_err(StageError::failed)).transpose()?;
+                Ok((a, h, c, f, own, pick))
             })?;
             features.push(feats.to_device(Device::Cpu).to_kind(Kind::Double));
             let u8_images = to_uint8_images(&images).map_err(StageError::failed)?;
@@ -182,7 +191,23 @@ impl StageKind for Evaluate {
                 sums[2] += png as f64 / 1000.0;
                 sums[3] += jpg as f64 / 1000.0;
                 clip_sum += cv;
-                let line = json!({"prompt": j, "image": k, "text": prompts[j], "aesthetic": av, "hps": hv, "png_bytes": png, "jpeg_bytes": jpg, "clip_score": cv});
+                let mut line = json!({"prompt": j, "image": k, "text": prompts[j], "aesthetic": av, "hps": hv, "png_bytes": png, "jpeg_bytes": jpg, "clip_score": cv});
+                for (d, ((name, _), scores)) in declared.iter().zip(&own).enumerate() {
+                    let v = scores.double_value(&[n as i64]);
+                    if !v.is_finite() {
+                        return Err(StageError::Failed(format!("reward `{name}`: non-finite score {v} for prompt {j} image {k}")));
+                    }
+                    declared_sums[d] += v;
+                    line[name.as_str()] = json!(v);
+                }
+                if let Some(scores) = &pick {
+                    let v = scores.double_value(&[n as i64]);
+                    if !v.is_finite() {
+                        return Err(StageError::Failed(format!("non-finite PickScore {v} for prompt {j} image {k}")));
+                    }
+                    pickscore_sum += v;
+                    line["pickscore"] = json!(v);
+                }
                 writeln!(scores, "{line}")?;
                 if k == 0 && j < grid_prompts {
                     grid.push(image.clone());
@@ -194,9 +219,9 @@ impl StageKind for Evaluate {
         let n = total as f64;
         let features = Tensor::cat(&features, 0);
         let stats = FeatureStats::from_features(&features).map_err(StageError::failed)?;
-        let reference = load_reference(&world.fid_reference)?;
+        let reference = FeatureStats::read(&world.fid_reference).map_err(StageError::failed)?;
         let fid_value = frechet_distance(&stats, &reference).map_err(StageError::failed)?;
-        let metrics = [
+        let mut metrics = vec![
             (Metric::Aesthetic, sums[0] / n),
             (Metric::Hps, sums[1] / n),
             (Metric::PngKb, sums[2] / n),
@@ -204,6 +229,10 @@ impl StageKind for Evaluate {
             (Metric::ClipScore, (clip_sum / n).max(0.0)),
             (Metric::Fid, fid_value),
         ];
+        if pickscore.is_some() {
+            metrics.push((Metric::PickScore, pickscore_sum / n));
+        }
+        metrics.extend(declared.iter().zip(&declared_sums).map(|((name, _), sum)| (Metric::Declared(name.clone()), sum / n)));
         for (m, v) in &metrics {
             ctx.log(format!("{:<10} {v:.4}", m.key()));
         }
@@ -214,6 +243,7 @@ impl StageKind for Evaluate {
             prompts: prompts.len(),
             images_per_prompt: per_prompt,
             seed,
+            rewards: declared_info(&ctx.stage.rewards),
         };
         record.write(&ctx.out_dir().join(METRICS_FILE))?;
         if !grid.is_empty() {
@@ -221,6 +251,37 @@ impl StageKind for Evaluate {
             std::fs::write(ctx.out_dir().join(GRID_FILE), png_bytes(&row).map_err(StageError::failed)?)?;
         }
         Ok(())
+    }
+}
+
+/// The memory-relevant settings of an `evaluate` stage.
+pub fn evaluation_job(params: &EvaluateParams, ranks: i64) -> Job {
+    Job::Evaluate { batch: params.batch_size as i64, guided: params.sampler.guided(), ranks }
+}
+
+/// Sampling for evaluation: N guided forwards per image.
+pub fn sampling_estimate(stage: &ResolvedStage, pipeline: &ResolvedPipeline, p: &EvaluateParams) -> Estimate {
+    let world = estimate::upstream_world(stage, pipeline);
+    let Some((cfg, side)) = world.as_ref().ok().and_then(|(w, _)| w.unet_and_latent_side()) else {
+        return Estimate::default();
+    };
+    let n = p.sampler.ddim_steps as f64;
+    let guided = if p.sampler.guided() { 2.0 } else { 1.0 };
+    let prompts = match p.max_prompts {
+        0 => world.as_ref().map_err(Clone::clone).and_then(|(w, _)| estimate::prompt_count(&w.test_prompts)),
+        m => Ok(m as i64),
+    };
+    let prompts = match prompts {
+        Ok(n) => n,
+        Err(reason) => return Estimate { note: Some(format!("prompts unknown: {reason}")), ..Estimate::default() },
+    };
+    let images = prompts * p.images_per_prompt as i64;
+    let job = evaluation_job(p, input_ranks(stage, pipeline, "model", 0));
+    let memory = estimate::peak_memory(&world, &job, p.precision);
+    Estimate {
+        flops: Some(estimate::unet_forward_flops(&cfg, side, 77) * n * guided * images as f64),
+        peak_memory_bytes: memory.as_ref().ok().copied(),
+        note: estimate::with_memory(format!("{images} images, N={n}"), &memory),
     }
 }
 
@@ -256,15 +317,6 @@ impl FidExtractor {
 }
 
 /// FID reference statistics from a `.safetensors` holding `mu` and `sigma`.
-pub fn load_reference(path: &Path) -> Result<FeatureStats, StageError> {
-    let tensors: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(path)
-        .map_err(|e| StageError::Failed(format!("FID reference {}: {e}", path.display())))?
-        .into_iter()
-        .collect();
-    let get = |name: &str| tensors.get(name).map(Tensor::shallow_clone).ok_or_else(|| StageError::Failed(format!("FID reference {} has no tensor `{name}`", path.display())));
-    FeatureStats::new(get("mu")?, get("sigma")?).map_err(StageError::failed)
-}
-
 /// Images side by side with `gap` white pixels between them.
 pub fn grid_row(images: &[RgbImage], gap: u32) -> Result<RgbImage, crate::metrics::filesize::ImageCodecError> {
     let h = images.iter().map(RgbImage::height).max().unwrap_or(0);

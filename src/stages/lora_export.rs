@@ -2,7 +2,7 @@
 //! joint tuning) as LoRA files that diffusers loads. Not a stage kind: it reads a cache object
 //! and writes a folder. The file format is [`crate::models::lora::peft`]'s.
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::exec::StageError;
 use crate::models::lora::peft::{AdapterEntry, AdapterIndex, PeftLora, SetAdapters, INDEX_FILE};
@@ -35,8 +35,7 @@ pub fn export_lora(model_dir: &Path, stage: &str, out: &Path, merged: bool) -> R
     let tasks: Vec<String> = record.tasks.iter().map(|t| t.name().to_string()).collect();
     let per_task = record.origin == "finetune" && tasks.len() == loras.len();
 
-    let staging = staging_dir(out)?;
-    let result = (|| -> Result<ExportSummary, StageError> {
+    crate::exec::publish::replace_folder(out, |staging| -> Result<ExportSummary, StageError> {
         let mut files = Vec::new();
         let mut entries = Vec::new();
         for (i, (lora, weight)) in loras.iter().enumerate() {
@@ -72,11 +71,8 @@ pub fn export_lora(model_dir: &Path, stage: &str, out: &Path, merged: bool) -> R
         bytes.push(b'\n');
         crate::exec::atomic_write(&staging.join(INDEX_FILE), &bytes).map_err(|e| StageError::io("cannot write the adapter index", e))?;
         files.push(INDEX_FILE.to_string());
-        crate::exec::publish(&staging, out).map_err(|e| StageError::io(format!("cannot write {}", out.display()), e))?;
         Ok(ExportSummary { index, files })
-    })();
-    let _ = std::fs::remove_dir_all(&staging);
-    result
+    })
 }
 
 fn entry(name: &str, file: &str, weight: f64, lora: &PeftLora, task: Option<String>) -> AdapterEntry {
@@ -90,17 +86,4 @@ fn provenance(stage: &str, adapter: &str, weight: f64) -> BTreeMap<String, Strin
         ("ril_pipe.adapter".to_string(), adapter.to_string()),
         ("ril_pipe.set_adapters_weight".to_string(), weight.to_string()),
     ])
-}
-
-/// A new empty folder beside `out` to assemble the export in.
-fn staging_dir(out: &Path) -> Result<PathBuf, StageError> {
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or_else(|| Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| StageError::io(format!("cannot create {}", parent.display()), e))?;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "lora".into());
-    let staging = parent.join(format!(".{name}.export.{}", std::process::id()));
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(|e| StageError::io(format!("cannot clear {}", staging.display()), e))?;
-    }
-    std::fs::create_dir_all(&staging).map_err(|e| StageError::io(format!("cannot create {}", staging.display()), e))?;
-    Ok(staging)
 }

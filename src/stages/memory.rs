@@ -43,7 +43,7 @@
 
 use std::path::Path;
 
-use crate::exec::{Params, StageContext, StageError};
+use crate::exec::{StageContext, StageError};
 use crate::models::clip::{Activation, ClipConfig, VisionConfig};
 use crate::models::unet::UNet2DConditionConfig;
 use crate::models::vae::AutoencoderKLConfig;
@@ -51,8 +51,8 @@ use crate::method::objective::DistillSpace;
 use crate::models::weights;
 use crate::rewards::clip_loader::{ClipFiles, ClipLayout};
 
-use super::precision::Precision;
-use super::records::Task;
+use crate::models::precision::Precision;
+use crate::records::Task;
 use super::world::{FidFeatures, WorldSpec};
 
 /// The allocator's rounding and fragmentation, as a fraction of the tensors' bytes. Calibrated
@@ -471,6 +471,11 @@ fn clip_config(files: &ClipFiles) -> Result<ClipConfig, MemoryError> {
     }
 }
 
+/// The CLIP files of the world's PickScore folder.
+fn pickscore_files(world: &WorldSpec) -> Result<ClipFiles, MemoryError> {
+    world.pickscore.as_deref().map(crate::rewards::pickscore::PickScoreReward::files).ok_or_else(|| MemoryError::Config("the world names no PickScore folder".into()))
+}
+
 fn vision_of(files: &ClipFiles) -> Result<VisionConfig, MemoryError> {
     clip_config(files)?.vision.ok_or_else(|| file_err(&files.weights, "this CLIP has no vision tower"))
 }
@@ -481,8 +486,7 @@ pub fn estimate(world: &WorldSpec, targets: &[String], job: &Job, precision: Pre
     let root = &world.diffusion;
     let unet_cfg = UNet2DConditionConfig::from_file(&root.join("unet/config.json")).map_err(|e| MemoryError::Config(e.to_string()))?;
     let vae_cfg = AutoencoderKLConfig::from_file(&root.join("vae/config.json")).map_err(|e| MemoryError::Config(e.to_string()))?;
-    let down = 1i64 << vae_cfg.block_out_channels.len().saturating_sub(1);
-    let side = world.resolution / down;
+    let side = vae_cfg.latent_side(world.resolution);
     let image = (3 * world.resolution * world.resolution) as f64;
     let context = (CONTEXT_TOKENS * unet_cfg.cross_attention_dim) as f64;
     let latent = (unet_cfg.in_channels * side * side) as f64;
@@ -511,6 +515,13 @@ pub fn estimate(world: &WorldSpec, targets: &[String], job: &Job, precision: Pre
                     // The differentiable JPEG runs in fp32 on the images: about a dozen
                     // image-sized tensors are kept.
                     Task::Compress => shapes.reward_fp32_images += 12.0,
+                    Task::PickScore => {
+                        let files = pickscore_files(world)?;
+                        elements += checkpoint_elements(&files.weights)?;
+                        shapes.reward_towers.push(vision_of(&files)?);
+                    }
+                    // Not estimated: a declared reward's module is the user's own.
+                    Task::Declared(_) => {}
                 }
             }
             training_estimate(&shapes, targets, step, precision)?
@@ -528,8 +539,13 @@ pub fn estimate(world: &WorldSpec, targets: &[String], job: &Job, precision: Pre
             let adapters = 4.0 * lora_elements(&unet_cfg, targets, *ranks)? as f64;
             let unet = unet_tally(&unet_cfg, side, Adapted { targets, ranks: *ranks })?;
             let vae = vae_decoder_tally(&vae_cfg, side);
+            let pickscore = world.pickscore.as_ref().map(|_| pickscore_files(world)).transpose()?;
+            if let Some(files) = &pickscore {
+                elements += checkpoint_elements(&files.weights)?;
+            }
             let vision = [&world.aesthetic_clip, &world.hps, &world.clip_score]
                 .into_iter()
+                .chain(pickscore.as_ref())
                 .map(|f| vision_of(f).map(|v| vision_tally(&v).largest))
                 .collect::<Result<Vec<f64>, _>>()?
                 .into_iter()
@@ -578,40 +594,6 @@ pub fn fits(estimate: &MemoryEstimate, device: &str, memory: Result<(u64, u64), 
         )),
         Ok((free, total)) => Ok(format!("{device}: {:.2} GB of {:.2} GB free", gb(free), gb(total))),
         Err(reason) => Ok(format!("free memory of {device} unknown ({reason}); the memory check is skipped")),
-    }
-}
-
-/// The memory-relevant settings of a `finetune` or `joint` stage from its parameters.
-pub fn training_job(params: &serde_json::Map<String, serde_json::Value>, tasks: Vec<Task>, earlier_ranks: i64) -> Job {
-    let batch = params.i64_of("batch_size").unwrap_or(8).max(1);
-    let micro = match params.i64_of("micro_batch").unwrap_or(0) {
-        m if m <= 0 => batch,
-        m => m.min(batch),
-    };
-    let teacher = (params.opt_str("method") == Some("rid") && params.opt_str("distill") != Some("none")).then(|| match params.opt_str("distill_space") {
-        Some("latent") => DistillSpace::Latent,
-        _ => DistillSpace::Image,
-    });
-    let decode_chunk = params.bool_of("grad_checkpointing").unwrap_or(false).then(|| params.i64_of("decode_chunk").unwrap_or(1).max(1));
-    Job::Train {
-        tasks,
-        step: TrainStep {
-            micro,
-            guided: params.f64_of("guidance").unwrap_or(7.5) != 1.0,
-            rank: params.i64_of("lora_rank").unwrap_or(4),
-            earlier_ranks,
-            teacher,
-            decode_chunk,
-        },
-    }
-}
-
-/// The memory-relevant settings of an `evaluate` stage from its parameters.
-pub fn evaluation_job(params: &serde_json::Map<String, serde_json::Value>, ranks: i64) -> Job {
-    Job::Evaluate {
-        batch: params.i64_of("batch_size").unwrap_or(16).max(1),
-        guided: params.f64_of("guidance").unwrap_or(7.5) != 1.0,
-        ranks,
     }
 }
 
@@ -665,8 +647,7 @@ fn training_adapters(cfg: &UNet2DConditionConfig, targets: &[String], rank: i64,
 pub fn training_estimate(shapes: &TrainShapes, targets: &[String], step: &TrainStep, precision: Precision) -> Result<MemoryEstimate, MemoryError> {
     let p = precision.bytes() as f64;
     let cfg = shapes.unet;
-    let down = 1i64 << shapes.vae.block_out_channels.len().saturating_sub(1);
-    let side = shapes.resolution / down;
+    let side = shapes.vae.latent_side(shapes.resolution);
     let image = (3 * shapes.resolution * shapes.resolution) as f64;
     let latent = (cfg.in_channels * side * side) as f64;
     let context = (CONTEXT_TOKENS * cfg.cross_attention_dim) as f64;

@@ -17,7 +17,6 @@ use crate::method::sampling::Sampler;
 use crate::metrics::filesize::{png_bytes, to_uint8_images, RgbImage};
 use crate::report::montage::{compose, Rgb};
 
-use super::diffusion::Diffusion;
 use super::evaluate::{grid_row, SamplingSettings};
 use super::world::ModelRecord;
 
@@ -74,7 +73,7 @@ pub fn sample_model(model_dir: &Path, request: &SampleRequest, out: &Path, progr
     }
     let (record, adapters) = ModelRecord::of_object(model_dir, request.stage)?;
     let settings = &request.settings;
-    let diffusion = Diffusion::load(&record, adapters.as_deref(), request.device, settings.precision)?;
+    let diffusion = record.load_diffusion(adapters.as_deref(), request.device, settings.precision)?;
     let sampler = Sampler::new(diffusion.ddim.clone(), settings.sampler).map_err(StageError::failed)?;
     let uncond = diffusion.uncond()?;
     std::fs::create_dir_all(out).map_err(|e| StageError::io(format!("cannot create {}", out.display()), e))?;
@@ -89,7 +88,7 @@ pub fn sample_model(model_dir: &Path, request: &SampleRequest, out: &Path, progr
         // Batches end where the evaluation's end (multiples of its batch size).
         let end = ((start / settings.batch_size + 1) * settings.batch_size).min(total);
         let prompts: Vec<String> = (start..end).map(|i| request.prompts[i / n].clone()).collect();
-        let decoded = diffusion.generate(&sampler, &prompts, &uncond, settings.seed, start as u64)?;
+        let decoded = sampler.generate(&diffusion, &prompts, &uncond, settings.seed, start as u64)?;
         for (offset, image) in to_uint8_images(&decoded).map_err(StageError::failed)?.into_iter().enumerate() {
             let index = start + offset;
             let (j, k) = (index / n, index % n);

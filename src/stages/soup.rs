@@ -2,15 +2,22 @@
 //! With LoRA this is computed on the effective weights: one adapter group holding every member's
 //! adapters, each scaled by its member's coefficient, so the merged layer computes
 //! `W + sum_k c_k sum_i s_ki B_ki A_ki` (not an average of the A and B matrices).
-use serde_json::json;
-
 use crate::exec::{StageContext, StageError, StageKind};
 use crate::models::lora::LoraGroup;
-use crate::pipeline::schema::{InputSpec, KindSchema, ParamSpec, ParamType};
+use crate::pipeline::params::StageParams;
+use crate::pipeline::schema::{InputSpec, KindSchema};
+use crate::stage_params;
 
 use super::world::{ModelRecord, ADAPTERS_FILE};
 
 pub struct Soup;
+
+stage_params! {
+    /// The parameters of a `soup` stage.
+    pub struct SoupParams {
+        pub coefficients: Vec<f64> = param(Vec::new()).min(0).max(1).doc("one coefficient per model, in input order (paper: 1/3 each); empty = equal weights"),
+    }
+}
 
 impl StageKind for Soup {
     fn schema(&self) -> KindSchema {
@@ -19,12 +26,8 @@ impl StageKind for Soup {
             version: 1,
             doc: "model soup: a weighted merge of fine-tuned models on their effective LoRA weights",
             uses_input_labels: false,
-            params: vec![ParamSpec {
-                name: "coefficients",
-                ty: ParamType::List(Box::new(ParamType::Float)),
-                default: Some(json!([])),
-                doc: "one coefficient per model, in input order (paper: 1/3 each); empty = equal weights",
-            }],
+            reads_declared_rewards: false,
+            params: SoupParams::specs(),
             inputs: vec![InputSpec {
                 name: "models",
                 required: true,
@@ -39,7 +42,7 @@ impl StageKind for Soup {
         if inputs.len() < 2 {
             return Err(StageError::Failed(format!("a soup needs at least two models, got {}", inputs.len())));
         }
-        let coefficients: Vec<f64> = ctx.params().get("coefficients").and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|v| v.as_f64()).collect()).unwrap_or_default();
+        let coefficients = ctx.typed_params::<SoupParams>()?.coefficients;
         let coefficients = if coefficients.is_empty() { vec![1.0 / inputs.len() as f64; inputs.len()] } else { coefficients };
         if coefficients.len() != inputs.len() {
             return Err(StageError::Failed(format!("{} coefficients for {} models", coefficients.len(), inputs.len())));
@@ -67,7 +70,7 @@ impl StageKind for Soup {
         for r in &records {
             for t in &r.tasks {
                 if !tasks.contains(t) {
-                    tasks.push(*t);
+                    tasks.push(t.clone());
                 }
             }
         }

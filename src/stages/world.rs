@@ -8,15 +8,23 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
-use crate::exec::{Params, StageContext, StageError, StageKind};
-use crate::pipeline::schema::{KindSchema, ParamSpec, ParamType};
+use crate::exec::{StageContext, StageError, StageKind};
+use crate::models::diffusion::Diffusion;
+use crate::models::precision::Precision;
+use crate::models::unet::UNet2DConditionConfig;
+use crate::models::vae::AutoencoderKLConfig;
+use crate::pipeline::params::StageParams;
+use crate::pipeline::schema::{InputSpec, KindSchema};
+use crate::pipeline::ResolvedStage;
+use crate::stage_params;
 
 use crate::rewards::clip_loader::{ClipFiles, ClipLayout};
 use crate::rewards::compressibility::Reduction;
 
-use super::records::Task;
+use super::fid_stats::FID_STATS_FILE;
+use super::params::lora_targets_param;
+use crate::records::Task;
 
 /// How FID features are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +51,10 @@ pub struct WorldSpec {
     pub aesthetic_head: PathBuf,
     /// The human-preference model (HPSv2 at paper scale).
     pub hps: ClipFiles,
+    /// PickScore, a transformers `CLIPModel` folder with its processor and tokenizer files:
+    /// the task `pickscore` and its metric; absent when the world has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pickscore: Option<PathBuf>,
     /// CLIP of the CLIP score (and of FID in the tiny world).
     pub clip_score: ClipFiles,
     pub fid_features: FidFeatures,
@@ -105,6 +117,12 @@ impl ModelRecord {
         Ok((record, adapters))
     }
 
+    /// The record's diffusion model with the adapters of the file `adapters` (see
+    /// [`ModelRecord::of_input`]).
+    pub fn load_diffusion(&self, adapters: Option<&Path>, device: tch::Device, precision: Precision) -> Result<Diffusion, StageError> {
+        Ok(Diffusion::load(&self.world.diffusion, self.world.resolution, self.lora_targets.clone(), adapters, device, precision)?)
+    }
+
     fn read(path: &Path, what: &str) -> Result<ModelRecord, StageError> {
         let bytes = std::fs::read(path).map_err(|e| StageError::io(format!("cannot read {}", path.display()), e))?;
         serde_json::from_slice(&bytes).map_err(|e| StageError::Failed(format!("{what}: {} is not a model record: {e}", path.display())))
@@ -128,45 +146,74 @@ struct TinyManifest {
     jpeg_quality: f64,
 }
 
-fn path_param(name: &'static str, doc: &'static str) -> ParamSpec {
-    ParamSpec {
-        name,
-        ty: ParamType::Path,
-        default: None,
-        doc,
+stage_params! {
+    /// The parameters of a `tiny_world` stage.
+    pub struct TinyWorldParams {
+        pub root: PathBuf = required().doc("the tiny world's folder with world.json (the repo's tiny/weights, or a pretrain pipeline's export)"),
+        pub compress_reduction: Reduction = param(Reduction::Mean).doc("reduction of the compressibility reward's squared JPEG error over channels and pixels: mean (the tiny world's recipe was set with it; docs/tiny-world.md) or sum (Eq. 2)"),
+        pub lora_targets: Vec<String> = lora_targets_param(),
+        pub pickscore: Option<PathBuf> = pickscore_param(),
     }
 }
 
-fn lora_targets_param() -> ParamSpec {
-    ParamSpec {
-        name: "lora_targets",
-        ty: ParamType::List(Box::new(ParamType::String)),
-        default: Some(json!(["to_q", "to_k", "to_v", "to_out.0"])),
-        doc: "suffixes of the layers the LoRA adapters wrap (AlignProp: the attention projections)",
+stage_params! {
+    /// The parameters of an `sd15_world` stage: every file of the paper scale.
+    pub struct Sd15WorldParams {
+        pub sd15: PathBuf = required().doc("Stable Diffusion v1.5 in the diffusers layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/); public original: https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5"),
+        pub clip_l14: PathBuf = required().doc("CLIP ViT-L/14, a transformers folder (config.json, model.safetensors, tokenizer files); public original: https://huggingface.co/openai/clip-vit-large-patch14"),
+        pub aesthetic_head: PathBuf = required().doc("the LAION aesthetic predictor v2 head sac+logos+ava1-l14-linearMSE.pth; public original: https://github.com/christophschuhmann/improved-aesthetic-predictor"),
+        pub hpsv2: PathBuf = required().doc("the HPSv2 checkpoint HPS_v2_compressed.pt (open_clip ViT-H-14); public original: https://huggingface.co/xswu/HPSv2"),
+        pub hpsv2_config: PathBuf = required().doc("open_clip's ViT-H-14.json model config; public original: src/open_clip/model_configs/ViT-H-14.json in https://github.com/mlfoundations/open_clip"),
+        pub bpe: PathBuf = required().doc("the CLIP BPE vocabulary bpe_simple_vocab_16e6.txt.gz; public original: https://github.com/openai/CLIP (also in the open_clip_torch wheel)"),
+        pub inception: PathBuf = required().doc("pytorch-fid's Inception weights pt_inception-2015-12-05-6726825d.pth; public original: https://github.com/mseitzer/pytorch-fid/releases"),
+        pub fid_reference: Option<PathBuf> = param(None).doc("FID reference statistics: a .safetensors with mu and sigma, or pytorch-fid's --save-stats .npz; or instead give a `fid_stats` stage (e.g. over MS-COCO val2014 images, https://cocodataset.org) as the input `fid_stats`"),
+        pub train_prompts: PathBuf = required().doc("training prompts, one a line (the 750 HPD photo prompts); public original: assets/hps_v2_all.txt in https://github.com/mihirp1998/AlignProp"),
+        pub test_prompts: PathBuf = required().doc("test prompts, one a line (the 50 held-out HPD photo prompts); public original: assets/hps_v2_all_eval.txt in https://github.com/mihirp1998/AlignProp"),
+        pub resolution: i64 = param(512).min(64).max(4096).doc("image side in pixels"),
+        pub jpeg_quality: f64 = param(80.0).min(1).max(100).doc("JPEG quality of the differentiable JPEG in the compressibility reward"),
+        pub compress_reduction: Reduction = param(Reduction::Sum).doc("reduction of the compressibility reward's squared JPEG error over channels and pixels: sum (the paper's Eq. 2) or mean"),
+        pub lora_targets: Vec<String> = lora_targets_param(),
+        pub pickscore: Option<PathBuf> = pickscore_param(),
     }
 }
 
-/// The `compress_reduction` parameter; `default` is the world's.
-fn reduction_param(default: &'static str, doc: &'static str) -> ParamSpec {
-    ParamSpec {
-        name: "compress_reduction",
-        ty: ParamType::Enum(vec!["sum", "mean"]),
-        default: Some(json!(default)),
-        doc,
+/// The `pickscore` parameter of the worlds (in the cache key only when given, so studies cached
+/// before it keep their keys).
+fn pickscore_param() -> crate::pipeline::params::Field<Option<PathBuf>> {
+    crate::pipeline::params::param(None)
+        .keyed_when_set()
+        .doc("PickScore (docs/rewards.md): a transformers CLIPModel folder (config.json, model.safetensors, preprocessor_config.json, vocab.json, merges.txt); gives the task `pickscore` and the evaluation metric of that name. Public original: https://huggingface.co/yuvalkirstain/PickScore_v1, with the processor and tokenizer files of https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+}
+
+/// The kinds' names in pipelines.
+pub const TINY_WORLD: &str = "tiny_world";
+pub const SD15_WORLD: &str = "sd15_world";
+
+/// The world a world stage describes, with its LoRA targets, from its parameters alone (for
+/// estimates before anything runs); `None` when the stage is not a world.
+pub fn world_of_stage(stage: &ResolvedStage) -> Option<Result<(WorldSpec, Vec<String>), StageError>> {
+    let world = match stage.kind.as_str() {
+        TINY_WORLD => TinyWorldParams::from_params(&stage.params).map_err(StageError::from).and_then(|p| Ok((p.world()?, p.lora_targets))),
+        SD15_WORLD => Sd15WorldParams::from_params(&stage.params).map(|p| (p.world(), p.lora_targets)).map_err(StageError::from),
+        _ => return None,
+    };
+    Some(world)
+}
+
+impl WorldSpec {
+    /// The UNet config of the world's diffusion model and the side of its latents, from the
+    /// diffusers folder's configs. While the paper-scale files are not there yet (a study is
+    /// planned before the download), SD1.5's published configs stand in for them.
+    pub fn unet_and_latent_side(&self) -> Option<(UNet2DConditionConfig, i64)> {
+        let unet = UNet2DConditionConfig::from_file(&self.diffusion.join("unet/config.json"));
+        let vae = AutoencoderKLConfig::from_file(&self.diffusion.join("vae/config.json"));
+        let (unet, vae) = match (unet, vae) {
+            (Ok(unet), Ok(vae)) => (unet, vae),
+            _ if self.name == "sd15" => (UNet2DConditionConfig::sd15(), AutoencoderKLConfig::sd15()),
+            _ => return None,
+        };
+        Some((unet, vae.latent_side(self.resolution)))
     }
-}
-
-fn reduction_of(p: &serde_json::Map<String, serde_json::Value>) -> Result<Reduction, StageError> {
-    let name = p.str_of("compress_reduction")?;
-    Reduction::parse(name).ok_or_else(|| StageError::Failed(format!("compress_reduction `{name}`: expected sum or mean")))
-}
-
-fn lora_targets(ctx: &StageContext) -> Vec<String> {
-    ctx.params()
-        .get("lora_targets")
-        .and_then(|v| v.as_array())
-        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
-        .unwrap_or_default()
 }
 
 fn check_exists(path: &Path, what: &str) -> Result<PathBuf, StageError> {
@@ -179,22 +226,20 @@ pub struct TinyWorld;
 impl StageKind for TinyWorld {
     fn schema(&self) -> KindSchema {
         KindSchema {
-            kind: "tiny_world",
+            kind: TINY_WORLD,
             version: 1,
             doc: "the embedded tiny world (its models, rewards and prompts) as the base model of a study",
             uses_input_labels: false,
-            params: vec![
-                path_param("root", "the tiny world's folder with world.json (the repo's tiny/weights, or a pretrain pipeline's export)"),
-                reduction_param("mean", "reduction of the compressibility reward's squared JPEG error over channels and pixels: mean (the tiny world's recipe was set with it; docs/tiny-world.md) or sum (Eq. 2)"),
-                lora_targets_param(),
-            ],
+            reads_declared_rewards: false,
+            params: TinyWorldParams::specs(),
             inputs: Vec::new(),
         }
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let root = PathBuf::from(ctx.params().str_of("root")?);
-        let world = WorldSpec { compress_reduction: reduction_of(ctx.params())?, ..tiny_world_spec(&root)? };
+        let p: TinyWorldParams = ctx.typed_params()?;
+        let root = p.root.clone();
+        let world = p.world()?;
         // A shipped bundle lists its files' blake3 hashes: a damaged or edited file stops the
         // study here rather than skewing its numbers.
         if root.join(BUNDLE_MANIFEST).is_file() {
@@ -203,7 +248,7 @@ impl StageKind for TinyWorld {
         } else {
             ctx.log(format!("tiny world from {}", root.display()));
         }
-        base_record(world, lora_targets(ctx)).write(ctx.out_dir())
+        base_record(world, p.lora_targets).write(ctx.out_dir())
     }
 }
 
@@ -247,6 +292,7 @@ pub fn tiny_world_spec(root: &Path) -> Result<WorldSpec, StageError> {
         aesthetic_clip: clip(&m.aesthetic_clip, "aesthetic CLIP")?,
         aesthetic_head: at(&m.aesthetic_head, "aesthetic head")?,
         hps: clip(&m.hps, "preference model")?,
+        pickscore: None,
         clip_score: clip(&m.clip_score, "CLIP-score model")?,
         fid_features: FidFeatures::Clip,
         inception: None,
@@ -275,42 +321,31 @@ pub struct Sd15World;
 impl StageKind for Sd15World {
     fn schema(&self) -> KindSchema {
         KindSchema {
-            kind: "sd15_world",
+            kind: SD15_WORLD,
             version: 1,
-            doc: "the paper scale: Stable Diffusion v1.5 with CLIP ViT-L/14, the LAION aesthetic head, HPSv2 and Inception, from local files",
+            doc: "the paper scale: Stable Diffusion v1.5 with CLIP ViT-L/14, the LAION aesthetic head, HPSv2 (and PickScore when given) and Inception, from local files",
             uses_input_labels: false,
-            params: vec![
-                path_param("sd15", "Stable Diffusion v1.5 in the diffusers layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/); public original: https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5"),
-                path_param("clip_l14", "CLIP ViT-L/14, a transformers folder (config.json, model.safetensors, tokenizer files); public original: https://huggingface.co/openai/clip-vit-large-patch14"),
-                path_param("aesthetic_head", "the LAION aesthetic predictor v2 head sac+logos+ava1-l14-linearMSE.pth; public original: https://github.com/christophschuhmann/improved-aesthetic-predictor"),
-                path_param("hpsv2", "the HPSv2 checkpoint HPS_v2_compressed.pt (open_clip ViT-H-14); public original: https://huggingface.co/xswu/HPSv2"),
-                path_param("hpsv2_config", "open_clip's ViT-H-14.json model config; public original: src/open_clip/model_configs/ViT-H-14.json in https://github.com/mlfoundations/open_clip"),
-                path_param("bpe", "the CLIP BPE vocabulary bpe_simple_vocab_16e6.txt.gz; public original: https://github.com/openai/CLIP (also in the open_clip_torch wheel)"),
-                path_param("inception", "pytorch-fid's Inception weights pt_inception-2015-12-05-6726825d.pth; public original: https://github.com/mseitzer/pytorch-fid/releases"),
-                path_param("fid_reference", "FID reference: a folder of images (e.g. MS-COCO val2014) or a .safetensors with mu and sigma; public original: https://cocodataset.org"),
-                path_param("train_prompts", "training prompts, one a line (the 750 HPD photo prompts); public original: assets/hps_v2_all.txt in https://github.com/mihirp1998/AlignProp"),
-                path_param("test_prompts", "test prompts, one a line (the 50 held-out HPD photo prompts); public original: assets/hps_v2_all_eval.txt in https://github.com/mihirp1998/AlignProp"),
-                ParamSpec {
-                    name: "resolution",
-                    ty: ParamType::Int,
-                    default: Some(json!(512)),
-                    doc: "image side in pixels",
-                },
-                ParamSpec {
-                    name: "jpeg_quality",
-                    ty: ParamType::Float,
-                    default: Some(json!(80.0)),
-                    doc: "JPEG quality of the differentiable JPEG in the compressibility reward",
-                },
-                reduction_param("sum", "reduction of the compressibility reward's squared JPEG error over channels and pixels: sum (the paper's Eq. 2) or mean"),
-                lora_targets_param(),
-            ],
-            inputs: Vec::new(),
+            reads_declared_rewards: false,
+            params: Sd15WorldParams::specs(),
+            inputs: vec![InputSpec {
+                name: "fid_stats",
+                required: false,
+                many: false,
+                doc: "a `fid_stats` stage: the FID reference statistics of a folder of images (instead of `fid_reference`)",
+            }],
         }
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let world = sd15_world_spec(ctx.params())?;
+        let p: Sd15WorldParams = ctx.typed_params()?;
+        let fid_reference = match (ctx.input_list("fid_stats").first(), &p.fid_reference) {
+            (Some(_), Some(_)) => return Err(StageError::Failed("give the FID reference once: the input `fid_stats` or the parameter `fid_reference`, not both".into())),
+            (Some(stats), None) => stats.file(FID_STATS_FILE)?,
+            (None, Some(path)) => path.clone(),
+            (None, None) => return Err(StageError::Failed("no FID reference: give a `fid_stats` stage over reference images (MS-COCO) as the input `fid_stats`, or a statistics file as `fid_reference`".into())),
+        };
+        crate::metrics::fid::FeatureStats::read(&fid_reference).map_err(StageError::failed)?;
+        let world = WorldSpec { fid_reference, ..p.world() };
         for (what, dir) in [("sd15", &world.diffusion)] {
             for sub in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
                 if !dir.join(sub).is_dir() {
@@ -318,42 +353,50 @@ impl StageKind for Sd15World {
                 }
             }
         }
-        base_record(world, lora_targets(ctx)).write(ctx.out_dir())
+        base_record(world, p.lora_targets).write(ctx.out_dir())
     }
 }
 
-/// The world an `sd15_world` stage with these parameters describes.
-pub fn sd15_world_spec(p: &serde_json::Map<String, serde_json::Value>) -> Result<WorldSpec, StageError> {
-    let path = |name: &str| -> Result<PathBuf, StageError> { Ok(PathBuf::from(p.str_of(name)?)) };
-    let clip_l14 = path("clip_l14")?;
-    let clip_l14_spec = ClipFiles {
-        layout: ClipLayout::Transformers,
-        weights: clip_l14.clone(),
-        config: None,
-        tokenizer: clip_l14.clone(),
-    };
-    let world = WorldSpec {
-        name: "sd15".into(),
-        diffusion: path("sd15")?,
-        resolution: p.i64_of("resolution")?,
-        aesthetic_clip: clip_l14_spec.clone(),
-        aesthetic_head: path("aesthetic_head")?,
-        hps: ClipFiles {
-            layout: ClipLayout::OpenClip,
-            weights: path("hpsv2")?,
-            config: Some(path("hpsv2_config")?),
-            tokenizer: path("bpe")?,
-        },
-        clip_score: clip_l14_spec,
-        fid_features: FidFeatures::Inception,
-        inception: Some(path("inception")?),
-        fid_reference: path("fid_reference")?,
-        train_prompts: path("train_prompts")?,
-        test_prompts: path("test_prompts")?,
-        jpeg_quality: p.f64_of("jpeg_quality")?,
-        compress_reduction: reduction_of(p)?,
-    };
-    Ok(world)
+impl TinyWorldParams {
+    /// The world these parameters describe (its files must exist).
+    pub fn world(&self) -> Result<WorldSpec, StageError> {
+        Ok(WorldSpec { compress_reduction: self.compress_reduction, pickscore: self.pickscore.clone(), ..tiny_world_spec(&self.root)? })
+    }
+}
+
+impl Sd15WorldParams {
+    /// The world these parameters describe.
+    pub fn world(&self) -> WorldSpec {
+        let clip_l14 = ClipFiles {
+            layout: ClipLayout::Transformers,
+            weights: self.clip_l14.clone(),
+            config: None,
+            tokenizer: self.clip_l14.clone(),
+        };
+        WorldSpec {
+            name: "sd15".into(),
+            diffusion: self.sd15.clone(),
+            resolution: self.resolution,
+            aesthetic_clip: clip_l14.clone(),
+            aesthetic_head: self.aesthetic_head.clone(),
+            hps: ClipFiles {
+                layout: ClipLayout::OpenClip,
+                weights: self.hpsv2.clone(),
+                config: Some(self.hpsv2_config.clone()),
+                tokenizer: self.bpe.clone(),
+            },
+            pickscore: self.pickscore.clone(),
+            clip_score: clip_l14,
+            fid_features: FidFeatures::Inception,
+            inception: Some(self.inception.clone()),
+            // The stage sets it from its input or parameter; estimates do not need it.
+            fid_reference: self.fid_reference.clone().unwrap_or_default(),
+            train_prompts: self.train_prompts.clone(),
+            test_prompts: self.test_prompts.clone(),
+            jpeg_quality: self.jpeg_quality,
+            compress_reduction: self.compress_reduction,
+        }
+    }
 }
 
 /// Prompts of a file: one a line, blank lines dropped (AlignProp's file has two).

@@ -78,11 +78,7 @@ fn random_point(r: &Reference, rng: &mut Rng) -> (String, u64) {
 
 /// The step of a fine-tune's last checkpoint in `cache` (0: none yet).
 fn checkpoint_step(cache: &Path, key: &str) -> u64 {
-    std::fs::read(cache.join("partial").join(key).join("state.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| v["step"].as_u64())
-        .unwrap_or(0)
+    ril_pipe::method::checkpoint::Checkpoint::saved_step(&cache.join("partial").join(key).join("checkpoint.safetensors")).unwrap_or(0) as u64
 }
 
 /// Starts the run and kills it `delay_ms` after it starts `stage` (after that stage's
@@ -715,15 +711,25 @@ fn yes(b: bool) -> &'static str {
 }
 
 /// A copy of the random world whose aesthetic head ends in `bias`.
-fn world_with_head_bias(dir: &Path, bias: f64) -> PathBuf {
-    let copy = dir.join(format!("world_bias_{bias}"));
+/// A copy of the random world whose reward head's last layer has `bias` as its bias and its
+/// weights multiplied by `weight_scale`.
+fn world_with_head(dir: &Path, bias: Option<f64>, weight_scale: f64) -> PathBuf {
+    let copy = dir.join(format!("world_bias_{bias:?}_scale_{weight_scale}"));
     copy_tree(&world("random"), &copy);
     let head = copy.join("aesthetic_head.safetensors");
     let mut tensors: Vec<(String, tch::Tensor)> = tch::Tensor::read_safetensors(&head).unwrap();
-    let last = tensors.iter().filter(|(n, _)| n.ends_with(".bias")).map(|(n, _)| n.clone()).max_by_key(|n| n.split('.').nth(1).and_then(|i| i.parse::<u32>().ok()).unwrap_or(0)).unwrap();
+    let layer = |n: &str| n.split('.').nth(1).and_then(|i| i.parse::<u32>().ok()).unwrap_or(0);
+    let last = tensors.iter().map(|(n, _)| layer(n)).max().unwrap();
     for (name, t) in tensors.iter_mut() {
-        if *name == last {
-            *t = t.full_like(bias);
+        if layer(name) != last {
+            continue;
+        }
+        if name.ends_with(".bias") {
+            if let Some(bias) = bias {
+                *t = t.full_like(bias);
+            }
+        } else if name.ends_with(".weight") {
+            *t = &*t * weight_scale;
         }
     }
     tch::Tensor::write_safetensors(&tensors, &head).unwrap();
@@ -734,12 +740,14 @@ fn world_with_head_bias(dir: &Path, bias: f64) -> PathBuf {
 fn non_finite_training_values_stop_the_stage_and_cache_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let ft = "  - id: ft\n    kind: finetune\n    inputs: {model: base}\n    params: {task: aesthetic, method: baseline}\n";
-    let inf_world = world_with_head_bias(dir.path(), f64::INFINITY);
+    let inf_world = world_with_head(dir.path(), Some(f64::INFINITY), 1.0);
+    // A finite reward of about 1e30 whose gradient overflows float32 in the backward pass.
+    let huge_world = world_with_head(dir.path(), None, 1e30);
     // (case, world, extra --set, expected step, expected value in the message)
     let cases: Vec<(&str, PathBuf, Vec<&str>, &str, &str)> = vec![
         ("a reward head with NaN weights", world("nan_head"), vec![], "step 1", "NaN"),
         ("a reward head with an infinite bias", inf_world, vec![], "step 1", "inf"),
-        ("a learning rate of 1e30 (finite at step 1, then diverges)", world("random"), vec!["ft.lr=1.0e30"], "step 2", ""),
+        ("a reward head with weights of 1e30 (finite loss, overflowing gradient)", huge_world, vec![], "gradient norm at step 1", "inf"),
     ];
     let mut stopped = 0;
     let mut failures = Vec::new();

@@ -524,7 +524,13 @@ fn malformed_pipelines_are_refused_with_a_position_and_a_message() {
         ("defaults of an unknown kind", format!("defaults: {{evalute: {{seed: 1}}}}\nstages:\n{base}").into_bytes(), vec![], "unknown stage kind `evalute`"),
         ("a --set of an unknown stage", with_base(""), vec!["nosuch.seed=1"], "no stage matches `nosuch`"),
         ("a --set that is not KEY=VALUE", with_base(""), vec!["novalue"], "expected KEY=VALUE"),
+        ("a --set out of range", with_base("  - id: e\n    kind: evaluate\n    inputs: {model: base}\n"), vec!["e.guidance=-1"], "parameter `guidance`: expected a value >= 0, found -1.0"),
+        ("a default out of range", format!("defaults: {{evaluate: {{images_per_prompt: 0}}}}\nstages:\n{base}  - id: e\n    kind: evaluate\n    inputs: {{model: base}}\n").into_bytes(), vec![], "parameter `images_per_prompt`: expected a value >= 1, found 0"),
     ];
+    // Every numeric parameter of every shipped kind, just outside each end of its range.
+    let generated = out_of_range_cases(&world, &base);
+    assert!(generated.len() > 100, "{} out-of-range cases", generated.len());
+    let cases: Vec<(String, Vec<u8>, Vec<&str>, String)> = cases.into_iter().map(|(what, text, sets, expected)| (what.to_string(), text, sets, expected.to_string())).chain(generated).collect();
     let mut refused = 0;
     let mut positioned = 0;
     let mut failures = Vec::new();
@@ -536,7 +542,7 @@ fn malformed_pipelines_are_refused_with_a_position_and_a_message() {
             let mut parts = rest.splitn(3, ':');
             parts.next().is_some_and(|n| n.parse::<usize>().is_ok()) && parts.next().is_some_and(|n| n.parse::<usize>().is_ok())
         });
-        let ok = code == Some(2) && named && out.contains(expected) && !dir.path().join("cache").exists();
+        let ok = code == Some(2) && named && out.contains(expected.as_str()) && !dir.path().join("cache").exists();
         refused += usize::from(ok);
         positioned += usize::from(at_position);
         if !ok {
@@ -546,6 +552,52 @@ fn malformed_pipelines_are_refused_with_a_position_and_a_message() {
     let n = cases.len();
     report(&format!("malformed pipelines: {refused}/{n} refused by `ril-pipe run` with exit 2, a message naming the file and the problem ({positioned} with line:column) and nothing written, 0 crashes"));
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// For each numeric parameter of each shipped kind, a pipeline whose stage of that kind is valid
+/// but for a value of that parameter just outside one end of its range (a list or mapping
+/// parameter gets one such element); expected: the parameter, the range and the value.
+fn out_of_range_cases(world: &Path, base: &str) -> Vec<(String, Vec<u8>, Vec<&'static str>, String)> {
+    use ril_pipe::pipeline::schema::ParamType;
+    let mut cases = Vec::new();
+    for (kind, schema) in ril_pipe::stages::registry().schemas() {
+        // The required parameters and inputs, valid (validation does not look at what an input is).
+        let mut required = Map::new();
+        for p in schema.params.iter().filter(|p| p.default.is_none()) {
+            let value = match &p.ty {
+                ParamType::Path => json!(world),
+                ParamType::Enum(options) => json!(options[0]),
+                other => panic!("`{kind}.{}`: no valid value of {other:?} made up for a required parameter", p.name),
+            };
+            required.insert(p.name.to_string(), value);
+        }
+        let inputs: Map<String, Value> = schema.inputs.iter().filter(|i| i.required).map(|i| (i.name.to_string(), json!("base"))).collect();
+        for p in schema.params.iter().filter(|p| p.ty.is_numeric()) {
+            let range = p.range.unwrap_or_else(|| panic!("`{kind}.{}` has no range", p.name));
+            let integer = matches!(&p.ty, ParamType::Int) || matches!(&p.ty, ParamType::List(t) | ParamType::Map(t) if **t == ParamType::Int);
+            let step = if integer { 1.0 } else { 0.5 };
+            let outside = [range.min.map(|b| if b.inclusive { b.value - step } else { b.value }), range.max.map(|b| if b.inclusive { b.value + step } else { b.value })];
+            for bad in outside.into_iter().flatten() {
+                let number = if integer { json!(bad as i64) } else { json!(bad) };
+                let (value, at) = match &p.ty {
+                    ParamType::List(_) => (json!([number]), "element 0: "),
+                    ParamType::Map(_) => (json!({"aesthetic": number}), "key `aesthetic`: "),
+                    _ => (number.clone(), ""),
+                };
+                let mut params = required.clone();
+                params.insert(p.name.to_string(), value);
+                let stage = format!("  - id: s\n    kind: {kind}\n    params: {}\n    inputs: {}\n", Value::Object(params), Value::Object(inputs.clone()));
+                let found = if integer { number.to_string() } else { format!("{:?}", bad) };
+                cases.push((
+                    format!("`{kind}.{}` = {number}, outside {range}", p.name),
+                    format!("stages:\n{base}{stage}").into_bytes(),
+                    vec![],
+                    format!("parameter `{}`: {at}", p.name) + &format!("expected a value {}", if range.min.is_some() && range.max.is_some() { format!("in {range}") } else { range.to_string() }) + &format!(", found {found}"),
+                ));
+            }
+        }
+    }
+    cases
 }
 
 #[test]

@@ -6,14 +6,14 @@ use ril_pipe::models::aesthetic::{AestheticConfig, AestheticHead};
 use ril_pipe::models::weights::{assign, load_weights, Extra};
 use tch::{nn, Device, Tensor};
 
-use crate::common::{data_dir, fixture_dir, max_abs_diff};
+use crate::support::{data_dir, fixtures, max_abs_diff};
 
 fn check(weights: &Path, config: &AestheticConfig, reference: &str) -> f64 {
     let vs = nn::VarStore::new(Device::Cpu);
     let head = AestheticHead::new(&vs.root(), config).unwrap();
     assign(&vs, &load_weights(weights).unwrap(), Extra::Reject, weights).unwrap();
     let r: HashMap<String, Tensor> =
-        Tensor::read_safetensors(fixture_dir("aesthetic").join(reference)).unwrap().into_iter().collect();
+        Tensor::read_safetensors(fixtures("aesthetic").join(reference)).unwrap().into_iter().collect();
     let scores = tch::no_grad(|| head.forward(&r["embeddings"]).unwrap());
     let d = max_abs_diff(&scores, &r["scores"]);
     eprintln!("{reference}: max abs diff {d:.2e}");
@@ -32,6 +32,6 @@ fn aesthetic_real_laion_head_matches_pytorch() {
 #[test]
 fn aesthetic_small_head_matches_pytorch() {
     let config = AestheticConfig { dims: vec![32, 24, 8, 1] };
-    let d = check(&fixture_dir("aesthetic").join("small_head.safetensors"), &config, "small.safetensors");
+    let d = check(&fixtures("aesthetic").join("small_head.safetensors"), &config, "small.safetensors");
     assert!(d < 1e-4, "{d}");
 }

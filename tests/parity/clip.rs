@@ -6,19 +6,19 @@ use ril_pipe::models::clip::{preprocess, Clip, ClipConfig};
 use ril_pipe::models::weights::Extra;
 use tch::{nn, Device, Tensor};
 
-use crate::common::{fixture_dir, max_abs_diff};
+use crate::support::{fixtures, max_abs_diff};
 
 const TOL: f64 = 1e-4;
 
 fn reference(case: &str) -> HashMap<String, Tensor> {
-    let path = fixture_dir("clip").join(case).join("reference.safetensors");
+    let path = fixtures("clip").join(case).join("reference.safetensors");
     Tensor::read_safetensors(path).unwrap().into_iter().collect()
 }
 
 /// Builds the model from the case's config, loads every checkpoint tensor (an unused one is an
 /// error) and compares every reference output the case has. Returns the largest difference.
 fn check(case: &str, open_clip: bool, weights_path: Option<&str>) -> f64 {
-    let folder = fixture_dir("clip").join(case);
+    let folder = fixtures("clip").join(case);
     let config = if open_clip {
         ClipConfig::from_open_clip_json(&folder.join("open_clip_config.json")).unwrap()
     } else {
@@ -104,7 +104,7 @@ fn clip_open_clip_vit_h14_names_and_widths() {
 
 #[test]
 fn clip_preprocess_matches_interpolate_and_normalise() {
-    let path = fixture_dir("clip").join("preprocess.safetensors");
+    let path = fixtures("clip").join("preprocess.safetensors");
     let r: HashMap<String, Tensor> = Tensor::read_safetensors(path).unwrap().into_iter().collect();
     for size in [32, 224] {
         let ours = preprocess(&r["images"], size).unwrap();

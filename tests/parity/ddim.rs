@@ -4,10 +4,10 @@ use std::collections::HashMap;
 use ril_pipe::models::ddim::{Ddim, DdimConfig};
 use tch::Tensor;
 
-use crate::common::{fixture_dir, max_abs_diff};
+use crate::support::{fixtures, max_abs_diff};
 
 fn load(name: &str) -> (DdimConfig, HashMap<String, Tensor>) {
-    let dir = fixture_dir("ddim");
+    let dir = fixtures("ddim");
     let config = DdimConfig::from_json_file(&dir.join(format!("{name}_scheduler_config.json"))).unwrap();
     let tensors = Tensor::read_safetensors(dir.join(format!("{name}.safetensors"))).unwrap();
     (config, tensors.into_iter().collect())

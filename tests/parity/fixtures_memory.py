@@ -10,6 +10,8 @@ Cases (fp32, CPU, random weights; the configs are written as config.json for the
   clip_<name>: a CLIP vision tower (transformers) on images that need a gradient.
 Layout: <case>/config.json and saved.json: {"batch", "side", "saved_bytes_per_sample"}.
 """
+# depends: scripts/torch_reference.py
+# depends: tests/parity/fixtures_unet.py
 import json
 import pathlib
 
@@ -17,7 +19,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from fixtures_unet import wrap_lora
+from fixtures_unet import random_adapter, wrap_lora
 
 UNET_CASES = {
     # The SD1.5 layout at reduced widths: four levels, cross attention in three, 1x1-conv
@@ -77,7 +79,7 @@ def unet_case(out: pathlib.Path, name: str, cfg: dict, side: int, batch: int = 2
     # shortcut conv (a DDP workaround), a copy ril-pipe's blocks do not make. No dropout either way.
     model.eval()
     model.requires_grad_(False)
-    wrap_lora(model, 4)
+    wrap_lora(model, 4, init=random_adapter)
     latents = torch.randn(batch, model.config.in_channels, side, side)
     context = torch.randn(batch, 77, cfg["cross_attention_dim"])
     saved = saved_bytes(lambda: model(latents, torch.full((batch,), 1), encoder_hidden_states=context).sample, model)

@@ -12,14 +12,18 @@ Layout under out_dir:
   sd15/config.json, sd15/io.safetensors: sample, timesteps, context, out, randn_check,
       randn_check_4d, param_sums (f64, one per parameter in sorted-name order)
 """
+# depends: scripts/torch_reference.py
 import math
 import pathlib
+import sys
 
 import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "scripts"))
+from torch_reference import sd15_unet_config, wrap_lora  # noqa: E402
+
 
 SMALL_CASES = {
     # Two blocks, cross attention then plain, conv projections, one layer per block.
@@ -80,29 +84,6 @@ SMALL_CASES = {
 SIZES = {"all_xattn_odd": (7, 9)}
 
 
-def sd15_config() -> dict:
-    """Stable Diffusion v1.5's unet/config.json."""
-    return dict(
-        act_fn="silu",
-        attention_head_dim=8,
-        block_out_channels=(320, 640, 1280, 1280),
-        center_input_sample=False,
-        cross_attention_dim=768,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        downsample_padding=1,
-        flip_sin_to_cos=True,
-        freq_shift=0,
-        in_channels=4,
-        layers_per_block=2,
-        mid_block_scale_factor=1,
-        norm_eps=1e-5,
-        norm_num_groups=32,
-        out_channels=4,
-        sample_size=64,
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    )
-
-
 def deterministic_parameter(index: int, name: str, shape) -> torch.Tensor:
     """The SD1.5 weights: parameter `index` (sorted-name order) from torch.manual_seed(index).
     Matrices and kernels get std 1/sqrt(fan_in), norm scales 1 + 0.1 N, biases 0.1 N.
@@ -131,33 +112,9 @@ def inputs(cfg: dict, height: int, width: int, batch: int = 3, tokens: int = 5):
     return sample, timesteps, context
 
 
-class LoraLinear(torch.nn.Module):
-    """Reference LoRA: W x + b + B (A x)."""
-
-    def __init__(self, base: torch.nn.Linear, rank: int):
-        super().__init__()
-        self.base = base
-        self.lora_A = torch.nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
-        self.lora_B = torch.nn.Parameter(torch.randn(base.out_features, rank) * 0.1)
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.lora_A.T) @ self.lora_B.T
-
-
-def wrap_lora(model: torch.nn.Module, rank: int) -> dict:
-    """Replaces every target linear by a LoraLinear; returns {layer name: wrapper}."""
-    wrapped = {}
-    for name, module in list(model.named_modules()):
-        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in LORA_TARGETS):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            wrapper = LoraLinear(module, rank)
-            if isinstance(parent, torch.nn.ModuleList):
-                parent[int(child)] = wrapper
-            else:
-                setattr(parent, child, wrapper)
-            wrapped[name] = wrapper
-    return wrapped
+def random_adapter(base: torch.nn.Linear, rank: int) -> tuple:
+    """A trained-looking adapter: A N(0, 1/in), B 0.1 N (both non-zero, so every gradient shows)."""
+    return torch.randn(rank, base.in_features) / math.sqrt(base.in_features), torch.randn(base.out_features, rank) * 0.1
 
 
 def small_case(out: pathlib.Path, name: str, cfg: dict) -> None:
@@ -181,7 +138,7 @@ def lora_grad_case(out: pathlib.Path) -> None:
     model.eval()
     folder = out / "lora_grad"
     model.save_pretrained(folder, safe_serialization=True)
-    wrapped = wrap_lora(model, rank=4)
+    wrapped = wrap_lora(model, 4, init=random_adapter)
     for p in model.parameters():
         p.requires_grad_(False)
     adapters = {}
@@ -209,7 +166,7 @@ def lora_grad_case(out: pathlib.Path) -> None:
 def sd15_case(out: pathlib.Path) -> None:
     folder = out / "sd15"
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = sd15_config()
+    cfg = sd15_unet_config()
     with torch.device("meta"):
         model = UNet2DConditionModel(**cfg)
     model.to_empty(device="cpu")

@@ -4,11 +4,11 @@ use std::collections::HashMap;
 use ril_pipe::models::inception::InceptionV3;
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::common::{fixture_dir, max_abs_diff};
+use crate::support::{fixtures, max_abs_diff};
 
 #[test]
 fn inception_matches_pytorch_fid() {
-    let dir = fixture_dir("inception");
+    let dir = fixtures("inception");
     let vs = nn::VarStore::new(Device::Cpu);
     let model = InceptionV3::load(&vs, &dir.join("pt_inception_random.pth")).unwrap();
     let r: HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("reference.safetensors")).unwrap().into_iter().collect();

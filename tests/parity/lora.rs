@@ -3,12 +3,12 @@
 use ril_pipe::models::lora::{default_targets, LoraGroup};
 use ril_pipe::models::weights;
 
-use crate::common::{fixture_dir, max_abs_diff};
-use crate::unet::load_case;
+use crate::support::{fixtures, max_abs_diff};
+use super::unet::load_case;
 
 #[test]
 fn lora_output_and_gradients_match_pytorch() {
-    let dir = fixture_dir("unet").join("lora_grad");
+    let dir = fixtures("unet").join("lora_grad");
     let group = LoraGroup::new(default_targets());
     let (mut vs, unet) = load_case(&dir, Some(&group));
     vs.freeze();

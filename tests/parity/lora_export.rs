@@ -7,33 +7,28 @@
 //! output again.
 use std::path::{Path, PathBuf};
 
-use ril_pipe::method::sampling::{Sampler, SamplerConfig};
+use ril_pipe::method::sampling::{CastUnet, Sampler, SamplerConfig};
 use ril_pipe::models::component::{self, LoadedComponent, Operation};
 use ril_pipe::models::lora::peft::{AdapterIndex, METADATA_KEY};
 use ril_pipe::models::lora::{default_targets, LoraGroup};
 use ril_pipe::models::weights::{self, read_safetensors_metadata, TensorMap};
-use ril_pipe::stages::diffusion::Diffusion;
 use ril_pipe::stages::lora_export::export_lora;
-use ril_pipe::stages::precision::Precision;
-use ril_pipe::stages::records::Task;
+use ril_pipe::models::precision::Precision;
+use ril_pipe::records::Task;
 use ril_pipe::stages::world::{tiny_world_spec, ModelRecord, ADAPTERS_FILE};
 use tch::{Device, Tensor};
 
-use crate::common::{fixture_dir, max_abs_diff};
+use crate::support::{fixtures, max_abs_diff, tiny_weights};
 
 const UNET_TOLERANCE: f64 = 1e-5;
 const SAMPLE_TOLERANCE: f64 = 1e-4;
 
-fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tiny/weights")
-}
-
-/// The fixtures hold for the tiny world they were made from.
-fn fixtures() -> PathBuf {
-    let dir = fixture_dir("lora_export");
+/// The fixtures, checked to be made from the committed tiny world.
+fn lora_fixtures() -> PathBuf {
+    let dir = fixtures("lora_export");
     let made_for = std::fs::read(dir.join("world_manifest.txt")).unwrap();
     assert!(
-        made_for == std::fs::read(tiny().join("MANIFEST.txt")).unwrap(),
+        made_for == std::fs::read(tiny_weights().join("MANIFEST.txt")).unwrap(),
         "the lora_export fixtures were made for another tiny world: remove {} and run `make fixtures`",
         dir.display()
     );
@@ -43,7 +38,7 @@ fn fixtures() -> PathBuf {
 /// A model as a cache object holds it: `model.json` and the adapter group of the case.
 fn model_object(case: &Path, origin: &str, tasks: Vec<Task>, into: &Path) -> ModelRecord {
     let record = ModelRecord {
-        world: tiny_world_spec(&tiny()).unwrap(),
+        world: tiny_world_spec(&tiny_weights()).unwrap(),
         tasks,
         origin: origin.into(),
         adapters: Some(ADAPTERS_FILE.into()),
@@ -55,7 +50,7 @@ fn model_object(case: &Path, origin: &str, tasks: Vec<Task>, into: &Path) -> Mod
 }
 
 fn unet_with(group: &LoraGroup, io: &TensorMap) -> Tensor {
-    let unet_dir = tiny().join("diffusion/unet");
+    let unet_dir = tiny_weights().join("diffusion/unet");
     let config = component::config_for(Operation::Unet, &unet_dir, None).unwrap();
     let loaded = LoadedComponent::load(config, &unet_dir, Device::Cpu, Some(group)).unwrap();
     let inputs: TensorMap = [("sample", "sample"), ("timestep", "timesteps"), ("encoder_hidden_states", "context")]
@@ -67,14 +62,14 @@ fn unet_with(group: &LoraGroup, io: &TensorMap) -> Tensor {
 }
 
 fn check_case(case_name: &str, origin: &str, tasks: Vec<Task>) {
-    let root = fixtures();
+    let root = lora_fixtures();
     let case = root.join(case_name);
     let io = weights::read_safetensors(&case.join("io.safetensors")).unwrap();
     let object = tempfile::tempdir().unwrap();
     let record = model_object(&case, origin, tasks, object.path());
 
     // ril-pipe's model (as the stages load it) against diffusers with the exported files.
-    let diffusion = Diffusion::load(&record, Some(&object.path().join(ADAPTERS_FILE)), Device::Cpu, Precision::Fp32).unwrap();
+    let diffusion = record.load_diffusion(Some(&object.path().join(ADAPTERS_FILE)), Device::Cpu, Precision::Fp32).unwrap();
     let out = tch::no_grad(|| diffusion.unet.forward(&io["sample"], &io["timesteps"], &io["context"]));
     let lora_effect = max_abs_diff(&io["out"], &io["base"]);
     let unet_diff = max_abs_diff(&out, &io["out"]);
@@ -85,7 +80,7 @@ fn check_case(case_name: &str, origin: &str, tasks: Vec<Task>) {
     let sampler = Sampler::new(diffusion.ddim.clone(), SamplerConfig { steps: 10, eta: 0.0, guidance: 3.0 }).unwrap();
     let cond = diffusion.encode_prompts(&prompts).unwrap();
     let uncond = diffusion.uncond().unwrap();
-    let z_0 = sampler.sample(&diffusion.denoiser(), &io["z_n"], &cond, &uncond, 0).unwrap();
+    let z_0 = sampler.sample(&CastUnet::of(&diffusion), &io["z_n"], &cond, &uncond, 0).unwrap();
     let sample_diff = max_abs_diff(&z_0, &io["z_0"]);
     assert!(sample_diff <= SAMPLE_TOLERANCE, "{case_name}: DDIM sample differs from diffusers' by {sample_diff:e}");
 

@@ -9,7 +9,7 @@ use ril_pipe::models::unet::UNet2DConditionConfig;
 use ril_pipe::models::vae::AutoencoderKLConfig;
 use ril_pipe::stages::memory::{unet_tally, vae_decoder_tally, vision_tally, Adapted};
 
-use super::common::fixture_dir;
+use crate::support::fixtures;
 
 /// PyTorch's saved bytes per sample and the case's latent or image side.
 fn measured(dir: &Path) -> (f64, i64) {
@@ -27,7 +27,7 @@ fn check(case: &str, estimated_elements: f64, measured_bytes: f64) {
 
 #[test]
 fn unet_activation_count_matches_autograd() {
-    let root = fixture_dir("memory");
+    let root = fixtures("memory");
     let targets = default_targets();
     for case in ["unet_sd_layout", "unet_linear_two_layers"] {
         let dir = root.join(case);
@@ -40,7 +40,7 @@ fn unet_activation_count_matches_autograd() {
 
 #[test]
 fn vae_decode_activation_count_matches_autograd() {
-    let dir = fixture_dir("memory").join("vae");
+    let dir = fixtures("memory").join("vae");
     let (bytes, side) = measured(&dir);
     let cfg = AutoencoderKLConfig::from_file(&dir.join("config.json")).unwrap();
     check("vae", vae_decoder_tally(&cfg, side).saved, bytes);
@@ -49,7 +49,7 @@ fn vae_decode_activation_count_matches_autograd() {
 #[test]
 fn clip_vision_activation_count_matches_autograd() {
     for case in ["clip_quick_gelu", "clip_gelu"] {
-        let dir = fixture_dir("memory").join(case);
+        let dir = fixtures("memory").join(case);
         let (bytes, _) = measured(&dir);
         let cfg = ClipConfig::from_transformers_json(&dir.join("config.json")).unwrap();
         check(case, vision_tally(&cfg.vision.unwrap()).saved, bytes);
@@ -60,7 +60,7 @@ fn clip_vision_activation_count_matches_autograd() {
 fn checkpoint_headers_count_the_float_elements() {
     use ril_pipe::models::weights::load_weights;
     use ril_pipe::stages::memory::checkpoint_elements;
-    let root = fixture_dir("weights");
+    let root = fixtures("weights");
     for name in ["ordered.pth", "plain_dict.pt", "fp16.bin", "bf16.bin", "views.pt", "sharded", "bin_only", "both"] {
         let path = root.join(name);
         let loaded: u64 = load_weights(&path)

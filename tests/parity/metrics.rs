@@ -6,10 +6,10 @@ use ril_pipe::metrics::filesize::{jpeg_size, png_bytes, png_size, to_uint8_image
 use ril_pipe::metrics::zlib_deflate::{zlib_level6, Strategy};
 use tch::Tensor;
 
-use crate::common::{fixture_dir, max_abs_diff};
+use crate::support::{fixtures, max_abs_diff};
 
 fn load(name: &str) -> HashMap<String, Tensor> {
-    let path = fixture_dir("metrics").join(name);
+    let path = fixtures("metrics").join(name);
     Tensor::read_safetensors(&path)
         .unwrap()
         .into_iter()
@@ -17,7 +17,7 @@ fn load(name: &str) -> HashMap<String, Tensor> {
 }
 
 fn load_json(name: &str) -> serde_json::Value {
-    let path = fixture_dir("metrics").join(name);
+    let path = fixtures("metrics").join(name);
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 

@@ -2,11 +2,11 @@
 use ril_pipe::method::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use tch::Tensor;
 
-use crate::common::{fixture_dir, max_abs_diff};
+use crate::support::{fixtures, max_abs_diff};
 
 #[test]
 fn adamw_with_clipping_matches_pytorch_step_by_step() {
-    let dir = fixture_dir("optim");
+    let dir = fixtures("optim");
     let t: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("adamw.safetensors")).unwrap().into_iter().collect();
     let params: Vec<Tensor> = (0..3).map(|i| t[&format!("init.{i}")].copy().set_requires_grad(true)).collect();
     let mut opt = AdamW::new(

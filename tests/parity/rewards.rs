@@ -7,10 +7,10 @@ use ril_pipe::rewards::diff_jpeg::DiffJpeg;
 use ril_pipe::rewards::Reward;
 use tch::{Kind, Tensor};
 
-use crate::common::{fixture_dir, max_abs_diff};
+use crate::support::{fixtures, max_abs_diff};
 
 fn load(name: &str) -> HashMap<String, Tensor> {
-    let path = fixture_dir("rewards").join(name);
+    let path = fixtures("rewards").join(name);
     Tensor::read_safetensors(&path)
         .unwrap()
         .into_iter()
@@ -18,7 +18,7 @@ fn load(name: &str) -> HashMap<String, Tensor> {
 }
 
 fn index() -> serde_json::Value {
-    let path = fixture_dir("rewards").join("rewards.json");
+    let path = fixtures("rewards").join("rewards.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -56,9 +56,9 @@ fn diff_jpeg_matches_reference_f64() {
                 .backward();
             let grad_diff = max_abs_diff(&x.grad(), &t[&format!("grad_q{q}")]);
             println!("{case} q{q}: output {out_diff:.2e}, gradient {grad_diff:.2e}");
-            assert!(out_diff < 1e-4, "{case} q{q}: output differs by {out_diff}");
+            assert!(out_diff < 1e-14, "{case} q{q}: output differs by {out_diff}");
             assert!(
-                grad_diff < 1e-4,
+                grad_diff < 1e-12,
                 "{case} q{q}: gradient differs by {grad_diff}"
             );
             worst = (worst.0.max(out_diff), worst.1.max(grad_diff));
@@ -82,7 +82,7 @@ fn diff_jpeg_matches_reference_f32() {
             assert_eq!(c.kind(), Kind::Float);
             let diff = max_abs_diff(&c, &t[&format!("c_q{q}")]);
             println!("{case} q{q} f32: output {diff:.2e}");
-            assert!(diff < 1e-4, "{case} q{q}: f32 output differs by {diff}");
+            assert!(diff < 1e-6, "{case} q{q}: f32 output differs by {diff}");
             worst = worst.max(diff);
         }
     }

@@ -5,14 +5,14 @@ use std::path::PathBuf;
 use ril_pipe::models::tokenizer::{ClipTokenizer, Padding};
 use tch::Tensor;
 
-use crate::common::fixture_dir;
+use crate::support::fixtures;
 
 fn prompts() -> Vec<String> {
-    serde_json::from_str(&std::fs::read_to_string(fixture_dir("tokenizer").join("prompts.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixtures("tokenizer").join("prompts.json")).unwrap()).unwrap()
 }
 
 fn reference() -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(fixture_dir("tokenizer").join("ids.safetensors")).unwrap().into_iter().collect()
+    Tensor::read_safetensors(fixtures("tokenizer").join("ids.safetensors")).unwrap().into_iter().collect()
 }
 
 fn check(tokenizer: &ClipTokenizer, key: &str, context: usize, padding: Padding) {
@@ -30,7 +30,7 @@ fn check(tokenizer: &ClipTokenizer, key: &str, context: usize, padding: Padding)
 }
 
 fn bpe_path() -> PathBuf {
-    crate::common::data_dir().join("bpe_simple_vocab_16e6.txt.gz")
+    crate::support::data_dir().join("bpe_simple_vocab_16e6.txt.gz")
 }
 
 #[test]
@@ -43,7 +43,7 @@ fn tokenizer_matches_open_clip() {
 
 #[test]
 fn tokenizer_matches_transformers() {
-    let tok = ClipTokenizer::from_hf_folder(&fixture_dir("tokenizer").join("hf_tokenizer")).unwrap();
+    let tok = ClipTokenizer::from_hf_folder(&fixtures("tokenizer").join("hf_tokenizer")).unwrap();
     assert_eq!((tok.sot(), tok.eot()), (49406, 49407));
     check(&tok, "transformers_77", 77, Padding::EndOfText);
     check(&tok, "transformers_16", 16, Padding::EndOfText);

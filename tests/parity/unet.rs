@@ -9,7 +9,7 @@ use ril_pipe::models::weights::{self, Extra, TensorMap};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use crate::common::{fixture_dir, max_abs_diff};
+use crate::support::{fixtures, max_abs_diff};
 
 fn io(dir: &Path) -> TensorMap {
     weights::read_safetensors(&dir.join("io.safetensors")).unwrap()
@@ -26,7 +26,7 @@ pub fn load_case(dir: &Path, lora: Option<&LoraGroup>) -> (VarStore, UNet2DCondi
 }
 
 fn small_case(name: &str) {
-    let dir = fixture_dir("unet").join(name);
+    let dir = fixtures("unet").join(name);
     let (_vs, unet) = load_case(&dir, None);
     let io = io(&dir);
     let out = tch::no_grad(|| unet.forward(&io["sample"], &io["timesteps"], &io["context"]));
@@ -71,7 +71,7 @@ fn deterministic_parameter(index: usize, name: &str, shape: &[i64]) -> Tensor {
 
 #[test]
 fn unet_sd15_full_config() {
-    let dir = fixture_dir("unet").join("sd15");
+    let dir = fixtures("unet").join("sd15");
     let io = io(&dir);
     // Both sides must draw the same numbers from the same seeds.
     tch::manual_seed(0);

@@ -5,10 +5,10 @@ use ril_pipe::models::weights::{self, Extra};
 use tch::nn::VarStore;
 use tch::Device;
 
-use crate::common::{fixture_dir, max_abs_diff};
+use crate::support::{fixtures, max_abs_diff};
 
 fn case(name: &str) {
-    let dir = fixture_dir("vae").join(name);
+    let dir = fixtures("vae").join(name);
     let cfg = AutoencoderKLConfig::from_file(&dir.join("config.json")).unwrap();
     let vs = VarStore::new(Device::Cpu);
     let model = AutoencoderKL::new(vs.root(), &cfg).unwrap();
@@ -43,7 +43,7 @@ fn vae_without_attention_and_quant_convs() {
 
 #[test]
 fn vae_legacy_names_need_the_rename() {
-    let dir = fixture_dir("vae").join("three_blocks_legacy_names");
+    let dir = fixtures("vae").join("three_blocks_legacy_names");
     let cfg = AutoencoderKLConfig::from_file(&dir.join("config.json")).unwrap();
     let vs = VarStore::new(Device::Cpu);
     let _model = AutoencoderKL::new(vs.root(), &cfg).unwrap();

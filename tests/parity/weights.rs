@@ -6,10 +6,10 @@ use ril_pipe::models::pickle::PickleError;
 use ril_pipe::models::weights::{load_weights, read_safetensors, TensorMap, WeightsError};
 use tch::Kind;
 
-use crate::common::fixture_dir;
+use crate::support::fixtures;
 
 fn dir() -> PathBuf {
-    fixture_dir("weights")
+    fixtures("weights")
 }
 
 /// Same names, dtypes, shapes and bitwise-equal values.
@@ -105,7 +105,7 @@ fn weights_component_folders() {
 
 #[test]
 fn weights_real_laion_head_pth_equals_safetensors() {
-    let data = crate::common::data_dir().join("weights");
+    let data = crate::support::data_dir().join("weights");
     let pth = load_weights(&data.join("laion_aesthetic_v2_sac_logos_ava1_l14_linearMSE.pth")).unwrap();
     let st = load_weights(&data.join("laion_aesthetic_v2_sac_logos_ava1_l14_linearMSE.safetensors")).unwrap();
     assert_identical(&pth, &st, "LAION head");

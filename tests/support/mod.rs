@@ -1,42 +1,60 @@
-//! Test-only stage kinds and helpers for the runner tests. The shipped binary has none of these.
+//! What the tests share: the fixtures and the repository's folders, helpers for cached objects
+//! and tensors, running the built binary, and test-only stage kinds (the shipped binary has none
+//! of these). Used by the integration tests (`tests/main.rs`) and by `make hardening`.
 #![allow(dead_code)]
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use ril_pipe::exec::kind::{StageContext, StageError, StageKind};
-use ril_pipe::exec::{atomic_write, Params, Registry};
-use ril_pipe::pipeline::schema::{InputSpec, KindSchema, ParamSpec, ParamType};
-use serde_json::json;
+use ril_pipe::exec::{atomic_write, Registry};
+use ril_pipe::pipeline::params::StageParams;
+use ril_pipe::pipeline::schema::{InputSpec, KindSchema};
 
 /// Writes `out.txt` = its `text` followed by its inputs' `out.txt`, in `steps` steps of
 /// `sleep_ms` each, with a resumable checkpoint after every step. Appends a line to
 /// `count_file` (outside the cache) each time it really executes, so tests can count runs.
 pub struct WriteKind;
 
+ril_pipe::stage_params! {
+    pub struct WriteParams {
+        pub text: String = param(String::new()).doc("text to write"),
+        pub steps: u64 = param(1).min(1).doc("steps"),
+        pub sleep_ms: u64 = param(0).min(0).doc("sleep per step"),
+        pub fail: bool = param(false).doc("fail at the end"),
+        pub panic: bool = param(false).doc("panic at the end"),
+        pub count_file: String = param(String::new()).doc("append a line per execution"),
+        pub data: Option<PathBuf> = param(None).doc("an external file"),
+        pub rate: f64 = param(0.5).min(0).max(10).doc("a float"),
+        pub mode: WriteMode = param(WriteMode::A).doc("an enum"),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WriteMode {
+    A,
+    B,
+}
+
+impl WriteMode {
+    fn name(self) -> &'static str {
+        match self {
+            WriteMode::A => "a",
+            WriteMode::B => "b",
+        }
+    }
+}
+
+ril_pipe::enum_param!(WriteMode { A, B });
+
 impl StageKind for WriteKind {
     fn schema(&self) -> KindSchema {
-        let p = |name, ty, default: serde_json::Value, doc| ParamSpec {
-            name,
-            ty,
-            default: Some(default),
-            doc,
-        };
         KindSchema {
             kind: "write",
             version: 1,
             doc: "test kind",
             uses_input_labels: false,
-            params: vec![
-                p("text", ParamType::String, json!(""), "text to write"),
-                p("steps", ParamType::Int, json!(1), "steps"),
-                p("sleep_ms", ParamType::Int, json!(0), "sleep per step"),
-                p("fail", ParamType::Bool, json!(false), "fail at the end"),
-                p("panic", ParamType::Bool, json!(false), "panic at the end"),
-                p("count_file", ParamType::String, json!(""), "append a line per execution"),
-                p("data", ParamType::Path, serde_json::Value::Null, "an external file"),
-                p("rate", ParamType::Float, json!(0.5), "a float"),
-                p("mode", ParamType::Enum(vec!["a", "b"]), json!("a"), "an enum"),
-            ],
+            reads_declared_rewards: false,
+            params: WriteParams::specs(),
             inputs: vec![InputSpec {
                 name: "deps",
                 required: false,
@@ -47,14 +65,13 @@ impl StageKind for WriteKind {
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let params = ctx.params().clone();
-        let count_file = params.str_of("count_file")?;
+        let params: WriteParams = ctx.typed_params()?;
+        let count_file = &params.count_file;
         if !count_file.is_empty() {
             let mut f = std::fs::OpenOptions::new().create(true).append(true).open(count_file)?;
             writeln!(f, "{}", ctx.stage.id)?;
         }
-        let steps = params.i64_of("steps")?.max(1) as u64;
-        let sleep = params.i64_of("sleep_ms")? as u64;
+        let (steps, sleep) = (params.steps, params.sleep_ms);
         let ckpt = ctx.resume_dir()?.join("step.txt");
         let mut start = 0;
         if let Ok(text) = std::fs::read_to_string(&ckpt) {
@@ -69,7 +86,7 @@ impl StageKind for WriteKind {
             atomic_write(&ckpt, (step + 1).to_string().as_bytes())?;
             ctx.progress.inc(1);
         }
-        let mut out = params.str_of("text")?.to_string();
+        let mut out = params.text.clone();
         for dep in ctx.input_list("deps") {
             out.push_str(&std::fs::read_to_string(dep.file("out.txt")?)?);
         }
@@ -77,10 +94,10 @@ impl StageKind for WriteKind {
         if start > 0 {
             std::fs::write(ctx.out_dir().join("resumed.txt"), start.to_string())?;
         }
-        if params.bool_of("panic")? {
+        if params.panic {
             panic!("test panic");
         }
-        if params.bool_of("fail")? {
+        if params.fail {
             return Err(StageError::Failed("asked to fail".into()));
         }
         Ok(())
@@ -121,5 +138,61 @@ pub fn output_text(out: &std::process::Output) -> String {
 
 /// The committed tiny world.
 pub fn tiny_weights() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tiny/weights")
+    repo().join("tiny/weights")
+}
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The public data the repository carries (`data/README.md`: origins and licences).
+pub fn data_dir() -> PathBuf {
+    repo().join("data")
+}
+
+/// The fixture folder of one area (`$RIL_FIXTURES/<area>/`, written by `make fixtures`); panics
+/// with the command that builds it when absent.
+pub fn fixtures(area: &str) -> PathBuf {
+    let root = std::env::var_os("RIL_FIXTURES")
+        .map(PathBuf::from)
+        .expect("RIL_FIXTURES is not set: run the tests through `make test` (or `make fixtures` and source scripts/dev-env.sh)");
+    let dir = root.join(area);
+    assert!(dir.join(".stamp").exists(), "fixtures for `{area}` missing in {}: run `make fixtures`", dir.display());
+    dir
+}
+
+/// A miniature world of the fixtures (`random`: random weights in the real layouts).
+pub fn world(name: &str) -> PathBuf {
+    fixtures("world").join(name)
+}
+
+/// The cache folder of stage `id` of a pipeline (planned with the shipped kinds).
+pub fn object(pipeline: &ril_pipe::pipeline::ResolvedPipeline, cache: &ril_pipe::exec::Cache, id: &str) -> PathBuf {
+    let plan = ril_pipe::exec::plan::plan(pipeline, &ril_pipe::stages::registry(), cache, &ril_pipe::exec::filehash::FileHasher::ephemeral()).unwrap();
+    let stage = plan.stages.iter().find(|s| s.stage.id == id).unwrap_or_else(|| panic!("no stage {id}"));
+    cache.object_dir(&stage.key).unwrap()
+}
+
+/// Every tensor of a safetensors file, by name.
+pub fn tensors(path: &Path) -> std::collections::BTreeMap<String, tch::Tensor> {
+    tch::Tensor::read_safetensors(path).unwrap().into_iter().collect()
+}
+
+/// Max absolute difference between two tensors of the same shape (f64).
+pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shape mismatch");
+    (a.to_kind(tch::Kind::Double) - b.to_kind(tch::Kind::Double)).abs().max().double_value(&[])
+}
+
+/// Whether `pred` holds within `limit` (polled every 10 ms).
+pub fn wait_for(pred: impl Fn() -> bool, limit: std::time::Duration) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if pred() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    false
 }

@@ -6,12 +6,13 @@ use std::path::Path;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use super::clip::{adamw, LossTrack, Schedule, TrainSummary};
+use super::{adamw, LossTrack, Schedule, TrainSummary};
 use super::data::{prompt_scenes, scene_batch, Excluded};
 use super::gates::pearson;
 use super::io::{write_safetensors, Precision};
 use super::vae::chunks;
-use super::{rng, seeded_init, trainable, Monitor, Purpose, TrainError};
+use super::{rng, seeded_init, trainable, Purpose, TrainError};
+use crate::method::monitor::Monitor;
 use crate::models::aesthetic::{AestheticConfig, AestheticHead};
 use crate::rewards::aesthetic::AestheticReward;
 use crate::rewards::clip_loader::FrozenClip;
@@ -83,7 +84,7 @@ pub fn rating_correlation(reward: &AestheticReward, prompts: &[String], per_prom
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tiny::train::Quiet;
+    use crate::method::monitor::Quiet;
 
     #[test]
     fn fits_a_linear_rating_and_is_seeded() {

@@ -13,11 +13,12 @@ use tch::{Device, Kind, Tensor};
 
 use super::data::{self, prompt_scenes, scene_batch, Excluded};
 use super::gates::retrieval_accuracy;
-use super::io::{prefixed, restore_store, write_json, write_safetensors, Checkpoint, Precision};
+use crate::method::checkpoint::prefixed;
+use super::io::{write_json, write_safetensors, Precision};
 use super::vocab::Vocabulary;
-use super::{learning_rate, rng, seeded_init, trainable, Monitor, Purpose, TrainError};
+use super::{adamw, resume, rng, seeded_init, trainable, LossTrack, Purpose, Schedule, TrainError, TrainSummary};
+use crate::method::monitor::Monitor;
 use rand::Rng;
-use crate::method::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::models::clip::{normalize, preprocess, Clip, ClipConfig};
 use crate::models::tokenizer::{ClipTokenizer, Padding};
 use crate::rewards::clip_loader::FrozenClip;
@@ -189,92 +190,6 @@ impl TrainableClip {
     }
 }
 
-/// Optimisation settings shared by the tiny models' trainers.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Schedule {
-    pub steps: usize,
-    pub batch: usize,
-    pub lr: f64,
-    pub warmup: usize,
-    pub weight_decay: f64,
-    pub seed: u64,
-    /// Save a resumable checkpoint every this many steps (0: never).
-    pub checkpoint_every: usize,
-}
-
-/// What a trainer reports: the loss at the start and the end (means over a window of steps).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct TrainSummary {
-    pub steps: usize,
-    pub first_loss: f64,
-    pub last_loss: f64,
-    /// Step the run resumed from (0: a fresh start).
-    pub resumed_at: usize,
-}
-
-/// Running means of the loss over the first and last `window` steps.
-pub(crate) struct LossTrack {
-    window: usize,
-    first: Vec<f64>,
-    recent: std::collections::VecDeque<f64>,
-}
-
-impl LossTrack {
-    /// Means over `window` steps, at most `max`.
-    pub(crate) fn new(window: usize, max: usize) -> Self {
-        LossTrack { window: window.clamp(1, max), first: Vec::new(), recent: Default::default() }
-    }
-
-    pub(crate) fn push(&mut self, loss: f64) {
-        if self.first.len() < self.window {
-            self.first.push(loss);
-        }
-        self.recent.push_back(loss);
-        if self.recent.len() > self.window {
-            self.recent.pop_front();
-        }
-    }
-
-    pub(crate) fn recent(&self) -> f64 {
-        self.recent.iter().sum::<f64>() / self.recent.len().max(1) as f64
-    }
-
-    pub(crate) fn summary(&self, steps: usize, resumed_at: usize) -> TrainSummary {
-        let first = self.first.iter().sum::<f64>() / self.first.len().max(1) as f64;
-        TrainSummary { steps, first_loss: first, last_loss: self.recent(), resumed_at }
-    }
-}
-
-impl Schedule {
-    /// One optimizer update of `loss` at `step`: gradients, their norm clipped at 1, the
-    /// learning rate of the warm-up and cosine schedule.
-    pub(crate) fn update(&self, optimizer: &mut AdamW, params: &[Tensor], loss: &Tensor, step: usize) {
-        optimizer.zero_grad();
-        loss.backward();
-        clip_grad_norm(params, 1.0);
-        optimizer.config.lr = learning_rate(self.lr, step, self.steps, self.warmup);
-        optimizer.step();
-    }
-
-    /// Saves a resumable checkpoint of `step` to `path` when one is due (every
-    /// `checkpoint_every` steps, none after the last): the model's variables, `extra` ones
-    /// (an EMA, a probe) and the optimizer's state.
-    pub(crate) fn checkpoint(&self, path: Option<&Path>, step: usize, model: &VarStore, extra: impl FnOnce() -> Vec<(String, Tensor)>, optimizer: &AdamW) -> Result<(), TrainError> {
-        let Some(path) = path else { return Ok(()) };
-        if self.checkpoint_every == 0 || !(step + 1).is_multiple_of(self.checkpoint_every) || step + 1 >= self.steps {
-            return Ok(());
-        }
-        let mut named = prefixed("model.", model.variables());
-        named.extend(extra());
-        named.extend(prefixed("opt.", optimizer.state()));
-        Checkpoint::save(path, step + 1, named)
-    }
-}
-
-pub(crate) fn adamw(params: &[Tensor], schedule: &Schedule) -> AdamW {
-    AdamW::new(params.iter().map(Tensor::shallow_clone).collect(), AdamWConfig { lr: schedule.lr, beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: schedule.weight_decay })
-}
-
 /// Symmetric InfoNCE of matched rows: `(CE(s I T^T) + CE(s T I^T)) / 2`.
 pub fn contrastive_loss(image: &Tensor, text: &Tensor, scale: &Tensor) -> Tensor {
     let logits = image.matmul(&text.tr()) * scale;
@@ -326,13 +241,7 @@ pub fn train(model: &TrainableClip, tokenizer: &ClipTokenizer, excluded: &Exclud
         params.extend(trainable(&probe_vs).into_iter().map(|(_, t)| t));
     }
     let mut optimizer = adamw(&params, schedule);
-    let mut start = 0;
-    if let Some(state) = checkpoint.and_then(Checkpoint::load) {
-        if restore_store(&model.vs, &state.tensors, "model.") && restore_store(&probe_vs, &state.tensors, "probe.") && optimizer.load_state(&state.with_prefix("opt.")).is_some() {
-            start = state.step;
-            monitor.log(&format!("resumed at step {start}"));
-        }
-    }
+    let start = resume(checkpoint, &[(&model.vs, "model."), (&probe_vs, "probe.")], &mut optimizer, |_| true, monitor);
     let mut track = LossTrack::new(schedule.steps / 5, 50);
     let context = model.context_length();
     for step in start..schedule.steps {
@@ -391,7 +300,7 @@ mod tests {
     use crate::tiny::prompt_split;
     use crate::tiny::train::data::LOOK_WORDS;
     use crate::tiny::train::vocab::caption_words;
-    use crate::tiny::train::Quiet;
+    use crate::method::monitor::{Cancelled, Quiet};
 
     const LOOK: LookSettings = LookSettings { alt_text: 0.5, look_weight: 1.0, factor_weight: 1.0 };
 
@@ -446,8 +355,8 @@ mod tests {
         // Stop after the checkpoint at step 3 ...
         struct StopAt(usize);
         impl Monitor for StopAt {
-            fn step(&mut self, step: usize, _: usize) -> Result<(), TrainError> {
-                if step == self.0 { Err(TrainError::Cancelled) } else { Ok(()) }
+            fn step(&mut self, step: usize, _: usize) -> Result<(), Cancelled> {
+                if step == self.0 { Err(Cancelled) } else { Ok(()) }
             }
             fn log(&mut self, _: &str) {}
         }

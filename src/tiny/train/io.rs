@@ -1,6 +1,7 @@
 //! Weight files and checkpoints: safetensors in f32 or f16 (with the `format: pt` metadata
-//! transformers and diffusers expect), JSON configs, and resumable training checkpoints.
-use std::collections::{BTreeMap, HashMap};
+//! transformers and diffusers expect), JSON configs, and restoring a store from a checkpoint
+//! ([`crate::method::checkpoint`]).
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use tch::Tensor;
@@ -38,47 +39,6 @@ pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), Trai
     write_file(path, &bytes)
 }
 
-/// A training checkpoint: the step reached and named tensors (model, EMA, optimizer state).
-pub struct Checkpoint {
-    pub step: usize,
-    pub tensors: BTreeMap<String, Tensor>,
-}
-
-const STEP_TENSOR: &str = "__step";
-
-impl Checkpoint {
-    /// Saves `tensors` and `step` to `path` (f32, atomically).
-    pub fn save(path: &Path, step: usize, tensors: Vec<(String, Tensor)>) -> Result<(), TrainError> {
-        let mut named = tensors;
-        named.push((STEP_TENSOR.to_string(), Tensor::from_slice(&[step as i64])));
-        write_safetensors(path, &named, Precision::F32)
-    }
-
-    /// The checkpoint at `path`, or `None` when there is none (or it cannot be read: training
-    /// then starts over rather than failing).
-    pub fn load(path: &Path) -> Option<Checkpoint> {
-        if !path.is_file() {
-            return None;
-        }
-        let mut tensors = read_safetensors(path).ok()?;
-        let step = tensors.remove(STEP_TENSOR)?.int64_value(&[0]);
-        Some(Checkpoint { step: usize::try_from(step).ok()?, tensors })
-    }
-
-    /// The tensors under `prefix`, without it.
-    pub fn with_prefix(&self, prefix: &str) -> HashMap<String, Tensor> {
-        self.tensors
-            .iter()
-            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|rest| (rest.to_string(), v.shallow_clone())))
-            .collect()
-    }
-}
-
-/// Named tensors under a prefix (for checkpoints).
-pub fn prefixed(prefix: &str, named: impl IntoIterator<Item = (String, Tensor)>) -> Vec<(String, Tensor)> {
-    named.into_iter().map(|(n, t)| (format!("{prefix}{n}"), t)).collect()
-}
-
 /// Copies tensors named as `vs`'s variables (after stripping `prefix`) into them; false when
 /// any is missing or mis-shaped.
 pub fn restore_store(vs: &tch::nn::VarStore, saved: &BTreeMap<String, Tensor>, prefix: &str) -> bool {
@@ -114,16 +74,5 @@ mod tests {
         let raw = std::fs::read(&path).unwrap();
         let (_, meta) = safetensors::SafeTensors::read_metadata(&raw).unwrap();
         assert_eq!(meta.metadata().as_ref().unwrap()["format"], "pt");
-    }
-
-    #[test]
-    fn checkpoints_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ckpt.safetensors");
-        assert!(Checkpoint::load(&path).is_none());
-        Checkpoint::save(&path, 12, vec![("model.w".into(), Tensor::from_slice(&[1.5f32]))]).unwrap();
-        let c = Checkpoint::load(&path).unwrap();
-        assert_eq!(c.step, 12);
-        assert_eq!(c.with_prefix("model.")["w"].double_value(&[0]), 1.5);
     }
 }

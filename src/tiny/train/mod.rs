@@ -12,7 +12,11 @@
 //!   (the shape gate's instrument).
 //! - [`gates`]: the quality measurements (retrieval, PSNR, Pearson r, pairwise accuracy, CLIP
 //!   score, FID).
-//! - [`io`]: safetensors writing (f32 or f16) and resumable checkpoints.
+//! - [`io`]: safetensors writing (f32 or f16); checkpoints are [`crate::method::checkpoint`]'s.
+//!
+//! Here: what every trainer shares: the [`Schedule`] (AdamW, warm-up and cosine decay,
+//! clipping, checkpoints), the loss track of its [`TrainSummary`], seeded generators and
+//! initialisation, the EMA of weights.
 //!
 //! Everything is a pure function of its seed: weights are initialised and batches drawn from
 //! seeded generators, never from libtorch's global generator, which stages running side by side
@@ -28,10 +32,17 @@ pub mod unet;
 pub mod vae;
 pub mod vocab;
 
+use std::path::Path;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::{ChaCha20Rng, ChaCha8Rng};
+use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
+
+use crate::method::checkpoint::{prefixed, Checkpoint};
+use crate::method::monitor::Monitor;
+use crate::method::optim::{clip_grad_norm, AdamW, AdamWConfig};
 
 /// Errors of pretraining.
 #[derive(Debug, thiserror::Error)]
@@ -61,33 +72,108 @@ impl TrainError {
     }
 }
 
+impl From<crate::method::monitor::Cancelled> for TrainError {
+    fn from(_: crate::method::monitor::Cancelled) -> Self {
+        TrainError::Cancelled
+    }
+}
+
+impl From<crate::method::checkpoint::CheckpointError> for TrainError {
+    fn from(e: crate::method::checkpoint::CheckpointError) -> Self {
+        TrainError::Model(e.to_string())
+    }
+}
+
 impl From<crate::tiny::TinyError> for TrainError {
     fn from(e: crate::tiny::TinyError) -> Self {
         TrainError::Model(e.to_string())
     }
 }
 
-/// What a training loop reports to, and asks whether to stop.
-pub trait Monitor {
-    /// After optimizer step `step` (1-based) of `total`; an error (e.g. cancelled) stops training.
-    fn step(&mut self, step: usize, total: usize) -> Result<(), TrainError>;
-    /// A line for the log.
-    fn log(&mut self, line: &str);
+/// Optimisation settings shared by the tiny models' trainers.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Schedule {
+    pub steps: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub warmup: usize,
+    pub weight_decay: f64,
+    pub seed: u64,
+    /// Save a resumable checkpoint every this many steps (0: never).
+    pub checkpoint_every: usize,
 }
 
-/// A monitor that never stops and keeps the log lines (tests).
-#[derive(Debug, Default)]
-pub struct Quiet {
-    pub lines: Vec<String>,
+/// What a trainer reports: the loss at the start and the end (means over a window of steps).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub first_loss: f64,
+    pub last_loss: f64,
+    /// Step the run resumed from (0: a fresh start).
+    pub resumed_at: usize,
 }
 
-impl Monitor for Quiet {
-    fn step(&mut self, _step: usize, _total: usize) -> Result<(), TrainError> {
-        Ok(())
+/// Running means of the loss over the first and last `window` steps.
+pub(crate) struct LossTrack {
+    window: usize,
+    first: Vec<f64>,
+    recent: std::collections::VecDeque<f64>,
+}
+
+impl LossTrack {
+    /// Means over `window` steps, at most `max`.
+    pub(crate) fn new(window: usize, max: usize) -> Self {
+        LossTrack { window: window.clamp(1, max), first: Vec::new(), recent: Default::default() }
     }
-    fn log(&mut self, line: &str) {
-        self.lines.push(line.to_string());
+
+    pub(crate) fn push(&mut self, loss: f64) {
+        if self.first.len() < self.window {
+            self.first.push(loss);
+        }
+        self.recent.push_back(loss);
+        if self.recent.len() > self.window {
+            self.recent.pop_front();
+        }
     }
+
+    pub(crate) fn recent(&self) -> f64 {
+        self.recent.iter().sum::<f64>() / self.recent.len().max(1) as f64
+    }
+
+    pub(crate) fn summary(&self, steps: usize, resumed_at: usize) -> TrainSummary {
+        let first = self.first.iter().sum::<f64>() / self.first.len().max(1) as f64;
+        TrainSummary { steps, first_loss: first, last_loss: self.recent(), resumed_at }
+    }
+}
+
+impl Schedule {
+    /// One optimizer update of `loss` at `step`: gradients, their norm clipped at 1, the
+    /// learning rate of the warm-up and cosine schedule.
+    pub(crate) fn update(&self, optimizer: &mut AdamW, params: &[Tensor], loss: &Tensor, step: usize) {
+        optimizer.zero_grad();
+        loss.backward();
+        clip_grad_norm(params, 1.0);
+        optimizer.config.lr = learning_rate(self.lr, step, self.steps, self.warmup);
+        optimizer.step();
+    }
+
+    /// Saves a resumable checkpoint of `step` to `path` when one is due (every
+    /// `checkpoint_every` steps, none after the last): the model's variables, `extra` ones
+    /// (an EMA, a probe) and the optimizer's state.
+    pub(crate) fn checkpoint(&self, path: Option<&Path>, step: usize, model: &VarStore, extra: impl FnOnce() -> Vec<(String, Tensor)>, optimizer: &AdamW) -> Result<(), TrainError> {
+        let Some(path) = path else { return Ok(()) };
+        if self.checkpoint_every == 0 || !(step + 1).is_multiple_of(self.checkpoint_every) || step + 1 >= self.steps {
+            return Ok(());
+        }
+        let mut named = prefixed("model.", model.variables());
+        named.extend(extra());
+        named.extend(prefixed("opt.", optimizer.state()));
+        Ok(Checkpoint::save(path, step + 1, &named)?)
+    }
+}
+
+pub(crate) fn adamw(params: &[Tensor], schedule: &Schedule) -> AdamW {
+    AdamW::new(params.iter().map(Tensor::shallow_clone).collect(), AdamWConfig { lr: schedule.lr, beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: schedule.weight_decay })
 }
 
 /// Purposes of [`rng`] streams, so that no two uses of one seed share random numbers.
@@ -162,6 +248,20 @@ pub fn learning_rate(peak: f64, step: usize, total: usize, warmup: usize) -> f64
     let span = total.saturating_sub(warmup).max(1) as f64;
     let progress = ((step - warmup) as f64 / span).min(1.0);
     peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
+}
+
+/// The step a trainer resumes at: the checkpoint's, once the stores (each under its prefix), the
+/// optimizer (under `opt.`) and `restore_more` have all taken the saved state; 0 without one.
+pub fn resume(checkpoint: Option<&Path>, stores: &[(&VarStore, &str)], optimizer: &mut AdamW, restore_more: impl FnOnce(&Checkpoint) -> bool, monitor: &mut dyn Monitor) -> usize {
+    let Some(state) = checkpoint.and_then(Checkpoint::load) else {
+        return 0;
+    };
+    let restored = stores.iter().all(|(vs, prefix)| io::restore_store(vs, &state.tensors, prefix)) && optimizer.load_state(&state.with_prefix("opt.")).is_some() && restore_more(&state);
+    if !restored {
+        return 0;
+    }
+    monitor.log(&format!("resumed at step {}", state.step));
+    state.step
 }
 
 /// The trainable variables of a store, sorted by name (a stable order for optimizer states).

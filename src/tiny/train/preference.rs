@@ -5,10 +5,11 @@ use std::path::Path;
 
 use tch::{Kind, Tensor};
 
-use super::clip::{adamw, token_ids, LossTrack, Schedule, TrainSummary, TrainableClip};
+use super::clip::{token_ids, TrainableClip};
+use super::{adamw, resume, LossTrack, Schedule, TrainSummary};
 use super::data::{pair_images, preference_batch, prompt_preference_pairs, Excluded};
-use super::io::{restore_store, Checkpoint};
-use super::{trainable, Monitor, TrainError};
+use super::{trainable, TrainError};
+use crate::method::monitor::Monitor;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::tiny::{PreferencePair, Side};
 
@@ -36,13 +37,7 @@ fn pair_loss(model: &TrainableClip, tokenizer: &ClipTokenizer, pairs: &[Preferen
 pub fn train(model: &TrainableClip, tokenizer: &ClipTokenizer, excluded: &Excluded, schedule: &Schedule, checkpoint: Option<&Path>, monitor: &mut dyn Monitor) -> Result<TrainSummary, TrainError> {
     let params: Vec<Tensor> = trainable(&model.vs).into_iter().map(|(_, t)| t).collect();
     let mut optimizer = adamw(&params, schedule);
-    let mut start = 0;
-    if let Some(state) = checkpoint.and_then(Checkpoint::load) {
-        if restore_store(&model.vs, &state.tensors, "model.") && optimizer.load_state(&state.with_prefix("opt.")).is_some() {
-            start = state.step;
-            monitor.log(&format!("resumed at step {start}"));
-        }
-    }
+    let start = resume(checkpoint, &[(&model.vs, "model.")], &mut optimizer, |_| true, monitor);
     let mut track = LossTrack::new(schedule.steps / 5, 50);
     for step in start..schedule.steps {
         let pairs = preference_batch(schedule.seed, 5, step as u64, schedule.batch, excluded);
@@ -96,7 +91,7 @@ mod tests {
     use crate::tiny::train::clip::TinyClipConfig;
     use crate::tiny::train::io::write_json;
     use crate::tiny::train::vocab::{caption_words, Vocabulary};
-    use crate::tiny::train::Quiet;
+    use crate::method::monitor::Quiet;
 
     #[test]
     fn fine_tuning_lowers_the_pair_loss_and_is_seeded() {

@@ -10,11 +10,11 @@
 use tch::nn::{self, Module, VarStore};
 use tch::{Device, Kind, Tensor};
 
-use super::clip::{adamw, LossTrack, Schedule, TrainSummary};
 use super::data::{images_tensor, prompt_scenes, Excluded};
 use super::gates::{Comparison, Gate, GateReport};
 use super::vae::chunks;
-use super::{rng, seeded_init, trainable, Monitor, Purpose, TrainError};
+use super::{adamw, rng, seeded_init, trainable, LossTrack, Purpose, Schedule, TrainError, TrainSummary};
+use crate::method::monitor::Monitor;
 use crate::tiny::{random_caption_spec, render, sample_scene_for, CaptionSpec, Layout, Shape};
 
 /// The shape a one-object caption names (`None` for a caption of two objects).
@@ -204,7 +204,7 @@ mod tests {
     use super::*;
     use crate::tiny::prompt_split;
     use crate::tiny::train::data::prompt_scenes;
-    use crate::tiny::train::Quiet;
+    use crate::method::monitor::Quiet;
 
     #[test]
     fn single_object_prompts_are_read_from_the_captions() {

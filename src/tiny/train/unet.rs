@@ -15,11 +15,14 @@ use serde_json::json;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use super::clip::{adamw, token_ids, LossTrack, Schedule, TrainSummary};
+use super::clip::token_ids;
+use super::{adamw, resume, LossTrack, Schedule, TrainSummary};
 use super::data::{scene_batch, Excluded};
-use super::io::{prefixed, restore_store, write_json, write_safetensors, Checkpoint, Precision};
+use crate::method::checkpoint::prefixed;
+use super::io::{write_json, write_safetensors, Precision};
 use super::vae::chunks;
-use super::{noise_stream, rng, seeded_init, trainable, Ema, Monitor, Purpose, TrainError};
+use super::{noise_stream, rng, seeded_init, trainable, Ema, Purpose, TrainError};
+use crate::method::monitor::Monitor;
 use crate::method::noise::gaussian;
 use crate::models::clip::{Clip, ClipConfig, ClipTextTransformer};
 use crate::models::ddim::DdimConfig;
@@ -199,13 +202,7 @@ pub fn train(model: &TrainableUnet, conditioning: &TextConditioning, pool: &Late
     optimizer.config.beta2 = 0.999;
     optimizer.config.eps = 1e-8;
     let mut ema = Ema::new(&model.vs, settings.ema_decay);
-    let mut start = 0;
-    if let Some(state) = checkpoint.and_then(Checkpoint::load) {
-        if restore_store(&model.vs, &state.tensors, "model.") && optimizer.load_state(&state.with_prefix("opt.")).is_some() && ema.restore(&state.tensors, "ema.") {
-            start = state.step;
-            monitor.log(&format!("resumed at step {start}"));
-        }
-    }
+    let start = resume(checkpoint, &[(&model.vs, "model.")], &mut optimizer, |state| ema.restore(&state.tensors, "ema."), monitor);
     let latent_shape = pool.means.size()[1..].to_vec();
     let mut track = LossTrack::new(schedule.steps / 5, 100);
     let b = schedule.batch as i64;
@@ -260,7 +257,7 @@ mod tests {
     use crate::tiny::train::clip::{TinyClipConfig, TrainableClip};
     use crate::tiny::train::vae::{TinyVaeConfig, TrainableVae};
     use crate::tiny::train::vocab::{caption_words, Vocabulary};
-    use crate::tiny::train::Quiet;
+    use crate::method::monitor::{Cancelled, Monitor, Quiet};
 
     #[test]
     fn training_is_seeded_and_lowers_the_loss() {
@@ -299,5 +296,30 @@ mod tests {
         a.save(&dir.path().join("unet"), ema.tensors(), Precision::F16).unwrap();
         let cfg = UNet2DConditionConfig::from_file(&dir.path().join("unet/config.json")).unwrap();
         assert_eq!(cfg, unet_cfg);
+
+        // Stopped after the checkpoint at step 20 and resumed in a fresh model, the run ends with
+        // the weights and the EMA of the uninterrupted one.
+        struct StopAt(usize);
+        impl Monitor for StopAt {
+            fn step(&mut self, step: usize, _: usize) -> Result<(), Cancelled> {
+                if step == self.0 { Err(Cancelled) } else { Ok(()) }
+            }
+            fn log(&mut self, _: &str) {}
+        }
+        let ckpt = dir.path().join("ckpt.safetensors");
+        let checkpointed = Schedule { checkpoint_every: 20, ..schedule };
+        let stopped = TrainableUnet::new(&unet_cfg, 2, Device::Cpu).unwrap();
+        assert!(matches!(train(&stopped, &conditioning, &pool, &checkpointed, &settings, Some(&ckpt), &mut StopAt(25)), Err(TrainError::Cancelled)));
+        let resumed = TrainableUnet::new(&unet_cfg, 2, Device::Cpu).unwrap();
+        let (summary, resumed_ema) = train(&resumed, &conditioning, &pool, &checkpointed, &settings, Some(&ckpt), &mut Quiet::default()).unwrap();
+        assert_eq!(summary.resumed_at, 20);
+        for (name, t) in a.vs.variables() {
+            let diff = (&t - &resumed.vs.variables()[&name]).abs().max().double_value(&[]);
+            assert!(diff < 1e-6, "{name}: {diff}");
+        }
+        for ((name, t), (_, r)) in ema.tensors().iter().zip(resumed_ema.tensors()) {
+            let diff = (t - r).abs().max().double_value(&[]);
+            assert!(diff < 1e-6, "EMA {name}: {diff}");
+        }
     }
 }

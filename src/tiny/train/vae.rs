@@ -12,10 +12,11 @@ use serde_json::json;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use super::clip::{adamw, LossTrack, Schedule, TrainSummary};
+use super::{adamw, resume, LossTrack, Schedule, TrainSummary};
 use super::data::{prompt_scenes, scene_batch, Excluded};
-use super::io::{restore_store, write_json, write_safetensors, Checkpoint, Precision};
-use super::{noise_stream, seeded_init, trainable, Monitor, Purpose, TrainError};
+use super::io::{write_json, write_safetensors, Precision};
+use super::{noise_stream, seeded_init, trainable, Purpose, TrainError};
+use crate::method::monitor::Monitor;
 use crate::method::noise::gaussian;
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 
@@ -138,13 +139,7 @@ pub fn train(model: &TrainableVae, excluded: &Excluded, schedule: &Schedule, ter
     let mut optimizer = adamw(&params, schedule);
     optimizer.config.beta2 = 0.999;
     optimizer.config.eps = 1e-8;
-    let mut start = 0;
-    if let Some(state) = checkpoint.and_then(Checkpoint::load) {
-        if restore_store(&model.vs, &state.tensors, "model.") && optimizer.load_state(&state.with_prefix("opt.")).is_some() {
-            start = state.step;
-            monitor.log(&format!("resumed at step {start}"));
-        }
-    }
+    let start = resume(checkpoint, &[(&model.vs, "model.")], &mut optimizer, |_| true, monitor);
     let mut track = LossTrack::new(schedule.steps / 5, 50);
     let latent = model.config.latent_channels;
     let side = 32 / (1 << (model.config.block_out_channels.len() - 1));
@@ -213,7 +208,7 @@ pub fn reconstruction_psnr(vae: &AutoencoderKL, prompts: &[String], per_prompt: 
 mod tests {
     use super::*;
     use crate::tiny::prompt_split;
-    use crate::tiny::train::Quiet;
+    use crate::method::monitor::Quiet;
 
     const TERMS: VaeLoss = VaeLoss { kl_weight: 1e-6, edge_weight: 0.5 };
 
@@ -223,7 +218,7 @@ mod tests {
         // A constant offset has the same neighbour differences: no edge error.
         assert_eq!(edge_error(&(&a + 0.3), &a).double_value(&[]), 0.0);
         // One bright pixel: 2 horizontal and 2 vertical differences of 1 among 12 each.
-        let mut b = a.copy();
+        let b = a.copy();
         let _ = b.get(0).get(0).get(1).get(1).fill_(1.0);
         assert!((edge_error(&b, &a).double_value(&[]) - 4.0 / 12.0).abs() < 1e-6);
     }

@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::atomic_write;
-use super::cache::{Cache, ObjectState};
-use super::progress::StageProgress;
-use super::run::{Finished, FrozenStage, Launcher, Outcome, RunError};
+use crate::exec::atomic_write;
+use crate::exec::cache::{Cache, ObjectState};
+use crate::exec::progress::StageProgress;
+
+use super::{Finished, FrozenStage, Launcher, Outcome};
 
 /// The commands used to talk to Slurm (replaceable for tests and unusual installations).
 #[derive(Debug, Clone)]
@@ -79,16 +80,18 @@ pub struct SlurmLauncher {
 const TERMINAL: &[&str] = &["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"];
 
 impl SlurmLauncher {
-    pub fn new(config: SlurmConfig, cache: &Cache) -> Result<Self, RunError> {
-        std::fs::create_dir_all(cache.root()).map_err(|e| RunError::Executor(format!("cannot create the cache {}: {e}", cache.root().display())))?;
+    /// A launcher for the cache `cache` (its job scripts and logs go into the cache), or why
+    /// there is none.
+    pub fn new(config: SlurmConfig, cache: &Cache) -> Result<Self, String> {
+        std::fs::create_dir_all(cache.root()).map_err(|e| format!("cannot create the cache {}: {e}", cache.root().display()))?;
         let cache_root = cache
             .root()
             .canonicalize()
-            .map_err(|e| RunError::Executor(format!("cache {}: {e}", cache.root().display())))?;
+            .map_err(|e| format!("cache {}: {e}", cache.root().display()))?;
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let run_dir = cache_root.join("slurm").join(format!("{stamp}-{}", std::process::id()));
-        std::fs::create_dir_all(&run_dir).map_err(|e| RunError::Executor(format!("cannot create {}: {e}", run_dir.display())))?;
-        let binary = config.binary.canonicalize().map_err(|e| RunError::Executor(format!("ril-pipe binary {}: {e}", config.binary.display())))?;
+        std::fs::create_dir_all(&run_dir).map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
+        let binary = config.binary.canonicalize().map_err(|e| format!("ril-pipe binary {}: {e}", config.binary.display()))?;
         Ok(SlurmLauncher {
             config: SlurmConfig { binary, ..config },
             cache_root,

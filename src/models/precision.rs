@@ -12,14 +12,8 @@
 //!
 //! `fp32` changes nothing (every cast is a no-op), so fp32 results are bitwise those of the code
 //! before this parameter existed. `fp16` is meant for CUDA; `bf16` runs on the CPU too.
-use serde_json::{json, Map, Value};
 use tch::nn::VarStore;
 use tch::{Device, Kind};
-
-use crate::exec::{Params, StageError};
-use crate::pipeline::schema::{ParamSpec, ParamType};
-
-pub const PARAM: &str = "precision";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
@@ -63,22 +57,6 @@ impl Precision {
         }
     }
 
-    /// The `precision` parameter of a stage kind.
-    pub fn param() -> ParamSpec {
-        ParamSpec {
-            name: PARAM,
-            ty: ParamType::Enum(vec!["fp32", "fp16", "bf16"]),
-            default: Some(json!("fp32")),
-            doc: "dtype of the frozen models (UNet base, VAE, text encoder, reward and metric models); LoRA adapters, EMA teacher, optimizer state, loss and scores stay fp32. fp16 is for CUDA",
-        }
-    }
-
-    /// The stage's `precision` parameter (validated by the pipeline layer against [`Self::param`]).
-    pub fn of_params(params: &Map<String, Value>) -> Result<Self, StageError> {
-        let name = params.str_of(PARAM)?;
-        Precision::parse(name).ok_or_else(|| StageError::Failed(format!("precision `{name}`: expected fp32, fp16 or bf16")))
-    }
-
     /// An empty variable store whose new variables are created in this precision (so random
     /// initialisation before loading never holds an fp32 copy of a large model).
     pub fn new_store(self, device: Device) -> VarStore {
@@ -105,14 +83,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_round_trip_and_the_default_is_fp32() {
+    fn names_round_trip() {
         for p in [Precision::Fp32, Precision::Fp16, Precision::Bf16] {
             assert_eq!(Precision::parse(p.name()), Some(p));
         }
         assert_eq!(Precision::parse("fp8"), None);
-        assert_eq!(Precision::param().default, Some(json!("fp32")));
-        let params: Map<String, Value> = serde_json::from_value(json!({"precision": "bf16"})).unwrap();
-        assert_eq!(Precision::of_params(&params).unwrap(), Precision::Bf16);
     }
 
     #[test]
