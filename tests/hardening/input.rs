@@ -495,7 +495,8 @@ fn malformed_pipelines_are_refused_with_a_position_and_a_message() {
         ("an unknown kind", with_base("  - id: a\n    kind: finetun\n"), vec![], "did you mean `finetune`"),
         ("an unknown parameter", with_base("  - id: e\n    kind: evaluate\n    inputs: {model: base}\n    params: {imgs: 3}\n"), vec![], "unknown key `imgs`"),
         ("a wrong type", with_base("  - id: e\n    kind: evaluate\n    inputs: {model: base}\n    params: {images_per_prompt: many}\n"), vec![], "expected an integer"),
-        ("a bad enum value", with_base("  - id: f\n    kind: finetune\n    inputs: {model: base}\n    params: {task: beauty}\n"), vec![], "expected one of"),
+        ("a bad enum value", with_base("  - id: f\n    kind: finetune\n    inputs: {model: base}\n    params: {task: aesthetic, method: ridd}\n"), vec![], "expected one of"),
+        ("an unknown task", with_base("  - id: f\n    kind: finetune\n    inputs: {model: base}\n    params: {task: beauty, method: rid}\n"), vec![], "unknown task `beauty`"),
         ("a missing file", b"stages:\n  - id: base\n    kind: tiny_world\n    params: {root: /no/such/world}\n".to_vec(), vec![], "does not exist"),
         ("a device as a file", b"stages:\n  - id: base\n    kind: tiny_world\n    params: {root: /dev/zero}\n".to_vec(), vec![], "not a regular file or folder"),
         ("a missing required input", with_base("  - id: e\n    kind: evaluate\n"), vec![], "missing required input `model`"),
@@ -567,6 +568,7 @@ fn out_of_range_cases(world: &Path, base: &str) -> Vec<(String, Vec<u8>, Vec<&'s
             let value = match &p.ty {
                 ParamType::Path => json!(world),
                 ParamType::Enum(options) => json!(options[0]),
+                ParamType::Reward => json!("aesthetic"),
                 other => panic!("`{kind}.{}`: no valid value of {other:?} made up for a required parameter", p.name),
             };
             required.insert(p.name.to_string(), value);
@@ -581,7 +583,7 @@ fn out_of_range_cases(world: &Path, base: &str) -> Vec<(String, Vec<u8>, Vec<&'s
                 let number = if integer { json!(bad as i64) } else { json!(bad) };
                 let (value, at) = match &p.ty {
                     ParamType::List(_) => (json!([number]), "element 0: "),
-                    ParamType::Map(_) => (json!({"aesthetic": number}), "key `aesthetic`: "),
+                    ParamType::Map(_) | ParamType::RewardMap(_) => (json!({"aesthetic": number}), "key `aesthetic`: "),
                     _ => (number.clone(), ""),
                 };
                 let mut params = required.clone();
