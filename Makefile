@@ -40,13 +40,18 @@ test: build fixtures
 hardening: build fixtures
 	cargo test --test hardening -- --test-threads=2
 
+# The studies run two stages at a time (-j 2, the threads shared out): on the 2-core development
+# machine the tiny world's stages are too small to keep two threads busy each, and two at a time
+# ran 1.6x faster (measured 2026-12-04).
+STUDY_JOBS ?= 2
+
 demo: build
-	$(BIN) run pipelines/all_orders.yaml
+	$(BIN) run pipelines/all_orders.yaml -j $(STUDY_JOBS)
 
 # The main study over three training seeds (seed 0 is the demo's, from the cache after `make
 # demo`); its report: reports/all_orders_seeds/ (one folder per seed and the seeds report).
 study: build
-	$(BIN) run pipelines/all_orders_seeds.yaml
+	$(BIN) run pipelines/all_orders_seeds.yaml -j $(STUDY_JOBS)
 
 # Regenerates tiny/weights/ from pipelines/tiny_world.yaml with a release build, as the committed
 # weights were made (34 minutes of training on 2 idle cores, measured).
@@ -58,7 +63,7 @@ tiny-world: setup
 # The four ablations on the tiny world (lambda, EMA momentum, last vs full step, adapter group
 # vs one shared LoRA); each ends in its report under reports/ablation_<name>/.
 ablations: build
-	for a in lambda ema distill adapter; do $(BIN) run pipelines/ablations/$$a.yaml || exit 1; done
+	for a in lambda ema distill adapter; do $(BIN) run pipelines/ablations/$$a.yaml -j $(STUDY_JOBS) || exit 1; done
 
 # Benchmarks print their figures; the dev profile is the one the tests and the demo use.
 bench: build fixtures
