@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use plotters::coord::ranged1d::{IntoSegmentedCoord, SegmentValue};
+use plotters::coord::ranged1d::{IntoSegmentedCoord, SegmentValue, SegmentedCoord};
+use plotters::coord::types::{RangedCoordf64, RangedCoordi32};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use polars::prelude::*;
@@ -72,7 +73,7 @@ pub trait Figure {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), String>;
 }
 
-fn fail<E: std::fmt::Display>(e: E) -> String {
+pub(super) fn fail<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
 }
 
@@ -230,30 +231,8 @@ impl Figure for TrajectoryFigure {
         let all = self.panels.iter().flat_map(|p| p.lines.values().flatten().map(|pt| pt.1));
         let y = y_range(all);
         for (panel_area, TrajectoryPanel { order, tasks, lines }) in area.split_evenly((rows, cols)).iter().zip(&self.panels) {
-            let steps = tasks.len();
             let labels: Vec<String> = std::iter::once("base".to_string()).chain(tasks.iter().map(|t| format!("+{t}"))).collect();
-            let mut chart = ChartBuilder::on(panel_area)
-                .caption(format!("order {order}"), (FONT, 18))
-                .margin(12)
-                .x_label_area_size(34)
-                .y_label_area_size(64)
-                .build_cartesian_2d((0..steps as i32).into_segmented(), y.clone())
-                .map_err(fail)?;
-            chart
-                .configure_mesh()
-                .x_labels(steps + 1)
-                .x_label_formatter(&|x| match x {
-                    SegmentValue::Exact(i) | SegmentValue::CenterOf(i) => labels.get(*i as usize).cloned().unwrap_or_default(),
-                    SegmentValue::Last => String::new(),
-                })
-                .y_desc(self.title.as_str())
-                .label_style((FONT, 13))
-                .axis_desc_style((FONT, 14))
-                .max_light_lines(1)
-                .light_line_style(RGBColor(245, 245, 245))
-                .bold_line_style(RGBColor(225, 225, 225))
-                .draw()
-                .map_err(fail)?;
+            let mut chart = trajectory_panel(panel_area, order, &labels, y.clone(), &self.title)?;
             for method in &self.methods {
                 let Some(points) = lines.get(method) else { continue };
                 let color = method_color_among(method, &self.methods);
@@ -264,6 +243,41 @@ impl Figure for TrajectoryFigure {
         }
         Ok(())
     }
+}
+
+/// The axes of one order's trajectory panel: "base" then "+task" along x (`labels`), the metric
+/// on y; the panels of the study's report and of the seeds report share them.
+pub(super) fn trajectory_panel<'a, DB: DrawingBackend>(
+    panel: &'a DrawingArea<DB, Shift>,
+    order: &str,
+    labels: &[String],
+    y: std::ops::Range<f64>,
+    y_desc: &str,
+) -> Result<ChartContext<'a, DB, Cartesian2d<SegmentedCoord<RangedCoordi32>, RangedCoordf64>>, String> {
+    let steps = labels.len().saturating_sub(1);
+    let mut chart = ChartBuilder::on(panel)
+        .caption(format!("order {order}"), (FONT, 18))
+        .margin(12)
+        .x_label_area_size(34)
+        .y_label_area_size(64)
+        .build_cartesian_2d((0..steps as i32).into_segmented(), y)
+        .map_err(fail)?;
+    chart
+        .configure_mesh()
+        .x_labels(steps + 1)
+        .x_label_formatter(&|x| match x {
+            SegmentValue::Exact(i) | SegmentValue::CenterOf(i) => labels.get(*i as usize).cloned().unwrap_or_default(),
+            SegmentValue::Last => String::new(),
+        })
+        .y_desc(y_desc)
+        .label_style((FONT, 13))
+        .axis_desc_style((FONT, 14))
+        .max_light_lines(1)
+        .light_line_style(RGBColor(245, 245, 245))
+        .bold_line_style(RGBColor(225, 225, 225))
+        .draw()
+        .map_err(fail)?;
+    Ok(chart)
 }
 
 /// One group of bars: its label (an order, or "average") and method -> F (absent: "-").

@@ -10,14 +10,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use plotters::coord::ranged1d::{IntoSegmentedCoord, SegmentValue};
+use plotters::coord::ranged1d::SegmentValue;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde::Serialize;
 
 use crate::records::{DeclaredRewards, ForgettingRecord, Metric, Task};
 
-use super::charts::{method_color, save, Figure, FONT};
+use super::charts::{fail, method_color, save, trajectory_panel, Figure, FONT};
 use super::inputs::{method_rank, method_title, parse_order, task_title};
 use super::{precision, write_file, ReportError};
 
@@ -456,10 +456,6 @@ pub fn flat_metrics(study: &SeedStudy) -> BTreeMap<String, f64> {
     out
 }
 
-fn fail<E: std::fmt::Display>(e: E) -> String {
-    e.to_string()
-}
-
 fn padded_range(lo: f64, hi: f64) -> std::ops::Range<f64> {
     let pad = ((hi - lo) * 0.08).max(1e-9 + hi.abs() * 1e-3);
     (lo - pad)..(hi + pad)
@@ -495,30 +491,8 @@ impl Figure for TrajectoryBars {
         let (lo, hi) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
         let y = if lo.is_finite() { padded_range(lo, hi) } else { 0.0..1.0 };
         for (panel, (order, tasks, lines)) in area.split_evenly((rows, cols)).iter().zip(&self.panels) {
-            let steps = tasks.len();
             let labels: Vec<String> = std::iter::once("base".to_string()).chain(tasks.iter().map(|t| format!("+{}", task_title(t, &self.declared)))).collect();
-            let mut chart = ChartBuilder::on(panel)
-                .caption(format!("order {order}"), (FONT, 18))
-                .margin(12)
-                .x_label_area_size(34)
-                .y_label_area_size(64)
-                .build_cartesian_2d((0..steps as i32).into_segmented(), y.clone())
-                .map_err(fail)?;
-            chart
-                .configure_mesh()
-                .x_labels(steps + 1)
-                .x_label_formatter(&|x| match x {
-                    SegmentValue::Exact(i) | SegmentValue::CenterOf(i) => labels.get(*i as usize).cloned().unwrap_or_default(),
-                    SegmentValue::Last => String::new(),
-                })
-                .y_desc(self.title.as_str())
-                .label_style((FONT, 13))
-                .axis_desc_style((FONT, 14))
-                .max_light_lines(1)
-                .light_line_style(RGBColor(245, 245, 245))
-                .bold_line_style(RGBColor(225, 225, 225))
-                .draw()
-                .map_err(fail)?;
+            let mut chart = trajectory_panel(panel, order, &labels, y.clone(), &self.title)?;
             for method in &self.methods {
                 let Some(stats) = lines.get(method) else { continue };
                 let color = method_color(method);
