@@ -17,8 +17,7 @@ use ril_pipe::tiny::train::gates::GateReport;
 use tch::{Device, Kind};
 use crate::support::repo;
 
-/// The gates `tiny_export` records; a bundle exported before the shape gates (the committed
-/// weights, 2026-12-01) has the first [`GATES_BEFORE_SHAPE`] of them.
+/// The gates `tiny_export` records.
 const GATES: [&str; 9] = [
     "clip.retrieval_top1",
     "clip.retrieval_top5",
@@ -30,7 +29,6 @@ const GATES: [&str; 9] = [
     "shape_probe.renders",
     "samples.shape_agreement",
 ];
-const GATES_BEFORE_SHAPE: usize = 7;
 
 /// Runs a pipeline file with overrides; returns the cache and the object folder of each stage.
 fn run_pipeline(file: &Path, sets: &[String], cache_dir: &Path) -> Vec<(String, PathBuf)> {
@@ -110,7 +108,7 @@ fn miniature_pretraining_pipeline_runs_end_to_end_and_its_bundle_loads() {
         "vae.steps=6", "vae.batch=4", "vae.block_out_channels=[8, 8, 8]", "vae.eval_renders=1",
         "aesthetic.pool=256", "aesthetic.steps=20", "aesthetic.eval_renders=1",
         "preference.steps=4", "preference.batch=4", "preference.eval_pairs=1",
-        "unet.steps=6", "unet.batch=8", "unet.pool=64", "unet.block_out_channels=[16, 32]",
+        "unet.steps=6", "unet.batch=8", "unet.pool=64", "unet.block_out_channels=[16, 32, 32]",
         "export.samples_per_prompt=2", "export.fid_renders=2", "export.retrieval_sets=1", "export.psnr_renders=1", "export.rating_renders=1", "export.preference_pairs=1",
         "export.probe_steps=3", "export.probe_batch=8",
     ];
@@ -154,7 +152,7 @@ fn miniature_pretraining_pipeline_runs_end_to_end_and_its_bundle_loads() {
 fn committed_weights_load_through_the_study_code() {
     let bundle = repo().join("tiny/weights");
     let dir = tempfile::tempdir().unwrap();
-    check_bundle_loads(&bundle, dir.path(), &GATES[..GATES_BEFORE_SHAPE]);
+    check_bundle_loads(&bundle, dir.path(), &GATES);
     let size: u64 = std::fs::read_to_string(bundle.join("MANIFEST.txt"))
         .unwrap()
         .lines()

@@ -24,6 +24,7 @@ Layout under out_dir:
       z_n [2, 4, 8, 8], z_0: a full DDIM sample (10 steps, eta 0, guidance 3) of `prompts`
   prompts.txt             the two prompts of the DDIM sample
 """
+# depends: tiny/weights/MANIFEST.txt
 import json
 import math
 import pathlib
@@ -122,7 +123,8 @@ def main(out_dir: pathlib.Path) -> None:
     pipe.set_progress_bar_config(disable=True)
     unet = pipe.unet.eval()
     layers = adapted_layers(unet)
-    assert len(layers) == 32, len(layers)
+    attentions = sum(1 for _, m in unet.named_modules() if type(m).__name__ == "Attention")
+    assert len(layers) == 4 * attentions, (len(layers), attentions)  # q, k, v, out of each
     prompts = (TINY / "prompts" / "test.txt").read_text().splitlines()[:2]
     (out_dir / "prompts.txt").write_text("\n".join(prompts) + "\n")
     cfg = unet.config

@@ -28,11 +28,11 @@ stage_params! {
         pub vision_width: i64 = param(64).min(1).doc("vision tower width"),
         pub vision_layers: i64 = param(3).min(1).doc("vision tower layers"),
         pub vision_heads: i64 = param(4).min(1).doc("vision tower heads"),
-        pub patch_size: i64 = param(8).min(1).max(32).doc("ViT patch size (32 / patch_size patches a side)"),
+        pub patch_size: i64 = param(4).min(1).max(32).doc("ViT patch size (32 / patch_size patches a side; 8 loses the grain, specks and shading that the aesthetic rating weighs)"),
         pub embed_dim: i64 = param(64).min(1).doc("joint embedding size"),
         pub alt_text: f64 = param(0.8).min(0).max(1).doc("probability that a training text is the render's alt-text (caption + look words) rather than its caption"),
         pub look_weight: f64 = param(1.0).min(0).doc("weight of the look-grading loss (a linear probe per quality on the image embedding, not shipped)"),
-        pub factor_weight: f64 = param(0.0).min(0).doc("weight of the factor loss (a linear probe on the image embedding regressing the aesthetic rating's eight factors, not shipped; 0: none)"),
+        pub factor_weight: f64 = param(5.0).min(0).doc("weight of the factor loss (a linear probe on the image embedding regressing the aesthetic rating's eight factors, not shipped; 0: none)"),
         pub eval_sets: usize = param(4).min(1).doc("independent render sets of the test prompts for the retrieval gate"),
     }
 }

@@ -18,16 +18,16 @@ pub struct TinyUnet;
 stage_params! {
     /// The parameters of a `tiny_unet` stage.
     pub struct TinyUnetParams {
-        pub schedule: ScheduleParams = flatten_with(schedule_defaults(5000, 64, 1e-3, 200, 0.0)),
-        pub block_out_channels: Vec<i64> = param(vec![24, 48]).min(1).doc("channels per block"),
+        pub schedule: ScheduleParams = flatten_with(schedule_defaults(10000, 64, 1e-3, 200, 0.0)),
+        pub block_out_channels: Vec<i64> = param(vec![32, 64, 64]).min(1).doc("channels per block (8x8, 4x4 and 2x2 latents)"),
         pub layers_per_block: i64 = param(1).min(1).doc("resnets per down block"),
         pub attention_heads: i64 = param(1).min(1).doc("attention heads per block (diffusers' attention_head_dim; one wide head is several times faster on a CPU than several narrow ones)"),
         pub norm_num_groups: i64 = param(8).min(1).doc("GroupNorm groups"),
-        pub cross_attention: Vec<bool> = param(vec![true, false]).doc("which down blocks have cross-attention (up blocks mirror them)"),
+        pub cross_attention: Vec<bool> = param(vec![true, true, false]).doc("which down blocks have cross-attention (up blocks mirror them)"),
         pub prompt_dropout: f64 = param(0.1).min(0).max(1).doc("probability of the empty prompt (classifier-free guidance)"),
         pub min_snr_gamma: f64 = param(5.0).min(0).doc("Min-SNR-gamma loss weighting (0: unweighted)"),
         pub ema_decay: f64 = param(0.999).min(0).max(1).doc("decay of the weights' moving average (the shipped weights)"),
-        pub pool: usize = param(20000).min(1).doc("training renders encoded once by the VAE"),
+        pub pool: usize = param(40000).min(1).doc("training renders encoded once by the VAE"),
     }
 }
 

@@ -19,7 +19,7 @@ pub struct TinyVae;
 stage_params! {
     /// The parameters of a `tiny_vae` stage.
     pub struct TinyVaeParams {
-        pub schedule: ScheduleParams = flatten_with(schedule_defaults(1500, 32, 1e-3, 100, 0.0)),
+        pub schedule: ScheduleParams = flatten_with(schedule_defaults(4500, 32, 1e-3, 100, 0.0)),
         pub block_out_channels: Vec<i64> = param(vec![16, 32, 32]).min(1).doc("channels per block (3 blocks: 32x32 -> 8x8 latents)"),
         pub latent_channels: i64 = param(4).min(1).doc("latent channels"),
         pub norm_num_groups: i64 = param(8).min(1).doc("GroupNorm groups"),
