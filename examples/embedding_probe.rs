@@ -13,6 +13,7 @@ use ril_pipe::rewards::clip_loader::{ClipFiles, ClipLayout, FrozenClip};
 use ril_pipe::tiny::aesthetic_rating;
 use ril_pipe::tiny::scene::Scene;
 use ril_pipe::tiny::train::data::{factor_values, prompt_scenes, scene_batch, Excluded};
+use ril_pipe::tiny::train::gates;
 use tch::{Device, Kind, Tensor};
 
 const NAMES: [&str; 9] = ["rating", "harmony", "composition", "contrast", "texture", "shading", "saturation", "clutter", "grain"];
@@ -27,9 +28,10 @@ fn with_bias(x: &Tensor) -> Tensor {
     Tensor::cat(&[x, &Tensor::ones([x.size()[0], 1], (Kind::Float, x.device()))], 1)
 }
 
-fn pearson(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (a - a.mean(Kind::Float), b - b.mean(Kind::Float));
-    ((&a * &b).sum(Kind::Float) / ((&a * &a).sum(Kind::Float).sqrt() * (&b * &b).sum(Kind::Float).sqrt())).double_value(&[])
+/// Pearson r of two columns.
+fn pearson(a: &Tensor, b: &Tensor) -> anyhow::Result<f64> {
+    let values = |t: &Tensor| Vec::<f64>::try_from(t.to_kind(Kind::Double));
+    Ok(gates::pearson(&values(a)?, &values(b)?))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,7 +59,7 @@ fn main() -> anyhow::Result<()> {
     println!("{:12} {:>8} {:>8}", "", "train r", "test r");
     for (k, name) in NAMES.iter().enumerate() {
         let k = k as i64;
-        println!("{name:12} {:8.3} {:8.3}", pearson(&fit.select(1, k), &y.select(1, k)), pearson(&predicted.select(1, k), &yt.select(1, k)));
+        println!("{name:12} {:8.3} {:8.3}", pearson(&fit.select(1, k), &y.select(1, k))?, pearson(&predicted.select(1, k), &yt.select(1, k))?);
     }
     Ok(())
 }
