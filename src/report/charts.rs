@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use plotters::coord::ranged1d::{IntoSegmentedCoord, SegmentValue, SegmentedCoord};
+use plotters::chart::MeshStyle;
+use plotters::coord::ranged1d::{IntoSegmentedCoord, SegmentValue, SegmentedCoord, ValueFormatter};
 use plotters::coord::types::{RangedCoordf64, RangedCoordi32};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -245,6 +246,21 @@ impl Figure for TrajectoryFigure {
     }
 }
 
+/// The grid and labels every chart of the report shares: the report's font, at most one light
+/// line between bold ones, pale grey lines.
+fn house_mesh<'a, 'b, 'm, X, Y, XT, YT, DB>(mesh: &'m mut MeshStyle<'a, 'b, X, Y, DB>) -> &'m mut MeshStyle<'a, 'b, X, Y, DB>
+where
+    X: Ranged<ValueType = XT> + ValueFormatter<XT>,
+    Y: Ranged<ValueType = YT> + ValueFormatter<YT>,
+    DB: DrawingBackend,
+{
+    mesh.label_style((FONT, 13))
+        .axis_desc_style((FONT, 14))
+        .max_light_lines(1)
+        .light_line_style(RGBColor(245, 245, 245))
+        .bold_line_style(RGBColor(225, 225, 225))
+}
+
 /// The axes of one order's trajectory panel: "base" then "+task" along x (`labels`), the metric
 /// on y; the panels of the study's report and of the seeds report share them.
 pub(super) fn trajectory_panel<'a, DB: DrawingBackend>(
@@ -262,19 +278,13 @@ pub(super) fn trajectory_panel<'a, DB: DrawingBackend>(
         .y_label_area_size(64)
         .build_cartesian_2d((0..steps as i32).into_segmented(), y)
         .map_err(fail)?;
-    chart
-        .configure_mesh()
+    house_mesh(&mut chart.configure_mesh())
         .x_labels(steps + 1)
         .x_label_formatter(&|x| match x {
             SegmentValue::Exact(i) | SegmentValue::CenterOf(i) => labels.get(*i as usize).cloned().unwrap_or_default(),
             SegmentValue::Last => String::new(),
         })
         .y_desc(y_desc)
-        .label_style((FONT, 13))
-        .axis_desc_style((FONT, 14))
-        .max_light_lines(1)
-        .light_line_style(RGBColor(245, 245, 245))
-        .bold_line_style(RGBColor(225, 225, 225))
         .draw()
         .map_err(fail)?;
     Ok(chart)
@@ -315,8 +325,7 @@ impl Figure for ForgettingFigure {
                 .y_label_area_size(64)
                 .build_cartesian_2d(-0.5..n as f64 - 0.5, 0.0..top)
                 .map_err(fail)?;
-            chart
-                .configure_mesh()
+            house_mesh(&mut chart.configure_mesh())
                 .disable_x_mesh()
                 .x_labels(n)
                 // Groups sit at integer x; ticks anywhere else stay blank.
@@ -329,11 +338,6 @@ impl Figure for ForgettingFigure {
                     }
                 })
                 .y_desc(format!("F ({metric})"))
-                .label_style((FONT, 13))
-                .axis_desc_style((FONT, 14))
-                .max_light_lines(1)
-                .light_line_style(RGBColor(245, 245, 245))
-                .bold_line_style(RGBColor(225, 225, 225))
                 .draw()
                 .map_err(fail)?;
             let width = 0.76 / self.methods.len().max(1) as f64;
@@ -399,16 +403,10 @@ impl Figure for TrainingFigure {
                 .y_label_area_size(72)
                 .build_cartesian_2d(first..last, y_range(series.iter().map(|p| p.1)))
                 .map_err(fail)?;
-            chart
-                .configure_mesh()
+            house_mesh(&mut chart.configure_mesh())
                 .x_desc("optimizer step")
                 .x_label_formatter(&|x| if x.fract().abs() < 1e-9 { format!("{x:.0}") } else { String::new() })
                 .y_desc(desc)
-                .label_style((FONT, 13))
-                .axis_desc_style((FONT, 14))
-                .max_light_lines(1)
-                .light_line_style(RGBColor(245, 245, 245))
-                .bold_line_style(RGBColor(225, 225, 225))
                 .draw()
                 .map_err(fail)?;
             chart.draw_series(LineSeries::new(series, color.stroke_width(2))).map_err(fail)?;
