@@ -18,7 +18,7 @@ pub struct TinyUnet;
 stage_params! {
     /// The parameters of a `tiny_unet` stage.
     pub struct TinyUnetParams {
-        pub schedule: ScheduleParams = flatten_with(schedule_defaults(10000, 64, 1e-3, 200, 0.0)),
+        pub schedule: ScheduleParams = flatten_with(schedule_defaults(13000, 64, 1e-3, 200, 0.0)),
         pub block_out_channels: Vec<i64> = param(vec![32, 64, 64]).min(1).doc("channels per block (8x8, 4x4 and 2x2 latents)"),
         pub layers_per_block: i64 = param(1).min(1).doc("resnets per down block"),
         pub attention_heads: i64 = param(1).min(1).doc("attention heads per block (diffusers' attention_head_dim; one wide head is several times faster on a CPU than several narrow ones)"),
