@@ -54,7 +54,7 @@ study: build
 	$(BIN) run pipelines/all_orders_seeds.yaml -j $(STUDY_JOBS)
 
 # Regenerates tiny/weights/ from pipelines/tiny_world.yaml with a release build, as the committed
-# weights were made (34 minutes on 2 idle cores, measured; the same bytes as tiny/weights/).
+# weights were made (41 minutes on 2 idle cores, measured; the same bytes as tiny/weights/).
 tiny-world: setup
 	cargo build --release --bins
 	$(CARGO_TARGET_DIR)/release/ril-pipe run pipelines/tiny_world.yaml -j 2

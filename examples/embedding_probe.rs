@@ -1,8 +1,8 @@
 //! How much of the aesthetic rating and of each of its eight factors a CLIP's image embedding
 //! carries linearly: a least-squares fit (with bias) of each on the embeddings of 10,240
 //! training renders, its Pearson r on those and on 20 renders of each test prompt (the aesthetic
-//! gate's renders, seed 1002). The aesthetic head is linear in the embedding (LAION layout, no
-//! activations), so the rating's test r bounds what the head can reach.
+//! gate's renders, `GATE_RENDER_SEED`). The aesthetic head is linear in the embedding (LAION
+//! layout, no activations), so the rating's test r bounds what the head can reach.
 //!
 //! `cargo run --release --example embedding_probe -- CLIP_DIR TOKENIZER_DIR TEST_PROMPTS`, e.g.
 //! `tiny/weights/clip tiny/weights/diffusion/tokenizer tiny/weights/prompts/test.txt`.
@@ -13,6 +13,7 @@ use ril_pipe::rewards::clip_loader::{ClipFiles, ClipLayout, FrozenClip};
 use ril_pipe::tiny::aesthetic_rating;
 use ril_pipe::tiny::scene::Scene;
 use ril_pipe::tiny::train::data::{factor_values, prompt_scenes, scene_batch, Excluded};
+use ril_pipe::tiny::train::aesthetic::GATE_RENDER_SEED;
 use ril_pipe::tiny::train::gates;
 use tch::{Device, Kind, Tensor};
 
@@ -52,7 +53,7 @@ fn main() -> anyhow::Result<()> {
     }
     let (x, y) = (with_bias(&Tensor::cat(&xs, 0)), Tensor::cat(&ys, 0));
     let weights = x.linalg_lstsq(&y, None::<f64>, "gelsd").0;
-    let held_out = prompt_scenes(&test, 20, 1002, device)?;
+    let held_out = prompt_scenes(&test, 20, GATE_RENDER_SEED, device)?;
     let xt = with_bias(&tch::no_grad(|| clip.image_embeddings(&held_out.images))?);
     let yt = targets(&held_out.scenes);
     let (fit, predicted) = (x.matmul(&weights), xt.matmul(&weights));

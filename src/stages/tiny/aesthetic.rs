@@ -64,7 +64,7 @@ impl TinyKind for TinyAesthetic {
 }
 
 pub(super) fn pearson_gate(report: &mut GateReport, reward: &AestheticReward, test: &[String], per_prompt: usize, device: Device) -> Result<(), StageError> {
-    let r = taesthetic::rating_correlation(reward, test, per_prompt, 1002, device).map_err(stage_error)?;
+    let r = taesthetic::rating_correlation(reward, test, per_prompt, taesthetic::GATE_RENDER_SEED, device).map_err(stage_error)?;
     report.push(Gate::new("aesthetic.pearson_r", r, Comparison::AtLeast, 0.8, format!("head score vs procedural rating on {per_prompt} renders of each test prompt")));
     Ok(())
 }

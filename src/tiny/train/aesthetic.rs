@@ -67,6 +67,10 @@ pub fn save(vs: &VarStore, path: &Path, precision: Precision) -> Result<(), Trai
     write_safetensors(path, &named, precision)
 }
 
+/// Seed of the test-prompt renders the aesthetic gate scores (and `examples/embedding_probe.rs`
+/// reads, so that its held-out r is the gate's).
+pub const GATE_RENDER_SEED: u64 = 1002;
+
 /// Pearson r of the reward's scores and the procedural rating over `per_prompt` renders of each
 /// prompt.
 pub fn rating_correlation(reward: &AestheticReward, prompts: &[String], per_prompt: usize, seed: u64, device: Device) -> Result<f64, TrainError> {
